@@ -1,0 +1,18 @@
+"""afinar: fine-tune pretrained language models on your data, honestly measured, on the machine you have."""
+
+from afinar.classify import TrainResult, evaluate, predict
+from afinar.classify import train as train_classifier
+from afinar.config import Config, load_config
+from afinar.errors import AfinarError
+
+__version__ = "0.1.0"
+
+
+def train(config: Config | str | None = None, overrides: list[str] | None = None) -> TrainResult:
+    """Train what `config` describes (a `Config`, or a YAML path plus `key=value` overrides)."""
+    if not isinstance(config, Config):
+        config = load_config(config, overrides)
+    return train_classifier(config)
+
+
+__all__ = ["AfinarError", "Config", "TrainResult", "evaluate", "load_config", "predict", "train"]

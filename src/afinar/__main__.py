@@ -1,0 +1,5 @@
+import sys
+
+from afinar.cli import main
+
+sys.exit(main())

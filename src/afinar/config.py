@@ -1,0 +1,252 @@
+"""Typed run configuration: dataclasses that YAML files and `--set key=value` overrides fill in.
+
+Keys are dotted (`train.learning_rate`). Two shorthands keep configs and command lines short:
+a scalar given for a whole section sets its main field (`model: gpt2` is `model.name: gpt2`), and a field
+name that exists in exactly one section needs no prefix (`max_train_samples=2000` is
+`data.max_train_samples=2000`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from afinar.errors import AfinarError
+
+TASKS = ("classification", "causal_lm")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+POLICIES = ("error", "drop", "warn")
+
+
+@dataclass
+class ModelArgs:
+    name: str = "minilm-l6"  # embedded short name (`afinar models`), local folder, or hub id
+    revision: str | None = None  # hub revision (branch, tag or commit) for reproducible downloads
+    trust_remote_code: bool = False  # never run code shipped with a checkpoint unless asked
+    allow_pickle: bool = False  # refuse pickle `.bin` weights: they can execute code on load
+
+
+@dataclass
+class DataArgs:
+    source: str = "tweets"  # embedded name, hub dataset id, local file or folder (the train split)
+    validation: str | None = None  # optional file for the validation split
+    test: str | None = None  # optional file for the test split
+    text_column: str | None = None  # auto-detected when unset
+    label_column: str | None = None  # auto-detected when unset
+    encoding: str = "utf-8"  # for CSV/TSV/JSONL/TXT files
+    validation_fraction: float = 0.1  # carved from train, stratified, when there is no validation split
+    max_train_samples: int | None = None  # seeded random subset of train
+    max_eval_samples: int | None = None  # seeded random subset of validation
+    max_test_samples: int | None = None  # seeded random subset of test
+    max_length: int = 128  # tokens; longer texts are truncated (tweets need 64)
+    max_text_chars: int = 100_000  # a longer text is an input error, not something to tokenize
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = "runs"  # run folders are created inside it
+    run_name: str | None = None  # default: <time>-<model>-<data>
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 32
+    eval_batch_size: int | None = None  # default: 2x batch_size (no gradients to keep)
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    lr_scheduler: str = "linear"
+    seed: int = 42
+    precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPUs
+    eval_every: int | None = None  # evaluate (and checkpoint) every N optimizer steps; None: every epoch
+    logging_steps: int = 50
+    early_stopping_patience: int | None = 3  # evaluations without improvement before stopping; None: off
+    metric_for_best_model: str = "accuracy"  # accuracy | macro_f1 | loss
+    group_by_length: bool = True  # batches of similar length waste little padding
+    save_total_limit: int = 2  # checkpoints kept on disk (the best is always kept)
+    resume: bool = False  # continue from the run folder's last checkpoint
+
+
+@dataclass
+class LoraArgs:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: list[str] | None = None  # default: peft's choice for the architecture
+
+
+@dataclass
+class Config:
+    task: str = "classification"
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+
+    def validate(self) -> Config:
+        """Reject values that would only fail later, deep inside a library, with a worse message."""
+        _one_of("task", self.task, TASKS)
+        _one_of("train.precision", self.train.precision, PRECISIONS)
+        _one_of("train.metric_for_best_model", self.train.metric_for_best_model, ("accuracy", "macro_f1", "loss"))
+        for key in ("train.batch_size", "train.gradient_accumulation_steps", "train.learning_rate",
+                    "train.epochs", "data.max_length", "data.max_text_chars", "train.logging_steps", "lora.r"):
+            _positive(key, get_value(self, key))
+        for key in ("train.eval_batch_size", "train.eval_every", "data.max_train_samples",
+                    "data.max_eval_samples", "data.max_test_samples"):
+            if get_value(self, key) is not None:
+                _positive(key, get_value(self, key))
+        if not 0 < self.data.validation_fraction < 1:
+            raise AfinarError(f"data.validation_fraction must be between 0 and 1 (got {self.data.validation_fraction})")
+        if not 0 <= self.train.warmup_ratio < 1:
+            raise AfinarError(f"train.warmup_ratio must be in [0, 1) (got {self.train.warmup_ratio})")
+        return self
+
+
+SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "lora": LoraArgs}
+MAIN_FIELD = {"model": "name", "data": "source", "lora": "enabled"}
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise AfinarError(f"{key} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise AfinarError(f"{key} must be greater than 0 (got {value})")
+
+
+def all_keys() -> list[str]:
+    keys = [f.name for f in dataclasses.fields(Config) if f.name not in SECTIONS]
+    for section, cls in SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _resolve_key(key: str) -> str:
+    """Expand the shorthands into a full dotted key, or explain which key was meant."""
+    keys = all_keys()
+    if key in keys:
+        return key
+    if key in MAIN_FIELD:
+        return f"{key}.{MAIN_FIELD[key]}"
+    owners = [k for k in keys if k.split(".")[-1] == key]
+    if len(owners) == 1:
+        return owners[0]
+    if len(owners) > 1:
+        raise AfinarError(f"config key {key!r} is ambiguous: write one of {', '.join(owners)}")
+    close = difflib.get_close_matches(key, keys + [k.split(".")[-1] for k in keys], n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(keys)}"
+    raise AfinarError(f"unknown config key {key!r}{hint}")
+
+
+def get_value(config: Config, key: str) -> Any:
+    obj: Any = config
+    for part in _resolve_key(key).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Turn a YAML or command-line value into the field's declared type."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    base = args[0] if optional and len(args) == 1 else hint
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+        if optional:
+            return None
+        raise AfinarError(f"{key} cannot be empty")
+    origin = typing.get_origin(base)
+    try:
+        if base is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "yes", "1")
+            return bool(value)
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base is float:
+            return float(value)
+        if base is str:
+            return str(value)
+        if origin is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [str(item).strip() for item in items]
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise AfinarError(f"{key}: unsupported field type {hint}")
+    name = getattr(base, "__name__", str(base))
+    raise AfinarError(f"{key} must be {name} (got {value!r})")
+
+
+def set_value(config: Config, key: str, value: Any) -> None:
+    full = _resolve_key(key)
+    *path, name = full.split(".")
+    target: Any = config
+    for part in path:
+        target = getattr(target, part)
+    hint = typing.get_type_hints(type(target))[name]
+    setattr(target, name, _coerce(full, value, hint))
+
+
+def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted in SECTIONS:
+            items += _flatten(value, f"{dotted}.")
+        else:
+            items.append((dotted, value))
+    return items
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value read as YAML, so numbers, booleans and lists need no quoting rules."""
+    if "=" not in text:
+        raise AfinarError(f"override {text!r} must look like key=value, e.g. train.learning_rate=3e-5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Defaults, then the YAML file, then the overrides; validated."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise AfinarError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise AfinarError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise AfinarError(f"config file {path} must hold a mapping of keys to values")
+        for key, value in _flatten(loaded):
+            set_value(config, key, value)
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={v}" for k, v in overrides.items()]
+    for text in overrides or []:
+        set_value(config, *parse_override(text))
+    return config.validate()
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

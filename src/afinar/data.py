@@ -1,0 +1,414 @@
+"""Load labelled text from anywhere, normalise it to `text` + `label`, split it, and tokenize it.
+
+Sources: an embedded name (`tweets`), a local CSV / TSV / JSONL / JSON / Parquet file (optionally `.gz`),
+a folder holding `train.*` / `validation.*` / `test.*` files, or a Hugging Face hub dataset id.
+Every problem with the input becomes an `AfinarError` that names the file, the row or column, and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from datasets import ClassLabel, Dataset, Features, Value
+
+from afinar import assets
+from afinar.config import DataArgs
+from afinar.errors import AfinarError
+
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "txt"}
+TEXT_COLUMNS = ("text", "sentence", "content", "review", "tweet", "document", "body", "comment", "message",
+                "abstract", "medical_abstract", "sentence1")
+LABEL_COLUMNS = ("label", "labels", "label_text", "sentiment", "class", "category", "target",
+                 "condition_label", "y")
+NAME_COLUMNS = ("label_text", "label_name", "sentiment")  # names beside an integer `label` column
+MAX_CLASSES = 1000
+
+
+@dataclass
+class Splits:
+    """Normalised splits (`text`: str, `label`: int into `label_names`) and where they came from."""
+
+    train: Dataset
+    validation: Dataset
+    test: Dataset | None
+    label_names: list[str]
+    sources: dict[str, str] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def items(self) -> list[tuple[str, Dataset]]:
+        return [(name, ds) for name, ds in (("train", self.train), ("validation", self.validation),
+                                            ("test", self.test)) if ds is not None]
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def file_format(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    fmt = FORMATS.get(suffixes[-1]) if suffixes else None
+    if fmt is None:
+        raise AfinarError(f"{path}: unknown file format {''.join(path.suffixes) or '(no extension)'}; "
+                          f"use one of {', '.join(FORMATS)} (optionally .gz)")
+    return fmt
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_text_file(path: Path, encoding: str) -> str:
+    """The whole file as text, with a clear error for missing, empty or wrongly encoded files."""
+    if not path.is_file():
+        raise AfinarError(f"{path}: file not found")
+    raw = path.read_bytes()
+    if path.suffix.lower() == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise AfinarError(f"{path}: not a valid gzip file ({exc})") from None
+    if not raw.strip():
+        raise AfinarError(f"{path}: file is empty")
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise AfinarError(f"{path}: line {line} is not valid {encoding} (byte 0x{raw[exc.start]:02x}); "
+                          f"set data.encoding (e.g. --set data.encoding=latin-1)") from None
+    except LookupError:
+        raise AfinarError(f"data.encoding {encoding!r} is not a known text encoding") from None
+
+
+def _read_delimited(path: Path, text: str, sep: str) -> pd.DataFrame:
+    """CSV/TSV through the csv module first, so that ragged rows and broken quotes name their line."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
+    try:
+        header = next(reader)
+        width = len(header)
+        for row in reader:
+            if row and len(row) != width:
+                raise AfinarError(f"{path}: line {reader.line_num} has {len(row)} fields but the header has "
+                                  f"{width}; fix the row or quote fields that contain '{sep}'")
+    except csv.Error as exc:
+        raise AfinarError(f"{path}: broken CSV near line {reader.line_num} ({exc}); "
+                          f"check for an unclosed quote") from None
+    if len(set(header)) != len(header):
+        raise AfinarError(f"{path}: duplicate column names in the header: {', '.join(header)}")
+    return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, quoting=csv.QUOTE_MINIMAL)
+
+
+def _read_jsonl(path: Path, text: str) -> pd.DataFrame:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AfinarError(f"{path}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise AfinarError(f"{path}: line {number} must be a JSON object with named fields")
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
+    """One local file as a DataFrame of raw columns."""
+    path = Path(path)
+    fmt = file_format(path)
+    if fmt == "parquet":
+        if not path.is_file():
+            raise AfinarError(f"{path}: file not found")
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+            raise AfinarError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    else:
+        text = read_text_file(path, encoding)
+        if fmt in ("csv", "tsv"):
+            frame = _read_delimited(path, text, "," if fmt == "csv" else "\t")
+        elif fmt == "jsonl" or (fmt == "json" and not text.lstrip().startswith("[")):
+            frame = _read_jsonl(path, text)
+        elif fmt == "json":
+            try:
+                frame = pd.DataFrame.from_records(json.loads(text))
+            except (json.JSONDecodeError, TypeError, ValueError) as exc:
+                raise AfinarError(f"{path}: not a JSON list of records ({exc})") from None
+        else:
+            raise AfinarError(f"{path}: .txt holds raw text without labels; classification needs "
+                              f"CSV, TSV, JSONL, JSON or Parquet")
+    if frame.empty:
+        raise AfinarError(f"{path}: no rows")
+    return frame
+
+
+# ---------------------------------------------------------------- finding the splits
+
+
+def _find_split_files(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for file in sorted(folder.iterdir()):
+        stem = file.name.split(".")[0].lower()
+        for split, aliases in SPLIT_ALIASES.items():
+            if split not in found and any(stem == a or stem.endswith(f"_{a}") for a in aliases) \
+                    and "".join(file.suffixes[-2:]).lower().removesuffix(".gz") in FORMATS:
+                found[split] = file
+    if "train" not in found:
+        raise AfinarError(f"{folder}: no train file found (expected train.csv, train.jsonl, ... or *_train.*)")
+    return found
+
+
+def _hub_splits(args: DataArgs) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]], dict[str, str]]:
+    """A hub dataset id through `datasets.load_dataset`; raises a clear error when it cannot be reached."""
+    from datasets import load_dataset
+
+    try:
+        loaded = load_dataset(args.source)
+    except Exception as exc:  # network, auth and not-found errors come in many types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AfinarError(f"data source {args.source!r} is not a local file or folder, not an embedded dataset "
+                          f"({', '.join(assets.DATASETS)}), and could not be loaded from the Hugging Face hub "
+                          f"({first}); check the name, or your connection (HF_HUB_OFFLINE is "
+                          f"{'set' if _offline() else 'unset'})") from None
+    frames, class_names, fingerprints = {}, {}, {}
+    for split, ds in loaded.items():
+        name = next((s for s, aliases in SPLIT_ALIASES.items() if split in aliases), None)
+        if name is None:
+            continue
+        frames[name] = ds.to_pandas()
+        fingerprints[name] = f"hub:{args.source}:{ds._fingerprint}"
+        for column, feature in ds.features.items():
+            if isinstance(feature, ClassLabel):
+                class_names[column] = list(feature.names)
+    return frames, class_names, fingerprints
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _raw_splits(args: DataArgs) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]], dict[str, str],
+                                          dict[str, str]]:
+    """DataFrames per split, ClassLabel names from the hub, source descriptions and fingerprints."""
+    files: dict[str, Path] = {}
+    source = Path(args.source).expanduser()
+    if args.source in assets.DATASETS:
+        files = assets.dataset_files(args.source)
+    elif source.is_dir():
+        files = _find_split_files(source)
+    elif source.exists() or source.suffix:  # anything that looks like a file is not a hub id
+        files = {"train": source}
+    else:
+        frames, class_names, fingerprints = _hub_splits(args)
+        if "train" not in frames:
+            raise AfinarError(f"hub dataset {args.source!r} has no train split (splits: {', '.join(frames)})")
+        sources = {split: f"hub:{args.source}" for split in frames}
+        for split, path in (("validation", args.validation), ("test", args.test)):
+            if path:
+                frames[split] = read_table(path, args.encoding)
+                sources[split], fingerprints[split] = path, sha256_file(Path(path))
+        return frames, class_names, sources, fingerprints
+    for split, path in (("validation", args.validation), ("test", args.test)):
+        if path:
+            files[split] = Path(path).expanduser()
+    frames = {split: read_table(path, args.encoding) for split, path in files.items()}
+    return (frames, {}, {s: str(p) for s, p in files.items()},
+            {s: sha256_file(p) for s, p in files.items()})
+
+
+# ---------------------------------------------------------------- columns and labels
+
+
+def _pick_column(frame: pd.DataFrame, wanted: str | None, candidates: tuple[str, ...], what: str,
+                 where: str, key: str) -> str:
+    columns = [str(c) for c in frame.columns]
+    if wanted is not None:
+        if wanted not in columns:
+            raise AfinarError(f"{where}: no column {wanted!r} ({key}); columns seen: {', '.join(columns)}")
+        return wanted
+    lower = {c.lower(): c for c in columns}
+    for candidate in candidates:
+        if candidate in lower:
+            return lower[candidate]
+    raise AfinarError(f"{where}: no {what} column found (columns seen: {', '.join(columns)}); "
+                      f"name it with --set {key}=<column>")
+
+
+def _is_integer_like(values: pd.Series) -> bool:
+    try:
+        numbers = pd.to_numeric(values)
+    except (ValueError, TypeError):
+        return False
+    return bool(((numbers % 1) == 0).all())
+
+
+def _label_names(frame: pd.DataFrame, label_column: str, class_names: dict[str, list[str]],
+                 where: str) -> tuple[list[str], pd.Series]:
+    """The class names, in id order, and the train labels as names."""
+    values = frame[label_column]
+    if label_column in class_names:
+        names = class_names[label_column]
+        return names, values.map(lambda i: names[int(i)])
+    if values.isna().any() or (values.astype(str).str.strip() == "").any():
+        row = int((values.isna() | (values.astype(str).str.strip() == "")).to_numpy().argmax())
+        raise AfinarError(f"{where}: row {row + 1} has an empty label in column {label_column!r}")
+    if _is_integer_like(values):
+        ids = pd.to_numeric(values).astype(int)
+        companion = next((c for c in frame.columns if c in NAME_COLUMNS and c != label_column), None)
+        if companion is not None and frame.groupby(ids)[companion].nunique().max() == 1:
+            by_id = frame.groupby(ids)[companion].first().sort_index()
+            if by_id.is_unique:
+                return [str(n) for n in by_id], ids.map(lambda i: str(by_id[i]))
+        names = [str(i) for i in sorted(ids.unique())]
+        return names, ids.astype(str)
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().mean() > 0.9:
+        raise AfinarError(f"{where}: label column {label_column!r} holds non-integer numbers "
+                          f"(e.g. {values.iloc[int(numeric.notna().to_numpy().argmax())]!r}); afinar classifies, "
+                          f"so labels must be class names or integer ids")
+    names = sorted(values.astype(str).unique())
+    return names, values.astype(str)
+
+
+def _normalise(frame: pd.DataFrame, args: DataArgs, where: str, class_names: dict[str, list[str]],
+               label_names: list[str] | None) -> tuple[pd.DataFrame, list[str]]:
+    text_column = _pick_column(frame, args.text_column, TEXT_COLUMNS, "text", where, "data.text_column")
+    label_column = _pick_column(frame, args.label_column,
+                                tuple(c for c in LABEL_COLUMNS if c != text_column), "label", where,
+                                "data.label_column")
+    if label_column == text_column:
+        raise AfinarError(f"{where}: the text and label columns are both {text_column!r}")
+    texts = frame[text_column].map(lambda t: "" if t is None or (isinstance(t, float) and pd.isna(t)) else str(t))
+    too_long = texts.str.len() > args.max_text_chars
+    if too_long.any():
+        row = int(too_long.to_numpy().argmax())
+        raise AfinarError(f"{where}: row {row + 1} has a text of {len(texts.iloc[row]):,} characters "
+                          f"(limit data.max_text_chars={args.max_text_chars:,}); remove it or raise the limit")
+    names, row_names = _label_names(frame, label_column, class_names, where)
+    if label_names is None:
+        label_names = names
+        if len(label_names) < 2:
+            raise AfinarError(f"{where}: only one class ({label_names[0]!r}) in column {label_column!r}; "
+                              f"classification needs at least two")
+        if len(label_names) > min(MAX_CLASSES, max(20, len(frame) // 2)):
+            raise AfinarError(f"{where}: label column {label_column!r} has {len(label_names):,} distinct values in "
+                              f"{len(frame):,} rows; that looks like free text or ids, not class labels: "
+                              f"set data.label_column")
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = ~row_names.isin(index.keys())
+    if unknown.any():
+        row = int(unknown.to_numpy().argmax())
+        raise AfinarError(f"{where}: row {row + 1} has label {row_names.iloc[row]!r}, which train never has "
+                          f"(train labels: {', '.join(label_names)})")
+    return pd.DataFrame({"text": texts.to_numpy(), "label": row_names.map(index).to_numpy()}), label_names
+
+
+def _to_dataset(frame: pd.DataFrame, label_names: list[str]) -> Dataset:
+    features = Features({"text": Value("string"), "label": ClassLabel(names=label_names)})
+    return Dataset.from_pandas(frame, features=features, preserve_index=False)
+
+
+def _carve_validation(train: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    from sklearn.model_selection import train_test_split
+
+    try:
+        kept, held = train_test_split(train, test_size=fraction, random_state=seed, stratify=train["label"])
+        how = "stratified"
+    except ValueError:  # a class too small to stratify
+        kept, held = train_test_split(train, test_size=fraction, random_state=seed)
+        how = "random (a class is too small to stratify)"
+    note = f"validation carved from train: {len(held):,} rows ({fraction:.0%}, {how}, seed {seed})"
+    return kept.reset_index(drop=True), held.reset_index(drop=True), note
+
+
+def _subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    """The tutorial's `shuffle(seed).select(range(n))`; the whole split when it is already small enough."""
+    if limit is None or limit >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(limit))
+
+
+def load_splits(args: DataArgs, seed: int = 42) -> Splits:
+    """Read, normalise and split the data; the test split is only loaded here, never used for selection."""
+    frames, class_names, sources, fingerprints = _raw_splits(args)
+    train, label_names = _normalise(frames["train"], args, sources["train"], class_names, None)
+    normalised = {"train": train}
+    for split in ("validation", "test"):
+        if split in frames:
+            normalised[split], _ = _normalise(frames[split], args, sources[split], class_names, label_names)
+    notes = []
+    if "validation" not in normalised:
+        train, normalised["validation"], note = _carve_validation(train, args.validation_fraction, seed)
+        normalised["train"] = train
+        sources["validation"] = f"{sources['train']} (carved)"
+        notes.append(note)
+    datasets = {split: _to_dataset(frame, label_names) for split, frame in normalised.items()}
+    limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_test_samples}
+    for split, ds in datasets.items():
+        datasets[split] = _subset(ds, limits[split], seed)
+        if len(datasets[split]) < len(ds):
+            notes.append(f"{split}: seeded subset of {len(datasets[split]):,} of {len(ds):,} rows")
+    if "test" not in datasets:
+        notes.append("no test split: final metrics are reported on validation only")
+    return Splits(datasets["train"], datasets["validation"], datasets.get("test"), label_names,
+                  sources, fingerprints, notes)
+
+
+def load_labelled_file(path: str | Path, args: DataArgs, label_names: list[str]) -> Dataset:
+    """A labelled file scored against an existing label space (re-evaluating a saved run)."""
+    frame, _ = _normalise(read_table(path, args.encoding), args, str(path), {}, label_names)
+    return _to_dataset(frame, label_names)
+
+
+def read_texts(path: str | Path, args: DataArgs) -> list[str]:
+    """Texts to predict: a .txt file (one per line) or any table with a text column."""
+    path = Path(path)
+    if file_format(path) == "txt":
+        return [line for line in read_text_file(path, args.encoding).splitlines() if line.strip()]
+    frame = read_table(path, args.encoding)
+    column = _pick_column(frame, args.text_column, TEXT_COLUMNS, "text", str(path), "data.text_column")
+    return frame[column].fillna("").astype(str).tolist()
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, list]:
+    """Truncate but never pad (the collator pads each batch to its own longest row). An empty text becomes
+    one pad/eos token, because tokenizers without special tokens (GPT-2) would give a zero-length row."""
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    filler = tokenizer.pad_token_id
+    for row, ids in enumerate(encoded["input_ids"]):
+        if not ids:
+            encoded["input_ids"][row] = [filler]
+            encoded["attention_mask"][row] = [1]
+            if "token_type_ids" in encoded:
+                encoded["token_type_ids"][row] = [0]
+    return dict(encoded)
+
+
+def tokenize(ds: Dataset, tokenizer, max_length: int) -> Dataset:
+    """`datasets.map(batched=True)` over `encode`, plus a `length` column for length-grouped batches."""
+    def encode_batch(batch: dict) -> dict:
+        encoded = encode(tokenizer, batch["text"], max_length)
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
+        return encoded
+
+    return ds.map(encode_batch, batched=True, remove_columns=["text"], desc="tokenizing")

@@ -1,0 +1,83 @@
+"""Resolve a model name to weights on disk and load tokenizer + model safely.
+
+Safety defaults: safetensors only (pickle `.bin` weights can run code when loaded) and no remote code.
+GPT-2-style tokenizers have no pad token; `load_tokenizer` sets it and `load_classifier` copies its id into
+`model.config.pad_token_id`, without which batches fail and a padded row is classified from a pad position.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from afinar import assets
+from afinar.config import ModelArgs
+from afinar.errors import AfinarError
+
+
+def resolve(args: ModelArgs) -> str:
+    """A local folder for embedded names and paths; the hub id otherwise (hub loading checks the cache)."""
+    if args.name in assets.MODELS:
+        return str(assets.model_path(args.name))
+    path = Path(args.name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise AfinarError(f"model folder {path} has no config.json; expected a Hugging Face model folder")
+        return str(path)
+    if args.name.startswith((".", "/", "~")):
+        raise AfinarError(f"model folder {args.name} does not exist")
+    return args.name
+
+
+def _hub_error(args: ModelArgs, exc: Exception) -> AfinarError:
+    import os
+
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    return AfinarError(f"model {args.name!r} is not a local folder, not an embedded name "
+                       f"({', '.join(assets.MODELS)}), and could not be loaded from the Hugging Face hub "
+                       f"{'(offline: HF_HUB_OFFLINE=1)' if offline else ''}: {first}")
+
+
+def _common(args: ModelArgs) -> dict:
+    return {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
+
+
+def load_tokenizer(args: ModelArgs, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = path or resolve(args)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **_common(args))
+    except (OSError, ValueError) as exc:
+        raise _hub_error(args, exc) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise AfinarError(f"tokenizer of {args.name!r} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_safetensors(path: str, args: ModelArgs) -> None:
+    folder = Path(path)
+    if not folder.is_dir() or args.allow_pickle:
+        return
+    if not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+        raise AfinarError(f"{folder} holds only pickle .bin weights, which can execute code when loaded; "
+                          f"convert them to safetensors, or opt in with --set model.allow_pickle=true")
+
+
+def load_classifier(args: ModelArgs, label_names: list[str], tokenizer, path: str | None = None):
+    """`AutoModelForSequenceClassification` with the label names and the tokenizer's pad id in its config."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = path or resolve(args)
+    _check_safetensors(path, args)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
+            use_safetensors=None if args.allow_pickle else True, **_common(args))
+    except (OSError, ValueError) as exc:
+        raise _hub_error(args, exc) from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model

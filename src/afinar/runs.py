@@ -1,0 +1,152 @@
+"""The run folder: everything needed to understand and reproduce a result, written atomically.
+
+    runs/<time>-<model>-<data>/
+      config.yaml       resolved configuration (rerun with `afinar train config.yaml`)
+      manifest.json     versions, machine, data sources and sha256 fingerprints, notes on what was changed
+      status.json       running | finished | failed: an unfinished run is never reported as finished
+      train_log.jsonl   loss and validation metrics at each logging / evaluation step
+      metrics.json      final validation and test metrics
+      summary.md        a short human-readable account
+      model/            the best model and tokenizer (safetensors)
+      checkpoints/      Trainer checkpoints for resuming
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from afinar.config import Config, load_config, to_yaml
+from afinar.errors import AfinarError
+
+PACKAGES = ("afinar", "torch", "transformers", "datasets", "peft", "accelerate", "tokenizers", "scikit-learn",
+            "numpy")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside the target, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpus"] = torch.cuda.device_count()
+    return info
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name or text).strip("-")[:40] or "run"
+
+
+@dataclass
+class Run:
+    """A run folder and the small set of files in it."""
+
+    path: Path
+
+    @classmethod
+    def create(cls, config: Config) -> Run:
+        name = config.train.run_name or (
+            f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(config.model.name)}-{_slug(config.data.source)}")
+        path = Path(config.train.output_dir) / name
+        if path.exists() and not config.train.resume and any(path.iterdir()):
+            raise AfinarError(f"run folder {path} already exists; pick another train.run_name or pass --resume")
+        run = cls(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_atomic(path / "config.yaml", to_yaml(config))
+        run.set_status("running")
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        run = cls(Path(path))
+        if not (run.path / "config.yaml").is_file():
+            raise AfinarError(f"{path} is not an afinar run folder (no config.yaml)")
+        return run
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def config(self) -> Config:
+        return load_config(self.path / "config.yaml")
+
+    def set_status(self, state: str, detail: str = "") -> None:
+        write_json(self.path / "status.json", {"state": state, "detail": detail, "time": time.time()})
+
+    def status(self) -> str:
+        file = self.path / "status.json"
+        return read_json(file)["state"] if file.is_file() else "unknown"
+
+    def require_finished(self) -> None:
+        state = self.status()
+        if state != "finished" or not self.model_dir.is_dir():
+            raise AfinarError(f"run {self.path} is {state}, not finished; resume it with "
+                              f"`afinar train {self.path / 'config.yaml'} --resume`")
+
+    def write(self, name: str, data: Any) -> None:
+        """A JSON file (dict or list) or text (str) into the run folder."""
+        if isinstance(data, str):
+            write_atomic(self.path / name, data)
+        else:
+            write_json(self.path / name, data)
+
+    def write_log(self, history: list[dict]) -> None:
+        write_atomic(self.path / "train_log.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+
+    def read_log(self) -> list[dict]:
+        file = self.path / "train_log.jsonl"
+        if not file.is_file():
+            return []
+        return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def metrics(self) -> dict:
+        file = self.path / "metrics.json"
+        return read_json(file) if file.is_file() else {}

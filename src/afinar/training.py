@@ -1,0 +1,126 @@
+"""The one place that builds a `Trainer`: arguments, precision, LoRA wrapping, callbacks, resume.
+
+Classification (and later causal-LM) training both come through `build_trainer`, so options such as LoRA,
+length grouping, early stopping and checkpointing are applied once and mean the same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+
+from afinar.config import LoraArgs, TrainArgs
+from afinar.errors import AfinarError
+from afinar.runs import Run
+
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    """`auto` picks bf16 on GPUs that have it and fp32 elsewhere (CPU bf16 without AMX is slower)."""
+    cuda = torch.cuda.is_available()
+    if precision == "auto":
+        return {"bf16": True} if cuda and torch.cuda.is_bf16_supported() else {}
+    if precision == "fp16" and not cuda:
+        raise AfinarError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def training_arguments(args: TrainArgs, output_dir: Path, has_eval: bool = True) -> TrainingArguments:
+    """Our small `TrainArgs` expanded into `transformers.TrainingArguments` (never re-exposed flag by flag)."""
+    strategy = "steps" if args.eval_every else "epoch"
+    metric = args.metric_for_best_model
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size or 2 * args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_ratio,  # a float below 1 is a ratio of the total steps in transformers 5
+        weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_scheduler,
+        seed=args.seed,
+        data_seed=args.seed,
+        eval_strategy=strategy if has_eval else "no",
+        eval_steps=args.eval_every,
+        save_strategy=strategy,
+        save_steps=args.eval_every,
+        save_total_limit=args.save_total_limit,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model=("eval_" + metric) if has_eval else None,
+        greater_is_better=metric != "loss",
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+        report_to="none",
+        disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **precision_flags(args.precision),
+    )
+
+
+def apply_lora(model, args: LoraArgs, task_type: str):
+    """Wrap `model` in a PEFT LoRA adapter; the classification head stays fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(task_type=task_type, r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                        target_modules=args.target_modules)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise AfinarError(f"LoRA cannot wrap {type(model).__name__}: {exc}; set lora.target_modules") from None
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+class RunLogCallback(TrainerCallback):
+    """Mirror `Trainer`'s log history into the run folder at every log, so a killed run keeps its curves."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero:
+            self.run.write_log(state.log_history)
+
+
+class NonFiniteLossCallback(TrainerCallback):
+    """Stop at the first NaN/inf training loss instead of training on garbage."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise AfinarError(f"training loss became {loss} at step {state.global_step}; the learning rate "
+                              f"({args.learning_rate}) is likely too high, or fp16 overflowed: lower it or use "
+                              f"bf16/fp32")
+
+
+def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds, data_collator,
+                  compute_metrics=None, preprocess_logits_for_metrics=None) -> Trainer:
+    callbacks = [RunLogCallback(run), NonFiniteLossCallback()]
+    if eval_ds is not None and args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    return Trainer(
+        model=model,
+        args=training_arguments(args, run.checkpoint_dir, has_eval=eval_ds is not None),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        data_collator=data_collator,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        callbacks=callbacks,
+    )
+
+
+def last_checkpoint(run: Run) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = run.checkpoint_dir
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
