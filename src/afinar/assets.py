@@ -74,7 +74,9 @@ def _build_gpt2_tokenizer(out: Path) -> None:
     files = _package_dir(MODELS["gpt2-tokenizer"]) / "data"
     shutil.copy(files / "encoder.json", out / "vocab.json")
     shutil.copy(files / "vocab.bpe", out / "merges.txt")
-    tokenizer = GPT2TokenizerFast(vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt"))
+    tokenizer = GPT2TokenizerFast(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"))
+    if len(tokenizer) != 50257:
+        raise AfinarError(f"GPT-2 tokenizer built from {files} has {len(tokenizer)} tokens, expected 50257")
     tokenizer.save_pretrained(out)
 
 

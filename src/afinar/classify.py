@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,8 @@ def train(config: Config) -> TrainResult:
         run.set_status("failed", f"{type(exc).__name__}: {exc}")
         raise
     run.set_status("finished")
+    if not config.train.keep_checkpoints:
+        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
     return TrainResult(run.path, metrics)
 
 

@@ -69,6 +69,7 @@ class TrainArgs:
     metric_for_best_model: str = "accuracy"  # accuracy | macro_f1 | loss
     group_by_length: bool = True  # batches of similar length waste little padding
     save_total_limit: int = 2  # checkpoints kept on disk (the best is always kept)
+    keep_checkpoints: bool = False  # a finished run needs only model/; checkpoints (with optimizer state) go
     resume: bool = False  # continue from the run folder's last checkpoint
 
 
@@ -82,17 +83,37 @@ class LoraArgs:
 
 
 @dataclass
+class CheckArgs:
+    """Data checks run before every training run; each policy is error | drop | warn."""
+
+    on_leakage: str = "drop"  # train rows that also occur in validation/test (exact or near-duplicate)
+    on_duplicates: str = "drop"  # repeated texts inside a split: keep the first
+    on_conflicts: str = "drop"  # same normalised text with different labels: drop all of them
+    on_empty: str = "drop"  # empty or whitespace-only texts
+    near_duplicate_threshold: float = 0.8  # estimated Jaccard similarity of character n-gram sets
+    ngram: int = 5  # characters per shingle for near-duplicate detection
+    num_perm: int = 64  # MinHash permutations: more is more precise and slower
+    examples: int = 5  # examples kept per finding in the report
+
+
+@dataclass
 class Config:
     task: str = "classification"
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
+    checks: CheckArgs = field(default_factory=CheckArgs)
 
     def validate(self) -> Config:
         """Reject values that would only fail later, deep inside a library, with a worse message."""
         _one_of("task", self.task, TASKS)
         _one_of("train.precision", self.train.precision, PRECISIONS)
+        for policy in ("on_leakage", "on_duplicates", "on_conflicts", "on_empty"):
+            _one_of(f"checks.{policy}", getattr(self.checks, policy), POLICIES)
+        if not 0 < self.checks.near_duplicate_threshold <= 1:
+            raise AfinarError("checks.near_duplicate_threshold must be in (0, 1] "
+                              f"(got {self.checks.near_duplicate_threshold})")
         _one_of("train.metric_for_best_model", self.train.metric_for_best_model, ("accuracy", "macro_f1", "loss"))
         for key in ("train.batch_size", "train.gradient_accumulation_steps", "train.learning_rate",
                     "train.epochs", "data.max_length", "data.max_text_chars", "train.logging_steps", "lora.r"):
@@ -108,7 +129,7 @@ class Config:
         return self
 
 
-SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "lora": LoraArgs}
+SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "lora": LoraArgs, "checks": CheckArgs}
 MAIN_FIELD = {"model": "name", "data": "source", "lora": "enabled"}
 
 

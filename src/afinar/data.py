@@ -96,6 +96,7 @@ def read_text_file(path: Path, encoding: str) -> str:
 
 def _read_delimited(path: Path, text: str, sep: str) -> pd.DataFrame:
     """CSV/TSV through the csv module first, so that ragged rows and broken quotes name their line."""
+    csv.field_size_limit(2**31 - 1)  # long texts are judged by data.max_text_chars, not by the csv module
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
     try:
         header = next(reader)

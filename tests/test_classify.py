@@ -1,0 +1,113 @@
+"""End to end through the CLI, in-process: train, files written, evaluate, predict, reload."""
+
+import json
+
+import pytest
+
+from afinar import cli
+from afinar.classify import evaluate, predict, train
+from afinar.config import load_config
+from afinar.runs import Run
+
+
+def tiny_overrides(model, train_file, test_file, out, **extra):
+    sets = {"model.name": str(model), "data.source": str(train_file), "data.test": str(test_file),
+            "train.output_dir": str(out), "train.run_name": "r", "train.epochs": 2, "train.batch_size": 16,
+            "train.learning_rate": 1e-3, "train.logging_steps": 2, "data.max_length": 32,
+            "train.early_stopping_patience": None, **extra}
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def cli_args(overrides):
+    return ["train"] + [arg for o in overrides for arg in ("--set", o)]
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_bert", "tiny_gpt2"])
+def test_cli_train_writes_a_complete_run_folder(request, model_fixture, tweets_jsonl, tmp_path, capsys):
+    train_file, test_file = tweets_jsonl
+    model = request.getfixturevalue(model_fixture)
+    assert cli.main(cli_args(tiny_overrides(model, train_file, test_file, tmp_path))) == 0
+    out = capsys.readouterr().out
+    assert "test: accuracy" in out
+    run = tmp_path / "r"
+    for name in ("config.yaml", "manifest.json", "metrics.json", "summary.md", "train_log.jsonl", "status.json",
+                 "model/config.json", "model/model.safetensors", "model/tokenizer_config.json"):
+        assert (run / name).is_file(), name
+    assert not list((run / "model").glob("*.bin"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"train", "validation", "test"}
+    test = metrics["test"]
+    assert test["n"] == 60 and len(test["confusion_matrix"]) == 3
+    assert sum(map(sum, test["confusion_matrix"])) == 60
+    assert set(test["per_class"]) == {"negative", "neutral", "positive"}
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["data"]["sha256"]["train"] and manifest["versions"]["transformers"]
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in row for row in log) and any("loss" in row for row in log)
+    assert Run.open(run).status() == "finished"
+    saved = json.loads((run / "model" / "config.json").read_text())
+    assert saved["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    if model_fixture == "tiny_gpt2":
+        assert saved["pad_token_id"] == 50256
+    # the resolved config reproduces the run
+    assert load_config(run / "config.yaml").model.name == str(model)
+
+
+def test_saved_run_reloads_and_predicts_what_training_measured(tiny_bert, tweets_jsonl, tmp_path, capsys):
+    train_file, test_file = tweets_jsonl
+    result = train(load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path)))
+    report = evaluate(result.run_dir)
+    assert report["accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
+    assert report["confusion_matrix"] == result.metrics["test"]["confusion_matrix"]
+    again = evaluate(result.run_dir, test_file)
+    assert again["accuracy"] == pytest.approx(report["accuracy"])
+    texts = ["I love this so much", "this is awful", "", "ok"]
+    first = predict(result.run_dir, texts)
+    second = predict(result.run_dir, list(reversed(texts)))
+    assert [p.label for p in first] == [p.label for p in reversed(second)]  # input order is kept
+    assert all(abs(sum(p.scores.values()) - 1) < 1e-5 for p in first)
+    capsys.readouterr()  # drop what training printed
+    assert cli.main(["predict", str(result.run_dir), "I love this", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert line["label"] in {"negative", "neutral", "positive"} and line["text"] == "I love this"
+
+
+def test_lora_run_merges_adapters_into_a_plain_model(tiny_bert, tweets_jsonl, tmp_path):
+    train_file, test_file = tweets_jsonl
+    overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{"lora.enabled": True,
+                                                                                "train.epochs": 1})
+    result = train(load_config(overrides=overrides))
+    assert result.metrics["train"]["trainable_parameters"] < result.metrics["train"]["total_parameters"] / 2
+    assert not (result.run_dir / "model" / "adapter_config.json").exists()
+    assert len(predict(result.run_dir, ["fine"])) == 1
+
+
+def test_unfinished_run_is_refused(tmp_path, capsys):
+    run = Run.create(load_config(overrides=[f"train.output_dir={tmp_path}", "train.run_name=x"]))
+    assert run.status() == "running"
+    assert cli.main(["predict", str(run.path), "hello"]) == 2
+    assert "is running, not finished" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--set", "train.batch_size=0"], "train.batch_size must be greater than 0"),
+    (["train", "--set", "train.lerning_rate=1"], "did you mean 'train.learning_rate'?"),
+    (["train", "--model", "nobody/missing", "--set", "data.source=missing.csv"], "missing.csv: file not found"),
+    (["evaluate", "no/such/run"], "is not an afinar run folder"),
+    (["predict", "no/such/run", "x"], "is not an afinar run folder"),
+])
+def test_cli_errors_are_one_line_with_exit_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("afinar: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_packaged_minilm_learns_beyond_the_majority_class(tmp_path):
+    """The real pretrained encoder on a few hundred real tweets: learning must beat always-neutral."""
+    result = train(load_config(overrides=[
+        "model=minilm-l6", "data.source=tweets", "max_train_samples=480", "max_eval_samples=200",
+        "max_test_samples=400", "max_length=64", "train.epochs=3", "train.learning_rate=1e-4",
+        "train.early_stopping_patience=none", f"train.output_dir={tmp_path}"]))
+    test = result.metrics["test"]
+    assert test["accuracy"] > test["majority_baseline"] + 0.1, test
