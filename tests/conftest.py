@@ -12,7 +12,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The project's real data lives beside the repository (../shared/data), read in place, never written.
+SHARED = Path(os.environ.get("AFINAR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TWEETS = SHARED / "tweet_sentiment_extraction"
 
 

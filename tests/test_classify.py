@@ -92,7 +92,9 @@ def test_unfinished_run_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--set", "train.batch_size=0"], "train.batch_size must be greater than 0"),
     (["train", "--set", "train.lerning_rate=1"], "did you mean 'train.learning_rate'?"),
-    (["train", "--model", "nobody/missing", "--set", "data.source=missing.csv"], "missing.csv: file not found"),
+    (["train", "--data", "missing.csv"], "missing.csv: file not found"),
+    (["train", "--model", "nobody/missing"], "model 'nobody/missing' is not a local folder, not an embedded name"),
+    (["check", "--set", "checks.on_leakage=error"], "data checks failed: "),
     (["evaluate", "no/such/run"], "is not an afinar run folder"),
     (["predict", "no/such/run", "x"], "is not an afinar run folder"),
 ])

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -14,12 +15,15 @@ import numpy as np
 from transformers import DataCollatorWithPadding, set_seed
 
 from afinar import data as data_lib
+from afinar.checks import DataReport, apply_policies, format_report, run_checks
 from afinar.config import Config, DataArgs
 from afinar.inference import Classifier, Prediction
 from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics
 from afinar.models import load_classifier, load_tokenizer, resolve
 from afinar.runs import Run, machine, versions
 from afinar.training import apply_lora, build_trainer, last_checkpoint, trainable_parameters
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,7 +44,7 @@ def _score(trainer, ds, label_names: list[str]) -> dict:
     return report
 
 
-def _summary(config: Config, splits: data_lib.Splits, metrics: dict) -> str:
+def _summary(config: Config, splits: data_lib.Splits, metrics: dict, report: DataReport) -> str:
     lines = [f"# {config.model.name} on {config.data.source}", "",
              f"- task: {config.task}; labels: {', '.join(splits.label_names)}",
              f"- rows: train {len(splits.train):,}, validation {len(splits.validation):,}, "
@@ -55,7 +59,8 @@ def _summary(config: Config, splits: data_lib.Splits, metrics: dict) -> str:
             m = metrics[split]
             lines.append(f"| {split} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['majority_baseline']:.4f} "
                          f"| {m['n']:,} |")
-    lines += ["", "Notes:"] + [f"- {note}" for note in splits.notes] + [""]
+    lines += ["", "Notes:"] + [f"- {note}" for note in splits.notes]
+    lines += ["", "## Data checks (before splitting and subsets)", "", "```", format_report(report), "```", ""]
     return "\n".join(lines)
 
 
@@ -63,11 +68,15 @@ def train(config: Config) -> TrainResult:
     """Fine-tune `config.model` on `config.data`; the best validation checkpoint is scored once on test."""
     config.validate()
     set_seed(config.train.seed)
-    splits = data_lib.load_splits(config.data, config.train.seed)
     model_path = resolve(config.model)
     tokenizer = load_tokenizer(config.model, model_path)
+    raw = data_lib.read_splits(config.data)
+    report = run_checks(raw, config.checks, tokenizer, config.data.max_length)
+    splits = data_lib.prepare_splits(apply_policies(raw, report, config.checks), config.data, config.train.seed)
+    log.info("data checks:\n%s", format_report(report))
     run = Run.create(config)
     try:
+        run.write("data_report.json", report.to_dict())
         run.write("manifest.json", {
             "versions": versions(), "machine": machine(), "model": {"name": config.model.name, "path": model_path},
             "data": {"sources": splits.sources, "sha256": splits.fingerprints,
@@ -96,7 +105,7 @@ def train(config: Config) -> TrainResult:
         tokenizer.save_pretrained(run.model_dir)
         run.write_log(trainer.state.log_history)
         run.write("metrics.json", metrics)
-        run.write("summary.md", _summary(config, splits, metrics))
+        run.write("summary.md", _summary(config, splits, metrics, report))
     except BaseException as exc:
         run.set_status("failed", f"{type(exc).__name__}: {exc}")
         raise

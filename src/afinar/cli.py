@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from afinar.errors import AfinarError
 
@@ -23,6 +25,8 @@ def _config(args: argparse.Namespace):
         overrides.append(f"model.name={args.model}")
     if args.data:
         overrides.append(f"data.source={args.data}")
+    if args.test:
+        overrides.append(f"data.test={args.test}")
     if getattr(args, "resume", False):
         overrides.append("train.resume=true")
     return load_config(args.config, overrides)
@@ -39,6 +43,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
                   f"(majority baseline {m['majority_baseline']:.4f}, n={m['n']:,})")
     print(f"trained {result.metrics['train']['seconds']:.0f} s")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from afinar.checks import check, format_report
+    from afinar.runs import write_json
+
+    report = check(_config(args))
+    print(format_report(report, examples=3))
+    if args.json:
+        write_json(Path(args.json), report.to_dict())
+        print(f"report written to {args.json}")
     return 0
 
 
@@ -87,17 +103,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("config", nargs="?", help="YAML config (defaults: minilm-l6 on the embedded tweets)")
+    parser.add_argument("--model", help="shorthand for --set model.name=...")
+    parser.add_argument("--data", help="shorthand for --set data.source=...")
+    parser.add_argument("--test", help="shorthand for --set data.test=...")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="afinar", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="fine-tune a model; writes a run folder")
-    train.add_argument("config", nargs="?", help="YAML config (defaults: minilm-l6 on the embedded tweets)")
-    train.add_argument("--model", help="shorthand for --set model.name=...")
-    train.add_argument("--data", help="shorthand for --set data.source=...")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    train = _with_config_args(commands.add_parser("train", help="fine-tune a model; writes a run folder"))
     train.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
     train.set_defaults(func=cmd_train)
+
+    check = _with_config_args(commands.add_parser(
+        "check", help="data quality and leakage report (train runs the same checks first)"))
+    check.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    check.set_defaults(func=cmd_check)
 
     evaluate = commands.add_parser("evaluate", help="re-score a saved run on its test split or another file")
     evaluate.add_argument("run", help="run folder")
@@ -119,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("afinar").addHandler(handler)
+    logging.getLogger("afinar").setLevel(logging.INFO)
     try:
         return args.func(args)
     except AfinarError as exc:

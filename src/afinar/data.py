@@ -8,6 +8,7 @@ Every problem with the input becomes an `AfinarError` that names the file, the r
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -38,7 +39,7 @@ class Splits:
     """Normalised splits (`text`: str, `label`: int into `label_names`) and where they came from."""
 
     train: Dataset
-    validation: Dataset
+    validation: Dataset | None  # None only before `prepare_splits` carves it from train
     test: Dataset | None
     label_names: list[str]
     sources: dict[str, str] = field(default_factory=dict)
@@ -326,17 +327,18 @@ def _to_dataset(frame: pd.DataFrame, label_names: list[str]) -> Dataset:
     return Dataset.from_pandas(frame, features=features, preserve_index=False)
 
 
-def _carve_validation(train: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+def _carve_validation(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset, str]:
     from sklearn.model_selection import train_test_split
 
+    rows = list(range(len(train)))
     try:
-        kept, held = train_test_split(train, test_size=fraction, random_state=seed, stratify=train["label"])
+        kept, held = train_test_split(rows, test_size=fraction, random_state=seed, stratify=train["label"])
         how = "stratified"
     except ValueError:  # a class too small to stratify
-        kept, held = train_test_split(train, test_size=fraction, random_state=seed)
+        kept, held = train_test_split(rows, test_size=fraction, random_state=seed)
         how = "random (a class is too small to stratify)"
     note = f"validation carved from train: {len(held):,} rows ({fraction:.0%}, {how}, seed {seed})"
-    return kept.reset_index(drop=True), held.reset_index(drop=True), note
+    return train.select(kept), train.select(held), note
 
 
 def _subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
@@ -346,30 +348,40 @@ def _subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     return ds.shuffle(seed=seed).select(range(limit))
 
 
-def load_splits(args: DataArgs, seed: int = 42) -> Splits:
-    """Read, normalise and split the data; the test split is only loaded here, never used for selection."""
+def read_splits(args: DataArgs) -> Splits:
+    """The splits as the source has them, normalised; `validation` is None when the source has none."""
     frames, class_names, sources, fingerprints = _raw_splits(args)
     train, label_names = _normalise(frames["train"], args, sources["train"], class_names, None)
-    normalised = {"train": train}
+    datasets = {"train": _to_dataset(train, label_names)}
     for split in ("validation", "test"):
         if split in frames:
-            normalised[split], _ = _normalise(frames[split], args, sources[split], class_names, label_names)
-    notes = []
-    if "validation" not in normalised:
-        train, normalised["validation"], note = _carve_validation(train, args.validation_fraction, seed)
-        normalised["train"] = train
-        sources["validation"] = f"{sources['train']} (carved)"
-        notes.append(note)
-    datasets = {split: _to_dataset(frame, label_names) for split, frame in normalised.items()}
+            frame, _ = _normalise(frames[split], args, sources[split], class_names, label_names)
+            datasets[split] = _to_dataset(frame, label_names)
+    return Splits(datasets["train"], datasets.get("validation"), datasets.get("test"), label_names,
+                  sources, fingerprints, [])
+
+
+def prepare_splits(splits: Splits, args: DataArgs, seed: int) -> Splits:
+    """Carve validation from train when there is none (seeded, stratified), then take the seeded subsets."""
+    splits = dataclasses.replace(splits, notes=list(splits.notes), sources=dict(splits.sources))
+    if splits.validation is None:
+        splits.train, splits.validation, note = _carve_validation(splits.train, args.validation_fraction, seed)
+        splits.sources["validation"] = f"{splits.sources['train']} (carved)"
+        splits.notes.append(note)
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_test_samples}
-    for split, ds in datasets.items():
-        datasets[split] = _subset(ds, limits[split], seed)
-        if len(datasets[split]) < len(ds):
-            notes.append(f"{split}: seeded subset of {len(datasets[split]):,} of {len(ds):,} rows")
-    if "test" not in datasets:
-        notes.append("no test split: final metrics are reported on validation only")
-    return Splits(datasets["train"], datasets["validation"], datasets.get("test"), label_names,
-                  sources, fingerprints, notes)
+    for split, ds in splits.items():
+        subset = _subset(ds, limits[split], seed)
+        if len(subset) < len(ds):
+            setattr(splits, split, subset)
+            splits.notes.append(f"{split}: seeded subset of {len(subset):,} of {len(ds):,} rows")
+    if splits.test is None:
+        splits.notes.append("no test split: final metrics are reported on validation only")
+    return splits
+
+
+def load_splits(args: DataArgs, seed: int = 42) -> Splits:
+    """Read, normalise, split and subset the data; the test split is loaded here but only scored at the end."""
+    return prepare_splits(read_splits(args), args, seed)
 
 
 def load_labelled_file(path: str | Path, args: DataArgs, label_names: list[str]) -> Dataset:
