@@ -113,3 +113,20 @@ def test_packaged_minilm_learns_beyond_the_majority_class(tmp_path):
         "train.early_stopping_patience=none", f"train.output_dir={tmp_path}"]))
     test = result.metrics["test"]
     assert test["accuracy"] > test["majority_baseline"] + 0.1, test
+
+
+def test_freeze_layers_trains_only_the_upper_layers(tiny_bert, tweets_jsonl, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    train_file, test_file = tweets_jsonl
+    overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{"train.freeze_layers": 1,
+                                                                                "train.epochs": 1})
+    result = train(load_config(overrides=overrides))
+    before = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    after = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model")
+    assert torch.equal(before.bert.embeddings.word_embeddings.weight, after.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(before.bert.encoder.layer[0].attention.self.query.weight,
+                       after.bert.encoder.layer[0].attention.self.query.weight)
+    assert not torch.equal(before.bert.encoder.layer[1].attention.self.query.weight,
+                           after.bert.encoder.layer[1].attention.self.query.weight)

@@ -36,6 +36,7 @@ MODELS = {
 }
 
 DATASETS = {"tweets": "Kaggle tweet sentiment extraction, 27,481 train / 3,534 test (CC BY 4.0)"}
+TEXTS = {"wikitext2": "WikiText-2 raw test split, general English for forgetting checks (CC BY-SA 3.0)"}
 
 
 def cache_dir() -> Path:
@@ -114,13 +115,19 @@ def dataset_files(name: str) -> dict[str, Path]:
     return {split: folder / f"{split}.jsonl.gz" for split in ("train", "test")}
 
 
+def text_file(name: str) -> Path:
+    """An embedded raw-text corpus (gzip)."""
+    files = {"wikitext2": "wikitext2/wiki.test.raw.gz"}
+    return Path(str(importlib.resources.files("afinar") / "embedded" / files[name]))
+
+
 def available() -> list[dict]:
     """What `afinar models` lists: each embedded asset and whether its package is installed."""
     rows = []
     for asset in MODELS.values():
         rows.append({"name": asset.name, "kind": "model", "description": asset.description,
                      "installed": importlib.util.find_spec(asset.module) is not None, "package": asset.package})
-    for name, description in DATASETS.items():
-        rows.append({"name": name, "kind": "dataset", "description": description, "installed": True,
-                     "package": "afinar"})
+    for kind, table in (("dataset", DATASETS), ("text", TEXTS)):
+        rows += [{"name": name, "kind": kind, "description": description, "installed": True, "package": "afinar"}
+                 for name, description in table.items()]
     return rows

@@ -21,7 +21,8 @@ from afinar.inference import Classifier, Prediction
 from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics
 from afinar.models import load_classifier, load_tokenizer, resolve
 from afinar.runs import Run, machine, versions
-from afinar.training import apply_lora, build_trainer, last_checkpoint, trainable_parameters
+from afinar.training import (apply_lora, build_trainer, freeze_lower_layers, last_checkpoint,
+                             trainable_parameters)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def train(config: Config) -> TrainResult:
             "notes": splits.notes})
         tokenized = {name: data_lib.tokenize(ds, tokenizer, config.data.max_length) for name, ds in splits.items()}
         model = load_classifier(config.model, splits.label_names, tokenizer, model_path)
+        freeze_lower_layers(model, config.train.freeze_layers)
         if config.lora.enabled:
             model = apply_lora(model, config.lora, "SEQ_CLS")
         trainable, total = trainable_parameters(model)

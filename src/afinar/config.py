@@ -68,6 +68,7 @@ class TrainArgs:
     early_stopping_patience: int | None = 3  # evaluations without improvement before stopping; None: off
     metric_for_best_model: str = "accuracy"  # accuracy | macro_f1 | loss
     group_by_length: bool = True  # batches of similar length waste little padding
+    freeze_layers: int = 0  # freeze the embeddings and the lowest N transformer blocks (less forgetting, faster)
     save_total_limit: int = 2  # checkpoints kept on disk (the best is always kept)
     keep_checkpoints: bool = False  # a finished run needs only model/; checkpoints (with optimizer state) go
     resume: bool = False  # continue from the run folder's last checkpoint
@@ -80,6 +81,20 @@ class LoraArgs:
     alpha: int = 16
     dropout: float = 0.1
     target_modules: list[str] | None = None  # default: peft's choice for the architecture
+
+
+@dataclass
+class LMArgs:
+    """Causal-LM domain adaptation (`task: causal_lm`) and the catastrophic-forgetting check."""
+
+    block_size: int = 256  # tokens per packed training sequence (documents joined with EOS, no padding)
+    general_text: str = "wikitext2"  # general reference corpus for forgetting: embedded name or a .txt path
+    replay_fraction: float = 0.0  # share of general text mixed into training (a forgetting mitigation)
+    replay_source: str | None = None  # general text to replay; must not be the forgetting corpus (default:
+    #                                   the first half of WikiText-2 test, the check then uses the second half)
+    stride: int = 256  # sliding-window step for perplexity (window = block_size)
+    max_eval_tokens: int | None = None  # cap on tokens per perplexity measurement (speed)
+    forgetting_ratio: float = 1.10  # flag forgetting when general perplexity rises by more than this factor
 
 
 @dataclass
@@ -104,6 +119,7 @@ class Config:
     train: TrainArgs = field(default_factory=TrainArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
     checks: CheckArgs = field(default_factory=CheckArgs)
+    lm: LMArgs = field(default_factory=LMArgs)
 
     def validate(self) -> Config:
         """Reject values that would only fail later, deep inside a library, with a worse message."""
@@ -116,7 +132,8 @@ class Config:
                               f"(got {self.checks.near_duplicate_threshold})")
         _one_of("train.metric_for_best_model", self.train.metric_for_best_model, ("accuracy", "macro_f1", "loss"))
         for key in ("train.batch_size", "train.gradient_accumulation_steps", "train.learning_rate",
-                    "train.epochs", "data.max_length", "data.max_text_chars", "train.logging_steps", "lora.r"):
+                    "train.epochs", "data.max_length", "data.max_text_chars", "train.logging_steps", "lora.r",
+                    "lm.block_size", "lm.stride", "lm.forgetting_ratio"):
             _positive(key, get_value(self, key))
         for key in ("train.eval_batch_size", "train.eval_every", "data.max_train_samples",
                     "data.max_eval_samples", "data.max_test_samples"):
@@ -124,12 +141,17 @@ class Config:
                 _positive(key, get_value(self, key))
         if not 0 < self.data.validation_fraction < 1:
             raise AfinarError(f"data.validation_fraction must be between 0 and 1 (got {self.data.validation_fraction})")
+        if not 0 <= self.lm.replay_fraction < 1:
+            raise AfinarError(f"lm.replay_fraction must be in [0, 1) (got {self.lm.replay_fraction})")
+        if self.train.freeze_layers < 0:
+            raise AfinarError(f"train.freeze_layers must be 0 or more (got {self.train.freeze_layers})")
         if not 0 <= self.train.warmup_ratio < 1:
             raise AfinarError(f"train.warmup_ratio must be in [0, 1) (got {self.train.warmup_ratio})")
         return self
 
 
-SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "lora": LoraArgs, "checks": CheckArgs}
+SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "lora": LoraArgs, "checks": CheckArgs,
+            "lm": LMArgs}
 MAIN_FIELD = {"model": "name", "data": "source", "lora": "enabled"}
 
 

@@ -74,6 +74,23 @@ def apply_lora(model, args: LoraArgs, task_type: str):
         raise AfinarError(f"LoRA cannot wrap {type(model).__name__}: {exc}; set lora.target_modules") from None
 
 
+def freeze_lower_layers(model, n: int) -> None:
+    """Freeze the input embeddings and the lowest `n` transformer blocks: the general-purpose layers change
+    least, which limits forgetting and saves their gradient computation."""
+    if n <= 0:
+        return
+    depth = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == depth), None)
+    if blocks is None:
+        raise AfinarError(f"train.freeze_layers: cannot find the {depth} transformer blocks of "
+                          f"{type(model).__name__}")
+    if n > len(blocks):
+        raise AfinarError(f"train.freeze_layers={n} but the model has {len(blocks)} layers")
+    for module in [model.get_input_embeddings(), *blocks[:n]]:
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+
+
 def trainable_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
