@@ -20,7 +20,7 @@ from afinar.config import Config, DataArgs
 from afinar.inference import Classifier, Prediction
 from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics
 from afinar.models import load_classifier, load_tokenizer, resolve
-from afinar.runs import Run, machine, versions
+from afinar.runs import Run, is_main_process, machine, versions
 from afinar.training import (apply_lora, build_trainer, freeze_lower_layers, last_checkpoint,
                              trainable_parameters)
 
@@ -92,7 +92,10 @@ def train(config: Config) -> TrainResult:
         trainer = build_trainer(run, config.train, model, tokenizer, tokenized["train"], tokenized["validation"],
                                 DataCollatorWithPadding(tokenizer), trainer_metrics, logits_to_predictions)
         started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=last_checkpoint(run) if config.train.resume else None)
+        checkpoint = last_checkpoint(run) if config.train.resume else None
+        if config.train.resume:
+            log.info("resuming from %s", checkpoint or "the start: no complete checkpoint yet")
+        output = trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - started
         metrics = {"train": {"seconds": seconds, "steps": trainer.state.global_step,
                              "samples_per_second": output.metrics.get("train_samples_per_second", 0.0),
@@ -102,9 +105,10 @@ def train(config: Config) -> TrainResult:
                    "validation": _score(trainer, tokenized["validation"], splits.label_names)}
         if "test" in tokenized:
             metrics["test"] = _score(trainer, tokenized["test"], splits.label_names)
-        best = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
-        best.save_pretrained(run.model_dir)
-        tokenizer.save_pretrained(run.model_dir)
+        if is_main_process():
+            best = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
+            best.save_pretrained(run.model_dir)
+            tokenizer.save_pretrained(run.model_dir)
         run.write_log(trainer.state.log_history)
         run.write("metrics.json", metrics)
         run.write("summary.md", _summary(config, splits, metrics, report))

@@ -88,6 +88,39 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name or text).strip("-")[:40] or "run"
 
 
+def is_main_process() -> bool:
+    """Under torchrun only rank 0 writes the run folder."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _same_on_every_rank(name: str) -> str:
+    """Rank 0's run name for all ranks (their clocks may disagree on the timestamp in the name)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return name
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState()  # joins the process group torchrun set up
+    return broadcast_object_list([name])[0]
+
+
+def _latest_unfinished(output_dir: Path, config: Config) -> str | None:
+    """The newest unfinished run in `output_dir` whose config equals this one (resume and name aside)."""
+    import dataclasses
+
+    def comparable(c: Config) -> Config:
+        return dataclasses.replace(c, train=dataclasses.replace(c.train, resume=False, run_name=None))
+
+    if not output_dir.is_dir():
+        return None
+    for folder in sorted((p for p in output_dir.iterdir() if (p / "config.yaml").is_file()),
+                         key=lambda p: p.stat().st_mtime, reverse=True):
+        run = Run(folder)
+        if run.status() != "finished" and comparable(run.config()) == comparable(config):
+            return folder.name
+    return None
+
+
 @dataclass
 class Run:
     """A run folder and the small set of files in it."""
@@ -96,14 +129,24 @@ class Run:
 
     @classmethod
     def create(cls, config: Config) -> Run:
-        name = config.train.run_name or (
-            f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(config.model.name)}-{_slug(config.data.source)}")
-        path = Path(config.train.output_dir) / name
-        if path.exists() and not config.train.resume and any(path.iterdir()):
-            raise AfinarError(f"run folder {path} already exists; pick another train.run_name or pass --resume")
-        run = cls(path)
-        path.mkdir(parents=True, exist_ok=True)
-        write_atomic(path / "config.yaml", to_yaml(config))
+        """A new run folder, or with `train.resume` the folder to continue. The resolved name is written into
+        the saved config, so `afinar train <run>/config.yaml --resume` finds the same folder."""
+        name = config.train.run_name
+        if name is None and config.train.resume:
+            name = _latest_unfinished(Path(config.train.output_dir), config)
+        name = _same_on_every_rank(name or (
+            f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(config.model.name)}-{_slug(config.data.source)}"))
+        config.train.run_name = name
+        run = cls(Path(config.train.output_dir) / name)
+        if run.path.exists() and any(run.path.iterdir()):
+            if not config.train.resume:
+                raise AfinarError(f"run folder {run.path} already exists; pick another train.run_name or pass "
+                                  f"--resume")
+            if run.status() == "finished":
+                raise AfinarError(f"run {run.path} has already finished; nothing to resume")
+        if is_main_process():
+            run.path.mkdir(parents=True, exist_ok=True)
+            write_atomic(run.path / "config.yaml", to_yaml(config))
         run.set_status("running")
         return run
 
@@ -126,6 +169,8 @@ class Run:
         return load_config(self.path / "config.yaml")
 
     def set_status(self, state: str, detail: str = "") -> None:
+        if not is_main_process():
+            return
         write_json(self.path / "status.json", {"state": state, "detail": detail, "time": time.time()})
 
     def status(self) -> str:
@@ -139,13 +184,17 @@ class Run:
                               f"`afinar train {self.path / 'config.yaml'} --resume`")
 
     def write(self, name: str, data: Any) -> None:
-        """A JSON file (dict or list) or text (str) into the run folder."""
+        """A JSON file (dict or list) or text (str) into the run folder (by the main process only)."""
+        if not is_main_process():
+            return
         if isinstance(data, str):
             write_atomic(self.path / name, data)
         else:
             write_json(self.path / name, data)
 
     def write_log(self, history: list[dict]) -> None:
+        if not is_main_process():
+            return
         write_atomic(self.path / "train_log.jsonl", "".join(json.dumps(row) + "\n" for row in history))
 
     def read_log(self) -> list[dict]:

@@ -54,6 +54,7 @@ def training_arguments(args: TrainArgs, output_dir: Path, has_eval: bool = True)
         greater_is_better=metric != "loss",
         logging_steps=args.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         report_to="none",
         disable_tqdm=False,
@@ -108,14 +109,16 @@ class RunLogCallback(TrainerCallback):
 
 
 class NonFiniteLossCallback(TrainerCallback):
-    """Stop at the first NaN/inf training loss instead of training on garbage."""
+    """Stop at the first NaN/inf training loss or gradient norm instead of training on garbage; the
+    checkpoints saved before stay as they were (`Trainer`'s NaN log filter is off, so the loss is seen)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            raise AfinarError(f"training loss became {loss} at step {state.global_step}; the learning rate "
-                              f"({args.learning_rate}) is likely too high, or fp16 overflowed: lower it or use "
-                              f"bf16/fp32")
+        for key, name in (("loss", "training loss"), ("grad_norm", "gradient norm")):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise AfinarError(f"{name} became {value} at step {state.global_step}; the learning rate "
+                                  f"({args.learning_rate}) is likely too high, or fp16 overflowed: lower it or use "
+                                  f"bf16/fp32")
 
 
 def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds, data_collator,
@@ -137,7 +140,19 @@ def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds
 
 
 def last_checkpoint(run: Run) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint. `Trainer` writes trainer_state.json last, so a checkpoint killed
+    while being written has none (or a truncated one) and is skipped in favour of the one before."""
+    import json
 
     folder = run.checkpoint_dir
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if not folder.is_dir():
+        return None
+    candidates = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for checkpoint in sorted(candidates, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (checkpoint / "optimizer.pt").is_file() and any(checkpoint.glob("rng_state*.pth")):
+            return str(checkpoint)
+    return None
