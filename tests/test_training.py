@@ -105,3 +105,24 @@ def test_non_finite_loss_stops_with_the_step_and_cause(tiny_bert, tweets_jsonl, 
                                           r"the learning rate"):
         train(load_config(overrides=overrides))
     assert Run.open(Path(tmp_path) / "r").status() == "failed"
+
+
+def test_two_process_torchrun_matches_one_process(tiny_bert, tweets_jsonl, tmp_path):
+    """`afinar train --nproc 2` runs DDP (gloo on CPU) through torchrun; batch_size is global, so the
+    effective batch and the step count match the single-process run, and only rank 0 writes the folder."""
+    train_file, test_file = tweets_jsonl
+    results = {}
+    for nproc in (1, 2):
+        overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
+            "train.run_name": f"p{nproc}", "train.max_steps": 20, "train.eval_every": 10})
+        done = subprocess.run(afinar_cmd("train", "--nproc", str(nproc), *sets(overrides)), capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[nproc] = json.loads((tmp_path / f"p{nproc}" / "metrics.json").read_text())
+        assert done.stdout.count("run folder:") == 1  # rank 1 prints and writes nothing
+    two = results[2]
+    assert "torch.distributed.run" in done.stderr and "--nproc_per_node=2" in done.stderr
+    assert two["train"]["steps"] == results[1]["train"]["steps"] == 20
+    assert two["validation"]["n"] == results[1]["validation"]["n"]  # no padded duplicates in evaluation
+    assert abs(two["validation"]["loss"] / results[1]["validation"]["loss"] - 1) < 0.02
+    assert abs(two["test"]["loss"] / results[1]["test"]["loss"] - 1) < 0.02

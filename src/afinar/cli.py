@@ -32,10 +32,35 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """`afinar train --nproc N ...` is `torchrun --nproc_per_node N -m afinar train ...` (DDP: gloo on CPUs,
+    NCCL on GPUs); for several nodes or FSDP/DeepSpeed use torchrun or `accelerate launch` directly."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "afinar", *rest]
+    print("launching:", " ".join(command), file=sys.stderr)
+    return subprocess.call(command)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from afinar.classify import train
 
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _relaunch_with_torchrun(args.nproc, args.argv)
     result = train(_config(args))
+    from afinar.runs import is_main_process
+
+    if not is_main_process():
+        return 0
     print(f"run folder: {result.run_dir}")
     for split in ("validation", "test"):
         if split in result.metrics:
@@ -94,6 +119,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from afinar.serve import serve
+
+    serve(args.run, host=args.host, port=args.port, token=args.token, max_batch=args.max_batch,
+          max_texts=args.max_texts, max_text_chars=args.max_text_chars)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from afinar.assets import available
 
@@ -118,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = _with_config_args(commands.add_parser("train", help="fine-tune a model; writes a run folder"))
     train.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
+    train.add_argument("--nproc", type=int, default=1, help="data-parallel processes, launched with torchrun")
     train.set_defaults(func=cmd_train)
 
     check = _with_config_args(commands.add_parser(
@@ -138,13 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.set_defaults(func=cmd_predict)
 
+    serve = commands.add_parser("serve", help="HTTP JSON API: POST /predict, GET /health, GET /info")
+    serve.add_argument("run", help="run folder")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--token", help="require `Authorization: Bearer TOKEN` (or set AFINAR_SERVE_TOKEN)")
+    serve.add_argument("--max-batch", type=int, default=64, help="texts per micro-batch")
+    serve.add_argument("--max-texts", type=int, default=256, help="texts per request (413 above)")
+    serve.add_argument("--max-text-chars", type=int, default=10_000, help="characters per text (413 above)")
+    serve.set_defaults(func=cmd_serve)
+
     models = commands.add_parser("models", help="list the embedded models and datasets")
     models.set_defaults(func=cmd_models)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger("afinar").addHandler(handler)

@@ -93,15 +93,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _same_on_every_rank(name: str) -> str:
-    """Rank 0's run name for all ranks (their clocks may disagree on the timestamp in the name)."""
+def _same_on_every_rank(value: Any) -> Any:
+    """Rank 0's value on all ranks (their clocks may disagree on the timestamp in a run name)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return name
+        return value
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
     PartialState()  # joins the process group torchrun set up
-    return broadcast_object_list([name])[0]
+    return broadcast_object_list([value])[0]
 
 
 def _latest_unfinished(output_dir: Path, config: Config) -> str | None:
@@ -134,21 +134,28 @@ class Run:
         name = config.train.run_name
         if name is None and config.train.resume:
             name = _latest_unfinished(Path(config.train.output_dir), config)
-        name = _same_on_every_rank(name or (
-            f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(config.model.name)}-{_slug(config.data.source)}"))
+        name = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(config.model.name)}-{_slug(config.data.source)}"
+        # rank 0 judges the folder before anyone creates it, and every rank follows its verdict
+        name, problem = _same_on_every_rank((name, cls(Path(config.train.output_dir) / name)._conflict(config)))
+        if problem:
+            raise AfinarError(problem)
         config.train.run_name = name
         run = cls(Path(config.train.output_dir) / name)
-        if run.path.exists() and any(run.path.iterdir()):
-            if not config.train.resume:
-                raise AfinarError(f"run folder {run.path} already exists; pick another train.run_name or pass "
-                                  f"--resume")
-            if run.status() == "finished":
-                raise AfinarError(f"run {run.path} has already finished; nothing to resume")
         if is_main_process():
             run.path.mkdir(parents=True, exist_ok=True)
             write_atomic(run.path / "config.yaml", to_yaml(config))
         run.set_status("running")
         return run
+
+    def _conflict(self, config: Config) -> str | None:
+        """Why this folder cannot be (re)used for `config`, if it cannot."""
+        if not (self.path.exists() and any(self.path.iterdir())):
+            return None
+        if not config.train.resume:
+            return f"run folder {self.path} already exists; pick another train.run_name or pass --resume"
+        if self.status() == "finished":
+            return f"run {self.path} has already finished; nothing to resume"
+        return None
 
     @classmethod
     def open(cls, path: str | Path) -> Run:

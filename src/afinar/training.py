@@ -7,6 +7,7 @@ length grouping, early stopping and checkpointing are applied once and mean the 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -31,11 +32,15 @@ def training_arguments(args: TrainArgs, output_dir: Path, has_eval: bool = True)
     """Our small `TrainArgs` expanded into `transformers.TrainingArguments` (never re-exposed flag by flag)."""
     strategy = "steps" if args.eval_every else "epoch"
     metric = args.metric_for_best_model
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if args.batch_size % world:
+        raise AfinarError(f"train.batch_size={args.batch_size} is the global batch and must divide evenly over "
+                          f"{world} processes")
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
+        per_device_train_batch_size=args.batch_size // world,  # same effective batch for any process count
         per_device_eval_batch_size=args.eval_batch_size or 2 * args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
