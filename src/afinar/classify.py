@@ -17,6 +17,7 @@ from transformers import DataCollatorWithPadding, set_seed
 from afinar import data as data_lib
 from afinar.checks import DataReport, apply_policies, format_report, run_checks
 from afinar.config import Config, DataArgs
+from afinar.errors import AfinarError
 from afinar.inference import Classifier, Prediction
 from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics
 from afinar.models import load_classifier, load_tokenizer, resolve
@@ -25,6 +26,10 @@ from afinar.training import (apply_lora, build_trainer, freeze_lower_layers, las
                              trainable_parameters)
 
 log = logging.getLogger(__name__)
+
+
+class NoTestSplit(AfinarError):
+    """Raised by `evaluate` when a run's data has no test split and no file was given."""
 
 
 @dataclass
@@ -65,13 +70,16 @@ def _summary(config: Config, splits: data_lib.Splits, metrics: dict, report: Dat
     return "\n".join(lines)
 
 
-def train(config: Config) -> TrainResult:
-    """Fine-tune `config.model` on `config.data`; the best validation checkpoint is scored once on test."""
+def train(config: Config, callbacks: list | None = None, with_test: bool = True) -> TrainResult:
+    """Fine-tune `config.model` on `config.data`; the best validation checkpoint is scored once on test.
+
+    `with_test=False` never reads the test split (hyperparameter-search trials); `callbacks` are extra
+    `TrainerCallback`s (e.g. a pruning hook)."""
     config.validate()
     set_seed(config.train.seed)
     model_path = resolve(config.model)
     tokenizer = load_tokenizer(config.model, model_path)
-    raw = data_lib.read_splits(config.data)
+    raw = data_lib.read_splits(config.data, with_test)
     report = run_checks(raw, config.checks, tokenizer, config.data.max_length)
     splits = data_lib.prepare_splits(apply_policies(raw, report, config.checks), config.data, config.train.seed)
     log.info("data checks:\n%s", format_report(report))
@@ -90,7 +98,8 @@ def train(config: Config) -> TrainResult:
             model = apply_lora(model, config.lora, "SEQ_CLS")
         trainable, total = trainable_parameters(model)
         trainer = build_trainer(run, config.train, model, tokenizer, tokenized["train"], tokenized["validation"],
-                                DataCollatorWithPadding(tokenizer), trainer_metrics, logits_to_predictions)
+                                DataCollatorWithPadding(tokenizer), trainer_metrics, logits_to_predictions,
+                                callbacks)
         started = time.perf_counter()
         checkpoint = last_checkpoint(run) if config.train.resume else None
         if config.train.resume:
@@ -139,8 +148,9 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, batch_size: in
                                                         max_text_chars=config.data.max_text_chars),
                                          classifier.labels)
     else:
-        splits = data_lib.load_splits(config.data, config.train.seed)
-        ds = splits.test if splits.test is not None else splits.validation
+        ds = data_lib.load_splits(config.data, config.train.seed).test
+        if ds is None:
+            raise NoTestSplit(f"the data of {run.path} has no test split; pass a labelled file with --data")
     predictions = classifier.scores(ds["text"], batch_size).argmax(axis=1)
     report = classification_report(np.asarray(ds["label"]), predictions, classifier.labels)
     report["data"] = str(data) if data is not None else "the run's test split"

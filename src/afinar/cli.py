@@ -119,6 +119,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """`90`, `90s`, `20m`, `1h` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except ValueError:
+        raise AfinarError(f"--timeout {text!r}: use seconds or a number with s, m or h (e.g. 1h)") from None
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from afinar.search import search
+
+    result = search(_config(args), trials=args.trials, space=args.space,
+                    timeout=_seconds(args.timeout) if args.timeout else None, name=args.name, pruner=args.pruner)
+    print((result.path / "summary.md").read_text(encoding="utf-8"))
+    print(f"search folder: {result.path}\nbest config: {result.path / 'best_config.yaml'}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from afinar.serve import serve
 
@@ -171,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--file", help=".txt (one text per line), .csv, .jsonl or .parquet with a text column")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.set_defaults(func=cmd_predict)
+
+    search = _with_config_args(commands.add_parser(
+        "search", help="Optuna hyperparameter search on validation; test scored once for the best trial"))
+    search.add_argument("--trials", type=int, default=20, help="total trials in the study (resumes count)")
+    search.add_argument("--space", help="YAML search space (default: one for full fine-tuning or LoRA)")
+    search.add_argument("--timeout", help="stop starting trials after this long (e.g. 45m, 1h)")
+    search.add_argument("--name", help="search folder name: <output_dir>/search-<name> (default: default)")
+    search.add_argument("--pruner", default="median", choices=["median", "halving", "none"])
+    search.set_defaults(func=cmd_search)
 
     serve = commands.add_parser("serve", help="HTTP JSON API: POST /predict, GET /health, GET /info")
     serve.add_argument("run", help="run folder")

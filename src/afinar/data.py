@@ -175,7 +175,7 @@ def _find_split_files(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _hub_splits(args: DataArgs) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]], dict[str, str]]:
+def _hub_splits(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]], dict[str, str]]:
     """A hub dataset id through `datasets.load_dataset`; raises a clear error when it cannot be reached."""
     from datasets import load_dataset
 
@@ -190,7 +190,7 @@ def _hub_splits(args: DataArgs) -> tuple[dict[str, pd.DataFrame], dict[str, list
     frames, class_names, fingerprints = {}, {}, {}
     for split, ds in loaded.items():
         name = next((s for s, aliases in SPLIT_ALIASES.items() if split in aliases), None)
-        if name is None:
+        if name is None or (name == "test" and not with_test):
             continue
         frames[name] = ds.to_pandas()
         fingerprints[name] = f"hub:{args.source}:{ds._fingerprint}"
@@ -206,9 +206,10 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _raw_splits(args: DataArgs) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]], dict[str, str],
-                                          dict[str, str]]:
-    """DataFrames per split, ClassLabel names from the hub, source descriptions and fingerprints."""
+def _raw_splits(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]],
+                                                          dict[str, str], dict[str, str]]:
+    """DataFrames per split, ClassLabel names from the hub, source descriptions and fingerprints. Without
+    `with_test` the test split is not read at all (hyperparameter search must not see it)."""
     files: dict[str, Path] = {}
     source = Path(args.source).expanduser()
     if args.source in assets.DATASETS:
@@ -218,11 +219,11 @@ def _raw_splits(args: DataArgs) -> tuple[dict[str, pd.DataFrame], dict[str, list
     elif source.exists() or source.suffix:  # anything that looks like a file is not a hub id
         files = {"train": source}
     else:
-        frames, class_names, fingerprints = _hub_splits(args)
+        frames, class_names, fingerprints = _hub_splits(args, with_test)
         if "train" not in frames:
             raise AfinarError(f"hub dataset {args.source!r} has no train split (splits: {', '.join(frames)})")
         sources = {split: f"hub:{args.source}" for split in frames}
-        for split, path in (("validation", args.validation), ("test", args.test)):
+        for split, path in (("validation", args.validation), ("test", args.test if with_test else None)):
             if path:
                 frames[split] = read_table(path, args.encoding)
                 sources[split], fingerprints[split] = path, sha256_file(Path(path))
@@ -230,6 +231,8 @@ def _raw_splits(args: DataArgs) -> tuple[dict[str, pd.DataFrame], dict[str, list
     for split, path in (("validation", args.validation), ("test", args.test)):
         if path:
             files[split] = Path(path).expanduser()
+    if not with_test:
+        files.pop("test", None)
     frames = {split: read_table(path, args.encoding) for split, path in files.items()}
     return (frames, {}, {s: str(p) for s, p in files.items()},
             {s: sha256_file(p) for s, p in files.items()})
@@ -348,9 +351,9 @@ def _subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     return ds.shuffle(seed=seed).select(range(limit))
 
 
-def read_splits(args: DataArgs) -> Splits:
+def read_splits(args: DataArgs, with_test: bool = True) -> Splits:
     """The splits as the source has them, normalised; `validation` is None when the source has none."""
-    frames, class_names, sources, fingerprints = _raw_splits(args)
+    frames, class_names, sources, fingerprints = _raw_splits(args, with_test)
     train, label_names = _normalise(frames["train"], args, sources["train"], class_names, None)
     datasets = {"train": _to_dataset(train, label_names)}
     for split in ("validation", "test"):
@@ -379,9 +382,9 @@ def prepare_splits(splits: Splits, args: DataArgs, seed: int) -> Splits:
     return splits
 
 
-def load_splits(args: DataArgs, seed: int = 42) -> Splits:
+def load_splits(args: DataArgs, seed: int = 42, with_test: bool = True) -> Splits:
     """Read, normalise, split and subset the data; the test split is loaded here but only scored at the end."""
-    return prepare_splits(read_splits(args), args, seed)
+    return prepare_splits(read_splits(args, with_test), args, seed)
 
 
 def load_labelled_file(path: str | Path, args: DataArgs, label_names: list[str]) -> Dataset:

@@ -127,8 +127,8 @@ class NonFiniteLossCallback(TrainerCallback):
 
 
 def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds, data_collator,
-                  compute_metrics=None, preprocess_logits_for_metrics=None) -> Trainer:
-    callbacks = [RunLogCallback(run), NonFiniteLossCallback()]
+                  compute_metrics=None, preprocess_logits_for_metrics=None, extra_callbacks=None) -> Trainer:
+    callbacks = [RunLogCallback(run), NonFiniteLossCallback(), *(extra_callbacks or [])]
     if eval_ds is not None and args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
     return Trainer(
