@@ -1,9 +1,11 @@
 """afinar: fine-tune pretrained language models on your data, honestly measured, on the machine you have."""
 
+from afinar.checks import DataReport, check
 from afinar.classify import TrainResult, evaluate, predict
 from afinar.classify import train as train_classifier
 from afinar.config import Config, load_config
 from afinar.errors import AfinarError
+from afinar.search import SearchResult, search
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,12 @@ def train(config: Config | str | None = None, overrides: list[str] | None = None
     return train_classifier(config)
 
 
-__all__ = ["AfinarError", "Config", "TrainResult", "evaluate", "load_config", "predict", "train"]
+def serve(run_dir: str, **options) -> None:
+    """Serve a run over HTTP (see `afinar.serve.serve`); imported lazily so `import afinar` stays light."""
+    from afinar.serve import serve as run_server
+
+    run_server(run_dir, **options)
+
+
+__all__ = ["AfinarError", "Config", "DataReport", "SearchResult", "TrainResult", "check", "evaluate",
+           "load_config", "predict", "search", "serve", "train"]
