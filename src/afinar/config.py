@@ -72,6 +72,9 @@ class TrainArgs:
     save_total_limit: int = 2  # checkpoints kept on disk (the best is always kept)
     keep_checkpoints: bool = False  # a finished run needs only model/; checkpoints (with optimizer state) go
     resume: bool = False  # continue from the run folder's last checkpoint
+    fsdp: str | None = None  # passed to TrainingArguments.fsdp, e.g. "full_shard auto_wrap" (multi-GPU)
+    fsdp_config: str | None = None  # path to an FSDP config JSON, passed through
+    deepspeed: str | None = None  # path to a DeepSpeed config JSON, passed through
 
 
 @dataclass

@@ -64,6 +64,9 @@ def training_arguments(args: TrainArgs, output_dir: Path, has_eval: bool = True)
         report_to="none",
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        fsdp=args.fsdp or "",
+        fsdp_config=args.fsdp_config,
+        deepspeed=args.deepspeed,
         **precision_flags(args.precision),
     )
 
