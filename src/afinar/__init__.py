@@ -14,7 +14,18 @@ def train(config: Config | str | None = None, overrides: list[str] | None = None
     """Train what `config` describes (a `Config`, or a YAML path plus `key=value` overrides)."""
     if not isinstance(config, Config):
         config = load_config(config, overrides)
+    if config.task == "causal_lm":
+        from afinar.causal_lm import train_lm
+
+        return train_lm(config)
     return train_classifier(config)
+
+
+def generate(model: str, prompt: str, **options) -> str:
+    """Sample a continuation from a causal LM (see `afinar.causal_lm.generate`)."""
+    from afinar.causal_lm import generate as sample
+
+    return sample(model, prompt, **options)
 
 
 def serve(run_dir: str, **options) -> None:
@@ -24,5 +35,5 @@ def serve(run_dir: str, **options) -> None:
     run_server(run_dir, **options)
 
 
-__all__ = ["AfinarError", "Config", "DataReport", "SearchResult", "TrainResult", "check", "evaluate",
+__all__ = ["AfinarError", "Config", "DataReport", "SearchResult", "TrainResult", "check", "evaluate", "generate",
            "load_config", "predict", "search", "serve", "train"]

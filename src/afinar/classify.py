@@ -18,7 +18,7 @@ from afinar import data as data_lib
 from afinar.checks import DataReport, apply_policies, format_report, run_checks
 from afinar.config import Config, DataArgs
 from afinar.errors import AfinarError
-from afinar.inference import Classifier, Prediction
+from afinar.inference import Prediction, Predictor, load_predictor
 from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics
 from afinar.models import load_classifier, load_tokenizer, resolve
 from afinar.runs import Run, is_main_process, machine, versions
@@ -130,16 +130,20 @@ def train(config: Config, callbacks: list | None = None, with_test: bool = True)
     return TrainResult(run.path, metrics)
 
 
-def load_run_classifier(run_dir: str | Path) -> tuple[Run, Classifier]:
+def load_run_classifier(run_dir: str | Path, backend: str = "torch") -> tuple[Run, Predictor]:
+    """A finished run's classifier on `backend` (torch | onnx | onnx-int8 | auto, see `inference`)."""
     run = Run.open(run_dir)
     run.require_finished()
-    config = run.config()
-    return run, Classifier(run.model_dir, config.data.max_length, config.model.allow_pickle)
+    if run.config().task != "classification":
+        raise AfinarError(f"{run.path} is a {run.config().task} run; evaluate and predict need a classification run")
+    return run, load_predictor(run.path, backend)
 
 
-def evaluate(run_dir: str | Path, data: str | Path | None = None, batch_size: int = 64) -> dict:
-    """Re-score a saved run on a labelled file, or on its own test split when none is given."""
-    run, classifier = load_run_classifier(run_dir)
+def evaluate(run_dir: str | Path, data: str | Path | None = None, batch_size: int = 64,
+             backend: str = "torch") -> dict:
+    """Re-score a saved run on a labelled file, or on its own test split when none is given. The default
+    backend is torch, so the score reproduces the one training measured."""
+    run, classifier = load_run_classifier(run_dir, backend)
     config = run.config()
     if data is not None:
         ds = data_lib.load_labelled_file(data, DataArgs(text_column=config.data.text_column,
@@ -154,9 +158,10 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, batch_size: in
     predictions = classifier.scores(ds["text"], batch_size).argmax(axis=1)
     report = classification_report(np.asarray(ds["label"]), predictions, classifier.labels)
     report["data"] = str(data) if data is not None else "the run's test split"
+    report["backend"] = classifier.backend
     return report
 
 
-def predict(run_dir: str | Path, texts: list[str], batch_size: int = 64) -> list[Prediction]:
-    _, classifier = load_run_classifier(run_dir)
+def predict(run_dir: str | Path, texts: list[str], batch_size: int = 64, backend: str = "auto") -> list[Prediction]:
+    _, classifier = load_run_classifier(run_dir, backend)
     return classifier.predict(texts, batch_size)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from afinar.errors import AfinarError
 
+BACKENDS = ("torch", "onnx", "onnx-int8", "auto")  # as afinar.inference.BACKENDS, without importing torch here
+
 
 def _config(args: argparse.Namespace):
     from afinar.config import load_config
@@ -52,22 +54,65 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from afinar.classify import train
+    from afinar import train
+    from afinar.runs import is_main_process
 
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc, args.argv)
     result = train(_config(args))
-    from afinar.runs import is_main_process
-
     if not is_main_process():
         return 0
     print(f"run folder: {result.run_dir}")
     for split in ("validation", "test"):
-        if split in result.metrics:
-            m = result.metrics[split]
+        m = result.metrics.get(split)
+        if m and "accuracy" in m:
             print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
                   f"(majority baseline {m['majority_baseline']:.4f}, n={m['n']:,})")
+        elif m:
+            print(f"{split}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}")
+    if "forgetting" in result.metrics:
+        _print_forgetting(result.metrics["forgetting"])
     print(f"trained {result.metrics['train']['seconds']:.0f} s")
+    return 0
+
+
+def _print_forgetting(result: dict) -> None:
+    for name in ("domain", "general"):
+        row = result[name]
+        print(f"{name} perplexity: {row['base_perplexity']:.2f} -> {row['tuned_perplexity']:.2f} "
+              f"(x{row['ratio']:.3f})")
+    print(("forgetting: general perplexity rose by more than" if result["forgetting"] else
+           "no forgetting: general perplexity stayed within") + f" x{result['forgetting_ratio']:.2f}")
+
+
+def cmd_forgetting(args: argparse.Namespace) -> int:
+    from afinar.forgetting import forgetting_for_run
+
+    result = forgetting_for_run(args.run)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_forgetting(result)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from afinar.causal_lm import generate
+
+    print(args.prompt + generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from afinar.export import export_run
+
+    record = export_run(args.run, int8=args.int8, out=args.out)
+    for name, row in record["backends"].items():
+        extra = "" if name == "torch" else (f" ({row['accuracy_change_points']:+.2f} points, labels agree "
+                                            f"{row['label_agreement']:.1%}, max |logit diff| "
+                                            f"{row['max_abs_logit_diff']:.1e})")
+        print(f"{name}: accuracy {row['accuracy']:.4f}{extra} on {record['check']['texts']} validation texts")
     return 0
 
 
@@ -86,7 +131,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from afinar.classify import evaluate
 
-    report = evaluate(args.run, args.data)
+    report = evaluate(args.run, args.data, backend=args.backend)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -110,7 +155,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         texts += read_texts(args.file, DataArgs())
     if not texts:
         raise AfinarError("nothing to predict: give texts as arguments or --file texts.txt/.csv/.jsonl")
-    for p in predict(args.run, texts):
+    for p in predict(args.run, texts, backend=args.backend):
         if args.json:
             print(json.dumps({"text": p.text, "label": p.label, "scores": p.scores}))
         else:
@@ -142,7 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from afinar.serve import serve
 
     serve(args.run, host=args.host, port=args.port, token=args.token, max_batch=args.max_batch,
-          max_texts=args.max_texts, max_text_chars=args.max_text_chars)
+          max_texts=args.max_texts, max_text_chars=args.max_text_chars, backend=args.backend)
     return 0
 
 
@@ -209,6 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-texts", type=int, default=256, help="texts per request (413 above)")
     serve.add_argument("--max-text-chars", type=int, default=10_000, help="characters per text (413 above)")
     serve.set_defaults(func=cmd_serve)
+
+    export = commands.add_parser("export", help="export a run to ONNX (checked against PyTorch) for fast CPU "
+                                                "inference")
+    export.add_argument("run", help="run folder")
+    export.add_argument("--int8", action="store_true", help="also write a dynamically quantized int8 model")
+    export.add_argument("--out", help="output folder (default: <run>/onnx)")
+    export.set_defaults(func=cmd_export)
+    for sub, default in ((evaluate, "torch"), (predict, "auto"), (serve, "auto")):
+        sub.add_argument("--backend", choices=BACKENDS, default=default,
+                         help=f"torch | onnx | onnx-int8 | auto (default: {default})")
+
+    generate = commands.add_parser("generate", help="sample a continuation from a causal LM (base or tuned)")
+    generate.add_argument("model", help="causal_lm run folder, embedded name, model folder or hub id")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=50)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(func=cmd_generate)
+
+    forgetting = commands.add_parser("forgetting", help="perplexity before vs after on domain and general text")
+    forgetting.add_argument("run", help="causal_lm run folder")
+    forgetting.add_argument("--json", action="store_true")
+    forgetting.set_defaults(func=cmd_forgetting)
 
     models = commands.add_parser("models", help="list the embedded models and datasets")
     models.set_defaults(func=cmd_models)

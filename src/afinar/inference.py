@@ -1,11 +1,20 @@
 """Predictions from a saved model: texts sorted by length, tokenized in batches, padded per batch.
 
 Sorting by length before batching means a batch of short tweets is not padded to the longest text in the
-request; results are put back into input order before they are returned.
+request; results are put back into input order before they are returned. That loop is written once
+(`Predictor`); a backend only says how one padded batch becomes logits:
+
+    torch       `Classifier`: the run's `model/` in PyTorch eager mode
+    onnx        `OnnxClassifier`: `<run>/onnx/model.onnx` in ONNX Runtime (written by `afinar export`)
+    onnx-int8   the same with `model.int8.onnx`, dynamically quantized weights (`afinar export --int8`)
+    auto        the fastest exported backend whose accuracy change, recorded by the export's check, is
+                within `AUTO_TOLERANCE_POINTS`; torch when there is no usable export
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +25,14 @@ from afinar.config import ModelArgs
 from afinar.data import encode
 from afinar.errors import AfinarError
 from afinar.models import load_classifier, load_tokenizer
+from afinar.runs import Run, read_json
+
+log = logging.getLogger("afinar")
+
+BACKENDS = ("torch", "onnx", "onnx-int8", "auto")
+ONNX_DIR = "onnx"  # inside a run folder
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
+AUTO_TOLERANCE_POINTS = 0.5  # largest accuracy drop (percentage points) `auto` accepts from an exported backend
 
 
 @dataclass
@@ -25,8 +42,48 @@ class Prediction:
     scores: dict[str, float]
 
 
-class Classifier:
-    """A fine-tuned sequence classifier loaded from a model folder (a run's `model/`)."""
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+class Predictor:
+    """The batching loop every backend shares; subclasses set `tokenizer`, `labels`, `max_length` and
+    implement `_logits` for one padded batch (numpy arrays in, float32 logits out)."""
+
+    backend = ""
+    tokenizer = None
+    labels: list[str]
+    max_length: int
+
+    def _logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Raw logits, one row per text, in input order."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            encoded = encode(self.tokenizer, [texts[i] for i in index], self.max_length)
+            out[index] = self._logits(dict(self.tokenizer.pad(encoded, return_tensors="np")))
+        return out
+
+    def scores(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Class probabilities, one row per text, in input order."""
+        return softmax(self.logits(texts, batch_size))
+
+    def predict(self, texts: list[str], batch_size: int = 64) -> list[Prediction]:
+        probabilities = self.scores(texts, batch_size)
+        return [Prediction(text, self.labels[int(row.argmax())],
+                           {label: float(p) for label, p in zip(self.labels, row)})
+                for text, row in zip(texts, probabilities)]
+
+
+class Classifier(Predictor):
+    """A fine-tuned sequence classifier loaded from a model folder (a run's `model/`), run in PyTorch."""
+
+    backend = "torch"
 
     def __init__(self, model_dir: str | Path, max_length: int = 128, allow_pickle: bool = False):
         model_dir = Path(model_dir)
@@ -47,20 +104,101 @@ class Classifier:
         return [config.id2label[i] for i in range(config.num_labels)]
 
     @torch.inference_mode()
-    def scores(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Class probabilities, one row per text, in input order."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            encoded = encode(self.tokenizer, [texts[i] for i in index], self.max_length)
-            batch = self.tokenizer.pad(encoded, return_tensors="pt")
-            logits = self.model(**batch).logits.float()
-            out[index] = torch.softmax(logits, dim=-1).numpy()
-        return out
+    def _logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        return self.model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
 
-    def predict(self, texts: list[str], batch_size: int = 64) -> list[Prediction]:
-        probabilities = self.scores(texts, batch_size)
-        return [Prediction(text, self.labels[int(row.argmax())],
-                           {label: float(p) for label, p in zip(self.labels, row)})
-                for text, row in zip(texts, probabilities)]
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class OnnxClassifier(Predictor):
+    """An exported classifier (`afinar export`) run in ONNX Runtime on the CPU, one intra-op thread per core."""
+
+    def __init__(self, onnx_dir: str | Path, max_length: int = 128, int8: bool = False):
+        import onnxruntime as ort
+
+        self.backend = "onnx-int8" if int8 else "onnx"
+        onnx_dir = Path(onnx_dir)
+        self.path = onnx_dir / ONNX_FILES[self.backend]
+        if not self.path.is_file():
+            raise AfinarError(f"{self.path} not found; export it with `afinar export <run>{' --int8' if int8 else ''}`")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = available_cores()
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            labels = read_json(onnx_dir / "labels.json")
+            self.tokenizer = load_tokenizer(ModelArgs(name=str(onnx_dir)))
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid models
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise AfinarError(f"{self.path} cannot be loaded ({first}); export it again with `afinar export`") from None
+        self.labels = list(labels)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.max_length = max_length
+
+    def _logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {name: batch[name].astype(np.int64, copy=False) for name in self.input_names}
+        return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+
+
+def _locate(path: Path) -> tuple[Path | None, Path | None, dict]:
+    """(model_dir, onnx_dir, defaults) for a run folder, a run's `model/`, or an export folder (`--out`)."""
+    if (path / "config.yaml").is_file():
+        run = Run.open(path)
+        run.require_finished()
+        config = run.config()
+        return run.model_dir, run.path / ONNX_DIR, {"max_length": config.data.max_length,
+                                                    "allow_pickle": config.model.allow_pickle}
+    if (path / "export.json").is_file() or (path / "labels.json").is_file():
+        record = read_json(path / "export.json") if (path / "export.json").is_file() else {}
+        model_dir = Path(record["model_dir"]) if record.get("model_dir") else None
+        return model_dir, path, {"max_length": record.get("max_length", 128)}
+    if (path / "config.json").is_file():
+        return path, path.parent / ONNX_DIR, {}
+    raise AfinarError(f"{path} is not a run folder, a model folder or an ONNX export folder")
+
+
+def choose_backend(onnx_dir: Path | None) -> tuple[str, str]:
+    """What `auto` picks from an export's recorded check, and why: int8 before fp32 ONNX before torch."""
+    record_file = onnx_dir / "export.json" if onnx_dir is not None else None
+    if record_file is None or not record_file.is_file():
+        return "torch", "no ONNX export (run `afinar export <run> --int8`)"
+    record = read_json(record_file)
+    backends = record.get("backends", {})
+    for backend in ("onnx-int8", "onnx"):
+        change = backends.get(backend, {}).get("accuracy_change_points")
+        if change is not None and change >= -AUTO_TOLERANCE_POINTS:
+            return backend, f"accuracy change {change:+.2f} points on {record['check']['texts']} validation texts"
+    return "torch", f"no exported backend within {AUTO_TOLERANCE_POINTS} accuracy points of torch"
+
+
+def load_predictor(path: str | Path, backend: str = "auto", max_length: int | None = None,
+                   allow_pickle: bool | None = None) -> Predictor:
+    """A predictor for a run folder (or a run's `model/`, or an export folder) on the chosen backend.
+
+    An explicit `onnx` / `onnx-int8` whose file is missing or broken is an error; `auto` then falls back to
+    torch and logs why.
+    """
+    if backend not in BACKENDS:
+        raise AfinarError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+    model_dir, onnx_dir, defaults = _locate(Path(path))
+    max_length = max_length or defaults.get("max_length", 128)
+    allow_pickle = defaults.get("allow_pickle", False) if allow_pickle is None else allow_pickle
+    chosen = backend
+    if backend == "auto":
+        chosen, why = choose_backend(onnx_dir)
+        log.info("backend auto -> %s: %s", chosen, why)
+    if chosen != "torch":
+        try:
+            return OnnxClassifier(onnx_dir, max_length, int8=chosen == "onnx-int8")
+        except AfinarError as exc:
+            if backend != "auto":
+                raise
+            log.warning("backend auto: %s; falling back to torch", exc)
+    if model_dir is None:
+        raise AfinarError(f"{path} holds only an ONNX export and no PyTorch model; pass --backend onnx")
+    return Classifier(model_dir, max_length, allow_pickle)

@@ -91,6 +91,7 @@ class InfoResponse(BaseModel):
     run: str | None = Field(description="The run folder's name.")
     model: str | None = Field(description="The base model the run fine-tuned.")
     labels: list[str]
+    backend: str | None = Field(default=None, description="What computes predictions: torch, onnx or onnx-int8.")
     metrics: dict[str, Any] = Field(description="The run's validation and test metrics, as in metrics.json.")
     limits: Limits
 
@@ -281,11 +282,13 @@ def _bearer_check(token: str) -> Callable[..., Awaitable[None]]:
 
 def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: int = 64, max_texts: int = 256,
                max_text_chars: int = 10_000, batch_wait_ms: float = 5.0, classifier: Scorer | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend: str = "auto") -> FastAPI:
     """The API for the finished run in `run_dir`; its model is loaded now, so a bad run fails before serving.
 
     `classifier` replaces the run's model (tests pass a wrapper; `run_dir` may then be None and /info reports no
     run). `token`, or else the `AFINAR_SERVE_TOKEN` environment variable, guards /predict and /info.
+    `backend` is `inference`'s choice; `auto` serves the int8 ONNX export when its recorded accuracy change is
+    within tolerance (its activation scales are per batch, so a score can shift slightly with batch company).
     """
     for name, value in (("max_batch", max_batch), ("max_texts", max_texts), ("max_text_chars", max_text_chars),
                         ("max_body_bytes", max_body_bytes)):
@@ -298,14 +301,14 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
     if classifier is None:
         if run_dir is None:
             raise AfinarError("create_app needs a run folder or a classifier")
-        run, classifier = load_run_classifier(run_dir)
+        run, classifier = load_run_classifier(run_dir, backend)
     elif run_dir is not None:
         run = Run.open(run_dir)
     labels = list(classifier.labels)
     metrics = {split: scores for split, scores in (run.metrics() if run else {}).items()
                if split in ("validation", "test")}
     info = InfoResponse(run=run.path.name if run else None, model=run.config().model.name if run else None,
-                        labels=labels, metrics=metrics,
+                        labels=labels, metrics=metrics, backend=getattr(classifier, "backend", None),
                         limits=Limits(max_batch=max_batch, max_texts=max_texts, max_text_chars=max_text_chars,
                                       max_body_bytes=max_body_bytes, batch_wait_ms=batch_wait_ms))
     batcher = MicroBatcher(classifier, max_batch, batch_wait_ms / 1000)

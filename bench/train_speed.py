@@ -1,0 +1,224 @@
+"""Training speed, side by side in one run: the tutorial recipe, plain `Trainer`, a tuned `Trainer`, afinar's
+default path and afinar with LoRA, on real tweets, one fresh process per configuration.
+
+    python bench/train_speed.py            # minilm-l6, a GPT-2-small-shaped model, smollm2-135m
+    python bench/train_speed.py --quick    # fewer samples and models, under 5 minutes
+
+Prints JSON and a markdown table and writes both to bench/results/. MFU counts 6 x non-embedding parameters
+per trained token (4 x where LoRA freezes the weights) plus attention (12 x layers x width x length per token),
+against the matmul peak measured first, in the dtype the configuration computes in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PATHS = ("tutorial", "trainer_default", "trainer_grouped", "afinar", "afinar_lora")
+MODELS = ("minilm-l6", "gpt2-small", "smollm2-135m")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 3.0) -> float:
+    """Sustained GFLOP/s of an n x n matmul, the machine's practical ceiling for dense layers."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def build_model(name: str, num_labels: int):
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from afinar.config import ModelArgs
+    from afinar.models import load_classifier, load_tokenizer
+
+    torch.manual_seed(0)
+    if name == "gpt2-small":  # GPT-2 small's shape (124M), random weights: no GPT-2 weights exist offline
+        tokenizer = load_tokenizer(ModelArgs(name="gpt2-tokenizer"))
+        model = GPT2ForSequenceClassification(GPT2Config(num_labels=num_labels, pad_token_id=tokenizer.pad_token_id))
+        return tokenizer, model, 1024
+    args = ModelArgs(name=name)
+    tokenizer = load_tokenizer(args)
+    model = load_classifier(args, [str(i) for i in range(num_labels)], tokenizer)
+    return tokenizer, model, 512 if name == "minilm-l6" else 1024
+
+
+def shape(model) -> dict:
+    """Non-embedding parameters, layers and width: what the FLOP count needs."""
+    config = model.config
+    embeddings = {id(p) for m in model.modules() if m.__class__.__name__.endswith("Embedding") for p in m.parameters()}
+    params = sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    width = getattr(config, "hidden_size", None) or config.n_embd
+    return {"non_embedding_params": params, "layers": layers, "width": width}
+
+
+def worker(spec: dict) -> dict:
+    """One configuration in a fresh process: train `spec['samples']` tweets, measure, report."""
+    started = time.perf_counter()
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+
+    from afinar.config import DataArgs, LoraArgs, TrainArgs
+    from afinar.data import load_splits, tokenize
+    from afinar.training import apply_lora, training_arguments
+
+    splits = load_splits(DataArgs(source="tweets", max_train_samples=spec["samples"], max_eval_samples=256), 42)
+    tokenizer, model, model_max = build_model(spec["model"], len(splits.label_names))
+    path = spec["path"]
+    tutorial = path == "tutorial"
+    prep = time.perf_counter()
+    if tutorial:  # the tutorial: every text padded to the model's maximum, batch 1
+        def pad_all(batch):
+            return tokenizer(batch["text"], padding="max_length", truncation=True, max_length=model_max)
+        train_ds = splits.train.map(pad_all, batched=True, remove_columns=["text"])
+    else:
+        train_ds = tokenize(splits.train, tokenizer, 64)
+    eval_ds = tokenize(splits.validation, tokenizer, 64)
+    prep = time.perf_counter() - prep
+    geometry = shape(model)
+    lora = path == "afinar_lora"
+    if lora:
+        model = apply_lora(model, LoraArgs(enabled=True), "SEQ_CLS")
+    out = f"/tmp/afinar-bench-{os.getpid()}"
+    common = {"output_dir": out, "report_to": "none", "save_strategy": "no", "seed": 42, "disable_tqdm": True,
+              "num_train_epochs": 1, "logging_steps": 10_000, "learning_rate": 5e-5,
+              "dataloader_pin_memory": False}
+    if path.startswith("afinar"):
+        args = training_arguments(TrainArgs(batch_size=spec["batch"], epochs=1, learning_rate=5e-5,
+                                            warmup_ratio=0.0, weight_decay=0.0, logging_steps=10_000),
+                                  Path(out), has_eval=False)
+        args.save_strategy = "no"
+        args.disable_tqdm = True
+    elif tutorial:
+        args = TrainingArguments(per_device_train_batch_size=1, gradient_accumulation_steps=4, **common)
+    else:
+        args = TrainingArguments(per_device_train_batch_size=spec["batch"], **common,
+                                 train_sampling_strategy="group_by_length" if path == "trainer_grouped" else "random")
+    counts = {"real": 0, "padded": 0, "lengths_sq": 0}
+    collate = DataCollatorWithPadding(tokenizer)
+
+    def counting(features):
+        batch = collate(features)
+        mask = batch["attention_mask"]
+        counts["real"] += int(mask.sum())
+        counts["padded"] += mask.numel()
+        counts["lengths_sq"] += int((mask.sum(dim=1) ** 2).sum())
+        return batch
+
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            marks.setdefault("first_step", time.perf_counter())
+
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=counting,
+                      processing_class=tokenizer, callbacks=[Clock()])
+    begin = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - begin
+    trainer.data_collator = collate
+    eval_loss = trainer.evaluate(eval_ds)["eval_loss"]
+    dtype = "bfloat16" if args.bf16 else "float32"
+    factor = 4 if lora else 6
+    flops = factor * geometry["non_embedding_params"] * counts["real"] + \
+        12 * geometry["layers"] * geometry["width"] * counts["lengths_sq"]
+    return {"model": spec["model"], "path": path, "samples": len(train_ds), "batch": 1 if tutorial else spec["batch"],
+            "dtype": dtype, "seconds": seconds, "samples_per_s": len(train_ds) / seconds,
+            "real_tokens_per_s": counts["real"] / seconds, "padded_tokens_per_s": counts["padded"] / seconds,
+            "tflop": flops / 1e12, "achieved_gflops": flops / seconds / 1e9,
+            "seconds_to_first_step": marks["first_step"] - started, "data_prep_seconds": prep,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "eval_loss": float(eval_loss), "optimizer": args.optim,
+            "torch_threads": torch.get_num_threads(), "padding_share": 1 - counts["real"] / max(counts["padded"], 1),
+            "trainable_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad))}
+
+
+def run_all(models: list[str], samples: dict[str, int], batch: int) -> dict:
+    peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+    rows = []
+    for model in models:
+        for path in PATHS:
+            n = max(8, samples[model] // 40) if path == "tutorial" else samples[model]
+            spec = {"model": model, "path": path, "samples": n, "batch": batch}
+            done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                                  text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+            if done.returncode != 0:
+                rows.append({**spec, "error": done.stderr.strip().splitlines()[-1:]})
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["mfu"] = row["achieved_gflops"] / peaks[row["dtype"]]
+            rows.append(row)
+            print(f"{model:<13} {path:<16} {row['samples_per_s']:8.2f} samples/s  MFU {row['mfu']:.0%}",
+                  file=sys.stderr)
+    for model in models:
+        by_path = {r["path"]: r for r in rows if r["model"] == model and "error" not in r}
+        if {"afinar", "trainer_grouped", "tutorial"} <= by_path.keys():
+            a, t, tut = by_path["afinar"], by_path["trainer_grouped"], by_path["tutorial"]
+            a["speedup_vs_tuned_trainer"] = a["samples_per_s"] / t["samples_per_s"]
+            a["speedup_vs_tutorial"] = a["samples_per_s"] / tut["samples_per_s"]
+            a["eval_loss_vs_tuned_trainer"] = a["eval_loss"] / t["eval_loss"] - 1
+        if {"afinar", "afinar_lora"} <= by_path.keys():
+            by_path["afinar_lora"]["speedup_vs_full"] = by_path["afinar_lora"]["samples_per_s"] / \
+                by_path["afinar"]["samples_per_s"]
+    import platform
+
+    return {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+            "matmul_peak_gflops": peaks, "rows": rows}
+
+
+def table(result: dict) -> str:
+    peaks = result["matmul_peak_gflops"]
+    lines = [f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['processor']}); matmul peak "
+             f"fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s", "",
+             "| model | path | dtype | samples/s | real tok/s | padded tok/s | MFU | first step (s) | peak RSS (MB) "
+             "| eval loss | vs tuned Trainer |", "|---" * 11 + "|"]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['path']} | error: {r['error']} |" + " |" * 8)
+            continue
+        versus = f"{r['speedup_vs_tuned_trainer']:.2f}x" if "speedup_vs_tuned_trainer" in r else ""
+        lines.append(f"| {r['model']} | {r['path']} | {r['dtype']} | {r['samples_per_s']:.2f} | "
+                     f"{r['real_tokens_per_s']:.0f} | {r['padded_tokens_per_s']:.0f} | {r['mfu']:.0%} | "
+                     f"{r['seconds_to_first_step']:.1f} | {r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} | {versus} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples, no smollm2: under 5 minutes")
+    parser.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    models = args.models.split(",") if args.models else (["minilm-l6", "gpt2-small"] if args.quick else list(MODELS))
+    samples = ({"minilm-l6": 640, "gpt2-small": 128, "smollm2-135m": 128} if args.quick else
+               {"minilm-l6": 3200, "gpt2-small": 640, "smollm2-135m": 320})
+    result = run_all(models, samples, args.batch)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"train_speed-{stamp}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"train_speed-{stamp}.md").write_text(table(result) + "\n")
+    print(json.dumps(result, indent=2))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Backends behind one predictor interface: torch, onnx, onnx-int8, auto; failures and fallbacks."""
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from afinar.errors import AfinarError
+from afinar.export import export_run
+from afinar.inference import Classifier, OnnxClassifier, load_predictor
+
+from test_export import LABELS, TEXTS, make_run
+
+
+@pytest.fixture(scope="module")
+def exported_run(tiny_bert, tmp_path_factory):
+    run = make_run(tiny_bert, tmp_path_factory.mktemp("inference"))
+    export_run(run, int8=True)
+    return run
+
+
+@pytest.fixture
+def run_copy(exported_run, tmp_path):
+    """A copy to break or edit; the module's export stays intact."""
+    return shutil.copytree(exported_run, tmp_path / "r")
+
+
+def set_changes(run, int8: float | None, fp32: float = 0.0) -> None:
+    record_file = run / "onnx" / "export.json"
+    record = json.loads(record_file.read_text())
+    record["backends"]["onnx"]["accuracy_change_points"] = fp32
+    if int8 is None:
+        record["backends"].pop("onnx-int8", None)
+    else:
+        record["backends"]["onnx-int8"]["accuracy_change_points"] = int8
+    record_file.write_text(json.dumps(record))
+
+
+def test_backend_switches_what_runs(exported_run):
+    torch_model = load_predictor(exported_run, "torch")
+    fp32 = load_predictor(exported_run, "onnx")
+    int8 = load_predictor(exported_run, "onnx-int8")
+    assert type(torch_model) is Classifier and torch_model.backend == "torch"
+    for predictor, file in ((fp32, "model.onnx"), (int8, "model.int8.onnx")):
+        assert isinstance(predictor, OnnxClassifier) and isinstance(predictor.session, ort.InferenceSession)
+        assert predictor.path == exported_run / "onnx" / file
+    assert torch_model.max_length == fp32.max_length == 32  # the run's data.max_length
+    assert torch_model.labels == fp32.labels == int8.labels == LABELS
+    assert np.allclose(torch_model.scores(TEXTS), fp32.scores(TEXTS), atol=1e-5)
+    assert load_predictor(exported_run / "model", "torch").labels == LABELS  # a run's model folder works too
+    assert isinstance(load_predictor(exported_run / "onnx", "onnx"), OnnxClassifier)  # and an export folder
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx", "onnx-int8"])
+def test_every_backend_keeps_input_order(exported_run, backend):
+    predictor = load_predictor(exported_run, backend)
+    forward = predictor.scores(TEXTS, batch_size=4)
+    backward = predictor.scores(list(reversed(TEXTS)), batch_size=4)
+    assert np.allclose(forward, backward[::-1], atol=1e-6)
+    if backend != "onnx-int8":  # dynamic int8 scales activations per batch: its scores depend on the batch
+        assert np.allclose(forward, predictor.scores(TEXTS, batch_size=3), atol=1e-5)
+    assert [p.text for p in predictor.predict(TEXTS, batch_size=2)] == TEXTS
+
+
+@pytest.mark.parametrize("int8, fp32, expected", [
+    (0.3, 0.0, "onnx-int8"),  # int8 within tolerance (a gain is fine too) is preferred
+    (-0.4, 0.0, "onnx-int8"),
+    (-1.0, 0.0, "onnx"),  # int8 lost a point: fp32 ONNX
+    (None, 0.0, "onnx"),  # exported without --int8
+    (-1.0, -0.6, "torch"),
+])
+def test_auto_picks_the_fastest_backend_within_tolerance(run_copy, int8, fp32, expected):
+    set_changes(run_copy, int8, fp32)
+    assert load_predictor(run_copy, "auto").backend == expected
+
+
+def test_auto_without_an_export_is_torch(tiny_bert, tmp_path):
+    assert type(load_predictor(make_run(tiny_bert, tmp_path), "auto")) is Classifier
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_broken_onnx_is_an_error_when_asked_for_and_a_fallback_for_auto(run_copy, damage, caplog):
+    model = run_copy / "onnx" / "model.onnx"
+    if damage == "missing":
+        model.unlink()
+    else:
+        model.write_bytes(b"\x08\x07 this is not a protobuf" * 10)
+    set_changes(run_copy, None)  # auto would pick fp32 ONNX
+    message = "model.onnx not found; export it" if damage == "missing" else "model.onnx cannot be loaded"
+    with pytest.raises(AfinarError, match=message) as info:
+        load_predictor(run_copy, "onnx")
+    assert "\n" not in str(info.value)
+    with caplog.at_level(logging.INFO, logger="afinar"):
+        predictor = load_predictor(run_copy, "auto")
+    assert type(predictor) is Classifier
+    assert any("falling back to torch" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert load_predictor(run_copy, "onnx-int8").backend == "onnx-int8"  # the int8 file is still fine
+
+
+def test_unknown_backend_is_refused(exported_run):
+    with pytest.raises(AfinarError, match="backend must be one of torch, onnx, onnx-int8, auto"):
+        load_predictor(exported_run, "tensorrt")
