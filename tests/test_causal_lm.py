@@ -15,16 +15,7 @@ SENTENCES = ["The patient presented with fever and a dry cough for three days.",
              "The fever resolved within forty-eight hours and the patient was discharged."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine two spinning OpenMP
-    threads per process make every step several times slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import copy
 import itertools
 import math
 import re
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ from afinar.config import Config, DataArgs, ModelArgs
 from afinar.errors import AfinarError
 from afinar.models import _check_safetensors, _common, _hub_error, load_tokenizer, resolve
 from afinar.runs import Run, machine, versions
-from afinar.training import apply_lora, build_trainer, freeze_lower_layers, last_checkpoint, trainable_parameters
+from afinar.training import (apply_lora, build_trainer, freeze_lower_layers, last_checkpoint, save_best,
+                             trainable_parameters)
 
 __all__ = ["TextSplits", "generate", "load_causal_lm", "load_texts", "pack", "pack_documents", "read_documents",
            "split_documents", "train_lm"]
@@ -307,7 +307,7 @@ def train_lm(config: Config) -> TrainResult:
         raise AfinarError(f"lm.block_size={lm.block_size} exceeds the {limit} positions of {config.model.name}; "
                           f"lower it")
     run = Run.create(config)
-    try:
+    with run.recording(config.train.keep_checkpoints):
         run.write("manifest.json", {
             "versions": versions(), "machine": machine(), "model": {"name": config.model.name, "path": model_path},
             "data": {"sources": splits.sources, "sha256": splits.fingerprints,
@@ -343,11 +343,9 @@ def train_lm(config: Config) -> TrainResult:
         if "test" in datasets:
             loss = trainer.evaluate(datasets["test"], metric_key_prefix="test")["test_loss"]
             metrics["test"] = {"loss": loss, "perplexity": math.exp(loss), "blocks": len(blocks["test"])}
-        best = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
-        best.save_pretrained(run.model_dir)
-        tokenizer.save_pretrained(run.model_dir)
+        save_best(run, trainer, tokenizer, config.lora.enabled)
         run.write_log(trainer.state.log_history)
-        del trainer, model, best
+        del trainer, model  # free memory before the forgetting check loads two models
 
         result = forgetting.measure_forgetting(model_path, run.model_dir, "\n\n".join(splits.validation),
                                                general.text, lm, config.model,
@@ -359,12 +357,6 @@ def train_lm(config: Config) -> TrainResult:
                                         "after": result[name]["tuned_perplexity"]} for name in ("domain", "general")}
         run.write("metrics.json", metrics)
         run.write("summary.md", _summary(config, splits, metrics, notes))
-    except BaseException as exc:
-        run.set_status("failed", f"{type(exc).__name__}: {exc}")
-        raise
-    run.set_status("finished")
-    if not config.train.keep_checkpoints:
-        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
     return TrainResult(run.path, metrics)
 
 

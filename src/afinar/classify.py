@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,8 @@ from afinar.errors import AfinarError
 from afinar.inference import Prediction, Predictor, load_predictor
 from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics
 from afinar.models import load_classifier, load_tokenizer, resolve
-from afinar.runs import Run, is_main_process, machine, versions
-from afinar.training import (apply_lora, build_trainer, freeze_lower_layers, last_checkpoint,
+from afinar.runs import Run, machine, versions
+from afinar.training import (apply_lora, build_trainer, freeze_lower_layers, last_checkpoint, save_best,
                              trainable_parameters)
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,7 @@ def train(config: Config, callbacks: list | None = None, with_test: bool = True)
     splits = data_lib.prepare_splits(apply_policies(raw, report, config.checks), config.data, config.train.seed)
     log.info("data checks:\n%s", format_report(report))
     run = Run.create(config)
-    try:
+    with run.recording(config.train.keep_checkpoints):
         run.write("data_report.json", report.to_dict())
         run.write("manifest.json", {
             "versions": versions(), "machine": machine(), "model": {"name": config.model.name, "path": model_path},
@@ -114,19 +113,10 @@ def train(config: Config, callbacks: list | None = None, with_test: bool = True)
                    "validation": _score(trainer, tokenized["validation"], splits.label_names)}
         if "test" in tokenized:
             metrics["test"] = _score(trainer, tokenized["test"], splits.label_names)
-        if is_main_process():
-            best = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
-            best.save_pretrained(run.model_dir)
-            tokenizer.save_pretrained(run.model_dir)
+        save_best(run, trainer, tokenizer, config.lora.enabled)
         run.write_log(trainer.state.log_history)
         run.write("metrics.json", metrics)
         run.write("summary.md", _summary(config, splits, metrics, report))
-    except BaseException as exc:
-        run.set_status("failed", f"{type(exc).__name__}: {exc}")
-        raise
-    run.set_status("finished")
-    if not config.train.keep_checkpoints:
-        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
     return TrainResult(run.path, metrics)
 
 

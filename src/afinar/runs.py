@@ -17,9 +17,12 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +177,19 @@ class Run:
 
     def config(self) -> Config:
         return load_config(self.path / "config.yaml")
+
+    @contextmanager
+    def recording(self, keep_checkpoints: bool) -> Iterator[Run]:
+        """Mark the run failed when the body raises (and re-raise), finished when it completes. A finished run
+        needs only model/, so its checkpoints (optimizer state included) are removed unless kept."""
+        try:
+            yield self
+        except BaseException as exc:
+            self.set_status("failed", f"{type(exc).__name__}: {exc}")
+            raise
+        self.set_status("finished")
+        if not keep_checkpoints and is_main_process():
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     def set_status(self, state: str, detail: str = "") -> None:
         if not is_main_process():

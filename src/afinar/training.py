@@ -15,7 +15,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 
 from afinar.config import LoraArgs, TrainArgs
 from afinar.errors import AfinarError
-from afinar.runs import Run
+from afinar.runs import Run, is_main_process
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
@@ -145,6 +145,16 @@ def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=callbacks,
     )
+
+
+def save_best(run: Run, trainer: Trainer, tokenizer, lora: bool) -> None:
+    """The model `Trainer` holds (the best, after `load_best_model_at_end`) into `run/model`, LoRA adapters
+    merged so the result is a plain checkpoint; by the main process only."""
+    if not is_main_process():
+        return
+    model = trainer.model.merge_and_unload() if lora else trainer.model
+    model.save_pretrained(run.model_dir)
+    tokenizer.save_pretrained(run.model_dir)
 
 
 def last_checkpoint(run: Run) -> str | None:
