@@ -1,11 +1,12 @@
 """Loopback load test of afinar's HTTP server: throughput and latency under concurrent single-text requests.
 
-    python bench/serve_load.py runs/<run> --requests 2000 --concurrency 32
+    python bench/serve_load.py runs/<run> --requests 2000 --concurrency 32 [--backend torch,onnx-int8]
 
 The server runs in a subprocess (as in production, and so the client does not share its interpreter) on a free
 127.0.0.1 port with a random bearer token. Each request carries one tweet sampled from the embedded tweets test
 split; concurrent requests are what the server's micro-batching turns into shared forward passes. A handful of
-malformed and oversized requests must each get a 4xx JSON error. Prints a JSON result, then a markdown table.
+malformed and oversized requests must each get a 4xx JSON error. With several backends, each gets its own server
+and the same requests, one after the other. Prints a JSON result, then a markdown table.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-SERVER = "import sys; from afinar.serve import serve; serve(sys.argv[1], port=int(sys.argv[2]), log_level='warning')"
+SERVER = ("import sys; from afinar.serve import serve; "
+          "serve(sys.argv[1], port=int(sys.argv[2]), backend=sys.argv[3], log_level='warning')")
+BACKENDS = ("torch", "onnx", "onnx-int8", "auto")
 
 
 def free_port() -> int:
@@ -120,7 +123,7 @@ async def bad_requests(client: httpx.AsyncClient, limits: dict) -> dict[str, dic
 def table(result: dict) -> str:
     timed, bad = result["load"], result["bad_requests"]
     answers = ", ".join(f"{name} {case['status']}" for name, case in bad.items())
-    rows = [("requests", f"{timed['requests']:,}"), ("concurrency", timed["concurrency"]),
+    rows = [("backend", result["backend"]), ("requests", f"{timed['requests']:,}"), ("concurrency", timed["concurrency"]),
             ("throughput (req/s)", timed["throughput_rps"]), ("latency p50 (ms)", timed["latency_ms"]["p50"]),
             ("latency p99 (ms)", timed["latency_ms"]["p99"]), ("transport errors", timed["errors"]),
             ("non-2xx responses", timed["non_2xx"]),
@@ -128,12 +131,13 @@ def table(result: dict) -> str:
     return "\n".join([f"| {result['run']} | |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows])
 
 
-async def bench(run_dir: Path, requests: int, concurrency: int, seed: int, ready_timeout: float) -> dict:
+async def bench(run_dir: Path, backend: str, requests: int, concurrency: int, seed: int,
+                ready_timeout: float) -> dict:
     texts = tweets()
     port, token = free_port(), secrets.token_urlsafe(24)
     env = {**os.environ, "AFINAR_SERVE_TOKEN": token}  # in the environment, not argv: `ps` does not show it
     with tempfile.TemporaryFile("w+") as log:
-        server = subprocess.Popen([sys.executable, "-c", SERVER, str(run_dir), str(port)], env=env,
+        server = subprocess.Popen([sys.executable, "-c", SERVER, str(run_dir), str(port), backend], env=env,
                                   stdout=log, stderr=subprocess.STDOUT)
         try:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
@@ -142,7 +146,8 @@ async def bench(run_dir: Path, requests: int, concurrency: int, seed: int, ready
                 await wait_ready(client, server, ready_timeout)
                 info = (await client.get("/info")).json()
                 await load(client, texts, min(concurrency, requests), concurrency, seed + 1)  # warm-up, not counted
-                result = {"run": info["run"], "model": info["model"], "limits": info["limits"],
+                result = {"run": info["run"], "model": info["model"], "backend": info.get("backend", backend),
+                          "limits": info["limits"],
                           "client_cpus": os.cpu_count(),
                           "load": await load(client, texts, requests, concurrency, seed),
                           "bad_requests": await bad_requests(client, info["limits"])}
@@ -167,15 +172,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="which tweets are sampled")
     parser.add_argument("--ready-timeout", type=float, default=300, help="seconds allowed for the model to load")
+    parser.add_argument("--backend", default="auto",
+                        help=f"comma-separated, each served and loaded in turn: {', '.join(BACKENDS)} (default auto)")
     args = parser.parse_args(argv)
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     if args.requests < 1 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be at least 1")
-    result = asyncio.run(bench(args.run_dir, args.requests, args.concurrency, args.seed, args.ready_timeout))
-    print(json.dumps(result, indent=2))
+    if not backends or set(backends) - set(BACKENDS):
+        parser.error(f"--backend takes {', '.join(BACKENDS)}")
+    results = [asyncio.run(bench(args.run_dir, backend, args.requests, args.concurrency, args.seed,
+                                 args.ready_timeout)) for backend in backends]
+    print(json.dumps(results, indent=2))
     print()
-    print(table(result))
-    failed = result["load"]["errors"] or result["load"]["non_2xx"] or not all(
-        case["ok"] for case in result["bad_requests"].values())
+    print("\n\n".join(table(result) for result in results))
+    failed = any(result["load"]["errors"] or result["load"]["non_2xx"] or not all(
+        case["ok"] for case in result["bad_requests"].values()) for result in results)
     return 1 if failed else 0
 
 

@@ -77,6 +77,8 @@ def test_training_learns_the_domain_and_writes_a_complete_run(tiny_gpt2, corpus,
     assert manifest["data"]["sha256"]["train"] and manifest["data"]["documents"] == {"train": 40, "validation": 8}
     assert "wikitext2 test rows" in manifest["general_text"]
     assert "perplexity" in (run / "summary.md").read_text()
+    page = (run / "report.html").read_text()
+    assert "general text" in page and "data:image/png;base64," in page and "confusion" not in page
     # the tuned model continues the domain, deterministically for a seed
     first = generate(run, "The patient presented with", max_new_tokens=12, seed=1)
     assert first == generate(run, "The patient presented with", max_new_tokens=12, seed=1)

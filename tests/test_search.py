@@ -42,6 +42,12 @@ def test_test_split_is_read_once_after_all_trials(tiny_bert, tweets_jsonl, tmp_p
     saved = json.loads((result.path / "search.json").read_text())
     assert saved["test_scored_once_for"] == f"trial-{saved['best_trial']}"
     assert len(saved["trials"]) == 3 and all(row["seed"] == 42 for row in saved["trials"])
+    baseline, *others = saved["trials"]  # trial 0 is the configuration as given, the one to beat
+    assert baseline["baseline"] and baseline["train.learning_rate"] == 1e-3 and baseline["train.batch_size"] == 16
+    assert not any(row["baseline"] for row in others)
+    assert saved["diagnosis"]["verdict"] and "(as configured)" in (result.path / "summary.md").read_text()
+    report = (result.path / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == len(saved["plots"]) >= 1 and "Diagnosis of the best run" in report
     best = load_config(result.path / "best_config.yaml")  # ready to run
     assert best.train.learning_rate == pytest.approx(result.best_params["train.learning_rate"])
     assert (result.path / "history.png").is_file() and (result.path / "trials.csv").is_file()

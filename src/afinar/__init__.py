@@ -28,6 +28,15 @@ def generate(model: str, prompt: str, **options) -> str:
     return sample(model, prompt, **options)
 
 
+def compare(config: Config | str | None = None, strategies: str | list[str] = "all", out_dir: str | None = None):
+    """Run several strategies on the same splits and recommend one (see `afinar.strategies.compare`)."""
+    from afinar.strategies import compare as run_comparison
+
+    if not isinstance(config, Config):
+        config = load_config(config)
+    return run_comparison(config, strategies, out_dir)
+
+
 def serve(run_dir: str, **options) -> None:
     """Serve a run over HTTP (see `afinar.serve.serve`); imported lazily so `import afinar` stays light."""
     from afinar.serve import serve as run_server
@@ -35,5 +44,5 @@ def serve(run_dir: str, **options) -> None:
     run_server(run_dir, **options)
 
 
-__all__ = ["AfinarError", "Config", "DataReport", "SearchResult", "TrainResult", "check", "evaluate", "generate",
-           "load_config", "predict", "search", "serve", "train"]
+__all__ = ["AfinarError", "Config", "DataReport", "SearchResult", "TrainResult", "check", "compare", "evaluate",
+           "generate", "load_config", "predict", "search", "serve", "train"]

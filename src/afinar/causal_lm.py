@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import math
 import re
 import time
@@ -28,9 +29,12 @@ from afinar.classify import TrainResult
 from afinar.config import Config, DataArgs, ModelArgs
 from afinar.errors import AfinarError
 from afinar.models import _check_safetensors, _common, _hub_error, load_tokenizer, resolve
-from afinar.runs import Run, machine, versions
+from afinar.report import write_run_report
+from afinar.runs import Run, is_main_process, machine, versions
 from afinar.training import (apply_lora, build_trainer, freeze_lower_layers, last_checkpoint, save_best,
                              trainable_parameters)
+
+log = logging.getLogger(__name__)
 
 __all__ = ["TextSplits", "generate", "load_causal_lm", "load_texts", "pack", "pack_documents", "read_documents",
            "split_documents", "train_lm"]
@@ -357,6 +361,8 @@ def train_lm(config: Config) -> TrainResult:
                                         "after": result[name]["tuned_perplexity"]} for name in ("domain", "general")}
         run.write("metrics.json", metrics)
         run.write("summary.md", _summary(config, splits, metrics, notes))
+    if is_main_process():
+        log.info("report: %s", write_run_report(run.path))
     return TrainResult(run.path, metrics)
 
 

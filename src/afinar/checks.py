@@ -10,14 +10,16 @@ into action: it only ever removes *train* rows, and notes each removal in `Split
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
 
+from afinar import cache
 from afinar.config import CheckArgs, Config
-from afinar.data import Splits, read_splits
+from afinar.data import Splits, prepare_splits, read_splits
 from afinar.errors import AfinarError
 from afinar.models import load_tokenizer
 
@@ -34,6 +36,8 @@ MOSTLY = 0.5  # a text whose visible characters are at least this share damaged 
 PRIME = (1 << 32) - 5  # MinHash modulus: a*h + b stays below 2**64 for 32-bit h, a and b, so uint64 is exact
 RECALL = 0.99  # LSH banding: chance that a pair exactly at the threshold becomes a candidate
 CLIP = 200  # characters of a text kept in an example
+
+log = logging.getLogger(__name__)
 
 
 def normalise(text: str) -> str:
@@ -86,6 +90,14 @@ class DataReport:
             return value
 
         return drop_indices(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, value: dict) -> DataReport:
+        """The inverse of `dataclasses.asdict` (which, unlike `to_dict`, keeps the indices)."""
+        per_split = {key: {split: Finding(**f) for split, f in value[key].items()}
+                     for key in ("empty", "mojibake", "duplicates")}
+        leakage = {pair: {kind: Finding(**f) for kind, f in kinds.items()} for pair, kinds in value["leakage"].items()}
+        return cls(**{**value, **per_split, "conflicts": Finding(**value["conflicts"]), "leakage": leakage})
 
 
 # ---------------------------------------------------------------- per-split checks
@@ -291,6 +303,26 @@ def run_checks(splits: Splits, check_args: CheckArgs, tokenizer=None, max_length
         max_length=max_length,
         leakage=_leakage(texts, norm, check_args),
         threshold=check_args.near_duplicate_threshold)
+
+
+def run_checks_cached(splits: Splits, check_args: CheckArgs, tokenizer, max_length: int | None) -> DataReport:
+    """`run_checks`, answered from the on-disk cache when the same texts and labels were checked with the same
+    settings and tokenizer before."""
+    key = cache.digest("checks", {name: cache.dataset_digest(ds) for name, ds in splits.items()}, splits.label_names,
+                       dataclasses.asdict(check_args), cache.tokenizer_digest(tokenizer), max_length)
+    value, hit = cache.cached_json("checks", key, lambda: dataclasses.asdict(
+        run_checks(splits, check_args, tokenizer, max_length)))
+    if hit:
+        log.info("data checks: from the cache (same texts, labels, settings and tokenizer)")
+    return DataReport.from_dict(value)
+
+
+def checked_splits(config: Config, tokenizer, with_test: bool = True) -> tuple[Splits, DataReport]:
+    """What training sees: the data read, checked, with the `checks.on_*` policies applied, validation carved
+    and the seeded subsets taken; plus the report of the checks."""
+    raw = read_splits(config.data, with_test)
+    report = run_checks_cached(raw, config.checks, tokenizer, config.data.max_length)
+    return prepare_splits(apply_policies(raw, report, config.checks), config.data, config.train.seed), report
 
 
 def apply_policies(splits: Splits, report: DataReport, check_args: CheckArgs) -> Splits:

@@ -14,13 +14,14 @@ import numpy as np
 from transformers import DataCollatorWithPadding, set_seed
 
 from afinar import data as data_lib
-from afinar.checks import DataReport, apply_policies, format_report, run_checks
+from afinar.checks import DataReport, checked_splits, format_report
 from afinar.config import Config, DataArgs
 from afinar.errors import AfinarError
 from afinar.inference import Prediction, Predictor, load_predictor
 from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics
 from afinar.models import load_classifier, load_tokenizer, resolve
-from afinar.runs import Run, machine, versions
+from afinar.report import write_run_report
+from afinar.runs import Run, is_main_process, machine, versions
 from afinar.training import (apply_lora, build_trainer, freeze_lower_layers, last_checkpoint, save_best,
                              trainable_parameters)
 
@@ -78,9 +79,8 @@ def train(config: Config, callbacks: list | None = None, with_test: bool = True)
     set_seed(config.train.seed)
     model_path = resolve(config.model)
     tokenizer = load_tokenizer(config.model, model_path)
-    raw = data_lib.read_splits(config.data, with_test)
-    report = run_checks(raw, config.checks, tokenizer, config.data.max_length)
-    splits = data_lib.prepare_splits(apply_policies(raw, report, config.checks), config.data, config.train.seed)
+    preparing = time.perf_counter()
+    splits, report = checked_splits(config, tokenizer, with_test)
     log.info("data checks:\n%s", format_report(report))
     run = Run.create(config)
     with run.recording(config.train.keep_checkpoints):
@@ -91,6 +91,8 @@ def train(config: Config, callbacks: list | None = None, with_test: bool = True)
                      "rows": {name: len(ds) for name, ds in splits.items()}, "labels": splits.label_names},
             "notes": splits.notes})
         tokenized = {name: data_lib.tokenize(ds, tokenizer, config.data.max_length) for name, ds in splits.items()}
+        data_seconds = time.perf_counter() - preparing
+        log.info("data read, checked and tokenized in %.1f s", data_seconds)
         model = load_classifier(config.model, splits.label_names, tokenizer, model_path)
         freeze_lower_layers(model, config.train.freeze_layers)
         if config.lora.enabled:
@@ -105,7 +107,7 @@ def train(config: Config, callbacks: list | None = None, with_test: bool = True)
             log.info("resuming from %s", checkpoint or "the start: no complete checkpoint yet")
         output = trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - started
-        metrics = {"train": {"seconds": seconds, "steps": trainer.state.global_step,
+        metrics = {"train": {"seconds": seconds, "data_seconds": data_seconds, "steps": trainer.state.global_step,
                              "samples_per_second": output.metrics.get("train_samples_per_second", 0.0),
                              "loss": output.metrics.get("train_loss"), "best_checkpoint":
                              trainer.state.best_model_checkpoint, "trainable_parameters": trainable,
@@ -117,6 +119,8 @@ def train(config: Config, callbacks: list | None = None, with_test: bool = True)
         run.write_log(trainer.state.log_history)
         run.write("metrics.json", metrics)
         run.write("summary.md", _summary(config, splits, metrics, report))
+    if is_main_process():
+        log.info("report: %s", write_run_report(run.path))
     return TrainResult(run.path, metrics)
 
 

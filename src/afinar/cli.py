@@ -183,6 +183,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from afinar.strategies import compare
+
+    result = compare(_config(args), args.strategies, args.out)
+    print((result.path / "comparison.md").read_text(encoding="utf-8"))
+    print(f"comparison folder: {result.path}\nreport: {result.path / 'report.html'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from afinar.report import write_comparison_report, write_run_report, write_search_report
+
+    folder = Path(args.folder)
+    write = (write_comparison_report if (folder / "comparison.json").is_file() else
+             write_search_report if (folder / "search.json").is_file() else write_run_report)
+    print(write(folder))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from afinar.serve import serve
 
@@ -244,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--name", help="search folder name: <output_dir>/search-<name> (default: default)")
     search.add_argument("--pruner", default="median", choices=["median", "halving", "none"])
     search.set_defaults(func=cmd_search)
+
+    compare = _with_config_args(commands.add_parser(
+        "compare", help="prompting, retrieval, linear probe, LoRA and full fine-tuning on the same splits, one table"))
+    compare.add_argument("--strategies", default="all",
+                         help="comma-separated: zero_shot, few_shot, retrieval_few_shot, knn_retrieval, linear_probe, "
+                              "lora, full (default: all)")
+    compare.add_argument("--out", help="comparison folder (default: <output_dir>/compare-<time>)")
+    compare.set_defaults(func=cmd_compare)
+
+    report = commands.add_parser("report", help="(re)write report.html for a run, comparison or search folder")
+    report.add_argument("folder", help="run, comparison or search folder")
+    report.set_defaults(func=cmd_report)
 
     serve = commands.add_parser("serve", help="HTTP JSON API: POST /predict, GET /health, GET /info")
     serve.add_argument("run", help="run folder")

@@ -22,6 +22,7 @@ from afinar.errors import AfinarError
 TASKS = ("classification", "causal_lm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POLICIES = ("error", "drop", "warn")
+CALIBRATIONS = ("train", "content_free", "none")
 
 
 @dataclass
@@ -115,6 +116,50 @@ class CheckArgs:
 
 
 @dataclass
+class PromptArgs:
+    """The prompting strategies: zero_shot, few_shot, retrieval_few_shot."""
+
+    model: str = "smollm2-135m"  # causal LM: embedded name, local folder or hub id
+    instruction: str = "Classify the sentiment of the text as {labels}. Answer with one word."  # name your task
+    shots: int = 6  # few_shot: labelled train examples in the prompt, class-balanced, seeded
+    retrieval_shots: int = 2  # retrieval_few_shot: each text's nearest train neighbours, the nearest last; each costs
+    #                           about what the text itself costs (they are not in the shared prefix)
+    verbalizers: list[str] | None = None  # the answer word of each label; default: the label names
+    calibration: str = "train"  # train | content_free | none: where each class's mean score is estimated
+    calibration_samples: int = 200  # train texts (seeded sample, labels unused) for calibration=train
+    prompt_batch_size: int = 16  # rows per forward pass
+    max_text_tokens: int = 64  # each text and each example is cut to this many tokens
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> PromptArgs:
+        if self.calibration not in CALIBRATIONS:
+            raise AfinarError(f"prompt.calibration must be one of {', '.join(CALIBRATIONS)} "
+                              f"(got {self.calibration!r})")
+        for key in ("retrieval_shots", "calibration_samples", "prompt_batch_size", "max_text_tokens"):
+            if getattr(self, key) <= 0:
+                raise AfinarError(f"prompt.{key} must be greater than 0 (got {getattr(self, key)})")
+        if self.shots < 0:
+            raise AfinarError(f"prompt.shots must be 0 or more (got {self.shots})")
+        return self
+
+
+@dataclass
+class CompareArgs:
+    """`compare`: the encoder-based strategies, the fine-tuning overrides and the recommendation."""
+
+    encoder: str = "minilm-l6"  # sentence encoder for knn_retrieval, linear_probe and retrieval_few_shot
+    knn_k: list[str] = field(default_factory=lambda: ["1", "5", "10", "25"])  # neighbours; chosen on validation
+    probe_c: list[str] = field(default_factory=lambda: ["0.01", "0.1", "1", "10"])  # inverse L2; chosen on val
+    lora_overrides: list[str] = field(default_factory=lambda: ["lora.enabled=true", "train.learning_rate=1e-3"])
+    full_overrides: list[str] = field(default_factory=lambda: ["lora.enabled=false"])
+    encode_batch: int = 64  # texts per encoder forward pass
+    isolate: bool = True  # each strategy in its own process: exact peak memory, nothing shared between them
+    tolerance_points: float = 1.0  # recommend the cheapest strategy this close to the best validation accuracy
+
+
+@dataclass
 class Config:
     task: str = "classification"
     model: ModelArgs = field(default_factory=ModelArgs)
@@ -123,6 +168,8 @@ class Config:
     lora: LoraArgs = field(default_factory=LoraArgs)
     checks: CheckArgs = field(default_factory=CheckArgs)
     lm: LMArgs = field(default_factory=LMArgs)
+    prompt: PromptArgs = field(default_factory=PromptArgs)
+    compare: CompareArgs = field(default_factory=CompareArgs)
 
     def validate(self) -> Config:
         """Reject values that would only fail later, deep inside a library, with a worse message."""
@@ -150,11 +197,12 @@ class Config:
             raise AfinarError(f"train.freeze_layers must be 0 or more (got {self.train.freeze_layers})")
         if not 0 <= self.train.warmup_ratio < 1:
             raise AfinarError(f"train.warmup_ratio must be in [0, 1) (got {self.train.warmup_ratio})")
+        self.prompt.validate()
         return self
 
 
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "lora": LoraArgs, "checks": CheckArgs,
-            "lm": LMArgs}
+            "lm": LMArgs, "prompt": PromptArgs, "compare": CompareArgs}
 MAIN_FIELD = {"model": "name", "data": "source", "lora": "enabled"}
 
 

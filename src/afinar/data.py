@@ -13,13 +13,14 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from datasets import ClassLabel, Dataset, Features, Value
 
-from afinar import assets
+from afinar import assets, cache
 from afinar.config import DataArgs
 from afinar.errors import AfinarError
 
@@ -32,6 +33,8 @@ LABEL_COLUMNS = ("label", "labels", "label_text", "sentiment", "class", "categor
                  "condition_label", "y")
 NAME_COLUMNS = ("label_text", "label_name", "sentiment")  # names beside an integer `label` column
 MAX_CLASSES = 1000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -420,11 +423,16 @@ def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, list]:
     return dict(encoded)
 
 
-def tokenize(ds: Dataset, tokenizer, max_length: int) -> Dataset:
-    """`datasets.map(batched=True)` over `encode`, plus a `length` column for length-grouped batches."""
+def tokenize(ds: Dataset, tokenizer, max_length: int, use_cache: bool = True) -> Dataset:
+    """`datasets.map(batched=True)` over `encode`, plus a `length` column for length-grouped batches; kept in the
+    on-disk cache (`afinar.cache`), so the same rows with the same tokenizer are tokenized once."""
     def encode_batch(batch: dict) -> dict:
         encoded = encode(tokenizer, batch["text"], max_length)
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
         return encoded
 
-    return ds.map(encode_batch, batched=True, remove_columns=["text"], desc="tokenizing")
+    key = cache.digest("tokenized", cache.dataset_digest(ds), cache.tokenizer_digest(tokenizer), max_length)
+    tokenized, hit = cache.cached_map(ds, key, encode_batch, ["text"], "tokenizing", use_cache)
+    if hit:
+        log.info("tokenized %s rows: from the cache", f"{len(ds):,}")
+    return tokenized

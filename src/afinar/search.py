@@ -11,12 +11,13 @@ SQLite inside the search folder, so an interrupted search resumes where it stopp
       trials.csv        one row per trial: parameters, seed, state, validation metric, seconds
       best_config.yaml  the best trial's configuration, ready for `afinar train`
       search.json       best trial, its single test score, and the table
-      history.png, importance.png, summary.md
+      history.png, importance.png, summary.md, report.html (trials, plots, the best run's diagnosis)
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -25,9 +26,10 @@ from typing import Any
 
 import yaml
 
-from afinar.config import Config, set_value, to_yaml
+from afinar.config import Config, get_value, set_value, to_yaml
 from afinar.errors import AfinarError
-from afinar.runs import write_atomic, write_json
+from afinar.report import Diagnosis, diagnose, write_search_report
+from afinar.runs import Run, read_json, write_atomic, write_json
 
 # Defaults that make sense per strategy: full fine-tuning wants small learning rates, LoRA larger ones.
 FULL_SPACE = {
@@ -90,6 +92,25 @@ def _suggest(trial, space: dict[str, dict]) -> dict[str, Any]:
             params[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]),
                                               log=spec.get("log", False))
     return params
+
+
+def _configured_values(space: dict[str, dict], config: Config) -> dict[str, Any] | None:
+    """The config's own value of every searched key, when all lie inside the space (else None)."""
+    values = {}
+    for key, spec in space.items():
+        value = get_value(config, key)
+        if spec["type"] == "categorical":
+            if value not in spec["choices"]:
+                return None
+        else:
+            if value is None or not float(spec["low"]) <= value <= float(spec["high"]):
+                return None
+            if spec["type"] == "int":
+                if not float(value).is_integer():
+                    return None
+                value = int(value)
+        values[key] = value
+    return values
 
 
 def _pruning_callback(trial, metric: str):
@@ -166,6 +187,9 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
         sampler=optuna.samplers.TPESampler(seed=config.train.seed),
         pruner=_make_pruner(pruner) if isinstance(pruner, str) else pruner)
     write_atomic(folder / "base_config.yaml", to_yaml(config))
+    baseline = _configured_values(distributions, config)
+    if not study.trials and baseline is not None:  # trial 0 is the config as given: what the search must beat
+        study.enqueue_trial(baseline, user_attrs={"baseline": True})
 
     def objective(trial) -> float:
         params = _suggest(trial, distributions)
@@ -203,17 +227,21 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
     write_atomic(folder / "best_config.yaml", f"# afinar train {folder / 'best_config.yaml'}\n"
                  f"# best of {len(complete)} completed trials (validation {metric} {best.value:.4f})\n"
                  + to_yaml(best_config))
-    rows = [{"trial": t.number, "state": t.state.name.lower(), "value": t.value, **t.params,
+    rows = [{"trial": t.number, "baseline": bool(t.user_attrs.get("baseline")), "state": t.state.name.lower(),
+             "value": t.value, **t.params,
              "seed": t.user_attrs.get("seed"), "seconds": t.user_attrs.get("seconds"),
              "last_step": max(t.intermediate_values, default=None)} for t in study.trials]
     _write_table(folder / "trials.csv", rows)
     plots = _plots(study, folder)
+    diagnosis = diagnose(Run.open(best_run).read_log(),
+                         read_json(best_run / "metrics.json")["validation"].get("majority_baseline"))
     result = SearchResult(folder, best.params, best.value, test, rows)
     write_json(folder / "search.json", {"metric": metric, "best_trial": best.number, "best_params": best.params,
                                         "best_validation": best.value, "best_run": str(best_run),
                                         "test_scored_once_for": f"trial-{best.number}", "test": test,
-                                        "trials": rows, "plots": plots})
-    write_atomic(folder / "summary.md", _summary(result, metric, best.number))
+                                        "diagnosis": dataclasses.asdict(diagnosis), "trials": rows, "plots": plots})
+    write_atomic(folder / "summary.md", _summary(result, metric, best.number, diagnosis))
+    write_search_report(folder)
     return result
 
 
@@ -229,18 +257,24 @@ def _write_table(path: Path, rows: list[dict]) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def _summary(result: SearchResult, metric: str, best_number: int) -> str:
+def _summary(result: SearchResult, metric: str, best_number: int, diagnosis: Diagnosis) -> str:
     keys = list(result.best_params)
+    baseline = next((row for row in result.trials if row["baseline"]), None)
     lines = [f"# Hyperparameter search ({len(result.trials)} trials)", "",
              f"Objective: validation {metric}. The test split was read once, for trial {best_number}: "
              + (f"test accuracy {result.test['accuracy']:.4f}, macro-F1 {result.test['macro_f1']:.4f}."
-                if result.test else "no test split."), "",
-             "| trial | state | validation | " + " | ".join(keys) + " | seconds |",
-             "|---" * (len(keys) + 4) + "|"]
+                if result.test else "no test split.")]
+    if baseline is not None and baseline["value"] is not None:
+        lines.append(f"Trial {baseline['trial']} is the configuration as given: validation {metric} "
+                     f"{baseline['value']:.4f}; the best trial's is {result.best_validation:.4f}.")
+    lines += [f"Best trial's curves: {diagnosis.verdict}. " + " ".join(diagnosis.reasons), "",
+              "| trial | state | validation | " + " | ".join(keys) + " | seconds |",
+              "|---" * (len(keys) + 4) + "|"]
     for row in result.trials:
         value = "" if row["value"] is None else f"{row['value']:.4f}"
         seconds = "" if row["seconds"] is None else f"{row['seconds']:.0f}"
-        lines.append(f"| {row['trial']} | {row['state']} | {value} | "
+        trial = f"{row['trial']} (as configured)" if row["baseline"] else str(row["trial"])
+        lines.append(f"| {trial} | {row['state']} | {value} | "
                      + " | ".join(_fmt(row.get(k)) for k in keys) + f" | {seconds} |")
     return "\n".join(lines) + "\n"
 

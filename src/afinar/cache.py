@@ -1,0 +1,97 @@
+"""Content-keyed on-disk cache for the data work a rerun would repeat: the checks' report and tokenized splits.
+
+Keys hash what the result depends on and nothing else: the texts and labels themselves (not file names or
+times), the tokenizer's full definition, and the settings. So a second run on the same data starts training in
+seconds, and any change that matters (an edited row, another tokenizer, another `max_length`) misses. Entries
+live under `$AFINAR_CACHE/data` (default `~/.cache/afinar/data`) and are written atomically; delete the folder
+to reclaim the space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from afinar.assets import cache_dir
+from afinar.runs import write_atomic
+
+log = logging.getLogger(__name__)
+
+VERSION = 1  # bump when what is cached, or how it is computed, changes
+
+
+def data_cache_dir() -> Path:
+    return cache_dir() / "data"
+
+
+def digest(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts."""
+    blob = json.dumps([VERSION, *parts], sort_keys=True, default=str, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def dataset_digest(ds: Dataset) -> str:
+    """Hash of a split's texts and labels, in order."""
+    sha = hashlib.sha256()
+    columns = ds[:]
+    for text, label in zip(columns["text"], columns["label"]):
+        sha.update(f"{label}\t{text}\0".encode("utf-8", "surrogatepass"))
+    return sha.hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """Hash of everything that decides a tokenizer's output: its full definition when it is a fast tokenizer,
+    else its vocabulary, plus the special tokens and the padding/truncation sides."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # its truncation and padding state is whatever the last call left: not identity
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+    else:
+        definition = tokenizer.get_vocab()
+    definition = json.dumps(definition, sort_keys=True)
+    return digest(type(tokenizer).__name__, hashlib.sha256(definition.encode("utf-8")).hexdigest(),
+                  tokenizer.all_special_tokens, tokenizer.pad_token, tokenizer.padding_side,
+                  tokenizer.truncation_side)
+
+
+def cached_json(kind: str, key: str, compute: Callable[[], dict], enabled: bool = True) -> tuple[dict, bool]:
+    """`compute()` or its cached result; the bool says whether the cache answered."""
+    path = data_cache_dir() / kind / f"{key}.json"
+    if enabled and path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8")), True
+        except (OSError, ValueError):  # a damaged entry is recomputed and replaced
+            log.warning("cache entry %s is unreadable; recomputing it", path)
+    value = compute()
+    if enabled:
+        write_atomic(path, json.dumps(value, ensure_ascii=False))
+    return value, False
+
+
+def cached_map(ds: Dataset, key: str, function: Callable[[dict], dict], remove_columns: Iterable[str],
+               desc: str, enabled: bool = True) -> tuple[Dataset, bool]:
+    """`ds.map(function, batched=True)`, stored as an Arrow file named by `key` and memory-mapped on reuse."""
+    if not enabled:
+        return ds.map(function, batched=True, remove_columns=list(remove_columns), desc=desc), False
+    path = data_cache_dir() / "tokenized" / f"{key}.arrow"
+    if path.is_file():
+        return Dataset.from_file(str(path)), True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")  # several processes may race: last wins
+    try:
+        ds.map(function, batched=True, remove_columns=list(remove_columns), desc=desc,
+                        cache_file_name=str(temporary), load_from_cache_file=False)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return Dataset.from_file(str(path)), False
+

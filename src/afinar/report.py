@@ -1,0 +1,416 @@
+"""Self-contained HTML reports: one file each, plots embedded as base64 PNG (matplotlib, Agg), nothing fetched.
+
+    write_run_report(run_dir)       <run>/report.html: metrics, confusion matrix, learning curves, per-class
+                                    scores, the data checks, and a written diagnosis of the curves
+    write_comparison_report(folder) <folder>/report.html for `compare`: the table, accuracy and cost plots, the
+                                    recommendation, the data checks, links to each fine-tuning run's report
+    write_search_report(folder)     <folder>/report.html for `search`: trials, history and importance plots, the
+                                    single test score, the best run's diagnosis
+    diagnose(log_history, majority) over-fitting | under-fitting | good fit | too short to tell, with reasons
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from afinar.errors import AfinarError
+from afinar.runs import Run, read_json, write_atomic
+
+RISES = 2  # consecutive validation-loss rises at the end that count as over-fitting ...
+RISE_MARGIN = 0.02  # ... when the last is also this much (relative) above the minimum
+FLAT = 0.10  # a loss that fell by less than this share of its first value is flat
+NEAR_MAJORITY = 0.02  # best validation accuracy within this of the majority class: nothing useful learnt
+
+COLUMNS = ["strategy", "model", "val acc", "test acc", "test macro-F1", "train time", "inference texts/s",
+           "peak memory", "trainable params"]  # the comparison table
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}
+td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}td{white-space:nowrap}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+.verdict{font-size:1.2em;font-weight:600}.muted{color:#666}h2{margin-top:1.6em;border-bottom:1px solid #ddd}
+figure{display:inline-block;margin:0 1em 1em 0;vertical-align:top}"""
+
+
+@dataclass
+class Diagnosis:
+    verdict: str  # "over-fitting" | "under-fitting" | "good fit" | "too short to tell"
+    reasons: list[str]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def diagnose(log_history: list[dict], majority_baseline: float | None = None) -> Diagnosis:
+    """Read the training curves (`Trainer.state.log_history` rows: `loss`, `eval_loss`, `eval_accuracy`,
+    `step`). Over-fitting: validation loss rose for the last `RISES` evaluations, ends `RISE_MARGIN` above its
+    minimum, while training loss kept falling. Under-fitting: the best validation accuracy is within
+    `NEAR_MAJORITY` of the majority class (or, without a baseline, both losses are flat)."""
+    evals = [row for row in log_history if row.get("eval_loss") is not None]
+    train = [row for row in log_history if row.get("loss") is not None and row.get("eval_loss") is None]
+    if len(evals) < 3 or len(train) < 2:
+        return Diagnosis("too short to tell", [
+            f"{len(evals)} validation evaluation(s) and {len(train)} training-loss point(s): a trend needs at "
+            f"least 3 and 2; evaluate more often (train.eval_every) or train longer."])
+    losses = [row["eval_loss"] for row in evals]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    rises = 0
+    while rises < len(losses) - 1 and losses[-1 - rises] > losses[-2 - rises]:
+        rises += 1
+    before_best = [row["loss"] for row in train if row["step"] <= evals[best]["step"]][-3:] or [train[0]["loss"]]
+    train_at_best, train_end = _mean(before_best), _mean([row["loss"] for row in train[-3:]])
+    train_drop = (train[0]["loss"] - train_end) / max(abs(train[0]["loss"]), 1e-12)
+    val_drop = (losses[0] - losses[best]) / max(abs(losses[0]), 1e-12)
+    accuracies = [row["eval_accuracy"] for row in evals if row.get("eval_accuracy") is not None]
+    best_accuracy = max(accuracies) if accuracies else None
+    above = None if best_accuracy is None or majority_baseline is None else best_accuracy - majority_baseline
+    curves = (f"training loss {train[0]['loss']:.3f} → {train_end:.3f}; validation loss {losses[0]:.3f} → "
+              f"minimum {losses[best]:.3f} at step {evals[best]['step']} → {losses[-1]:.3f} at the end")
+    if rises >= RISES and losses[-1] > losses[best] * (1 + RISE_MARGIN) and train_end < train_at_best:
+        return Diagnosis("over-fitting", [
+            f"validation loss rose for the last {rises} evaluations, to {losses[-1] / losses[best] - 1:.0%} above its "
+            f"minimum at step {evals[best]['step']}",
+            f"training loss kept falling meanwhile ({train_at_best:.3f} → {train_end:.3f}): the model is "
+            f"memorising the training set", curves,
+            "the run keeps its best validation checkpoint, not the last; fewer epochs, more data, a lower learning "
+            "rate, more weight decay or LoRA would over-fit less"])
+    if above is not None and above <= NEAR_MAJORITY:
+        return Diagnosis("under-fitting", [
+            f"best validation accuracy {best_accuracy:.3f} is within {NEAR_MAJORITY * 100:g} points of always "
+            f"answering the majority class ({majority_baseline:.3f}): nothing useful was learnt",
+            ("both losses are flat" if train_drop < FLAT and val_drop < FLAT else "the losses fall, but not far "
+             "enough") + f" ({curves})",
+            "train longer, raise the learning rate, unfreeze layers, or use a larger model"])
+    if above is None and train_drop < FLAT and val_drop < FLAT:
+        return Diagnosis("under-fitting", [f"both losses are flat ({curves})",
+                                           "train longer, raise the learning rate, or use a larger model"])
+    reasons = [curves]
+    if above is not None:
+        reasons.insert(0, f"best validation accuracy {best_accuracy:.3f}, {above * 100:.1f} points above the "
+                          f"majority class ({majority_baseline:.3f})")
+    if best == len(losses) - 1:
+        reasons.append("validation loss was still falling at the last evaluation: more training may still help")
+    elif losses[-1] > losses[best] * (1 + RISE_MARGIN) and train_end < train_at_best:
+        reasons.append(f"validation loss ended {losses[-1] / losses[best] - 1:.0%} above its minimum (step "
+                       f"{evals[best]['step']}) while training loss kept falling: early signs of over-fitting; the "
+                       f"run keeps its best validation checkpoint")
+    elif rises:
+        reasons.append(f"validation loss rose at the last {rises} evaluation(s), not (yet) enough to call it "
+                       f"over-fitting")
+    return Diagnosis("good fit", reasons)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=90)
+    return _data_uri(buffer.getvalue())
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _figure(width: float, height: float, columns: int = 1):
+    """A bare matplotlib `Figure`, rendered by the Agg canvas: no pyplot, so no display, no global state and no
+    change to the backend of a notebook that imports afinar."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots(1, columns)
+
+
+def plot_confusion(report: dict, title: str) -> str:
+    matrix, labels = report["confusion_matrix"], report["labels"]
+    fig, ax = _figure(0.9 * len(labels) + 2.4, 0.8 * len(labels) + 1.8)
+    ax.imshow(matrix, cmap="Blues")
+    top = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, f"{count:,}", ha="center", va="center", fontsize=8,
+                    color="white" if count > top / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def plot_learning_curves(log_history: list[dict], majority_baseline: float | None) -> str:
+    fig, (loss_ax, acc_ax) = _figure(8, 2.8, columns=2)
+    train = [(r["step"], r["loss"]) for r in log_history if r.get("loss") is not None and r.get("eval_loss") is None]
+    evals = [r for r in log_history if r.get("eval_loss") is not None]
+    if train:
+        loss_ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        loss_ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label="validation loss")
+    accuracy = [(r["step"], r["eval_accuracy"]) for r in evals if r.get("eval_accuracy") is not None]
+    if accuracy:
+        acc_ax.plot(*zip(*accuracy), "o-", ms=3, color="C2", label="validation accuracy")
+    if majority_baseline is not None:
+        acc_ax.axhline(majority_baseline, color="gray", ls="--", lw=1, label="majority class")
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "validation accuracy")):
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_per_class(report: dict, title: str) -> str:
+    names = list(report["per_class"])
+    fig, ax = _figure(max(4.0, 1.2 * len(names) + 1.5), 2.8)
+    width = 0.27
+    for k, metric in enumerate(("precision", "recall", "f1")):
+        ax.bar([i + (k - 1) * width for i in range(len(names))], [report["per_class"][n][metric] for n in names],
+               width, label=metric)
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0, fontsize=8)
+    ax.set_ylim(0, 1.18)  # room for the legend above the bars
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
+    return _png(fig)
+
+
+def plot_comparison_accuracy(rows: list[dict], majority: float | None) -> str:
+    fig, ax = _figure(max(4.5, 0.9 * len(rows) + 2), 3)
+    names = [r["name"] for r in rows]
+    for offset, split, color in ((-0.2, "validation", "C0"), (0.2, "test", "C1")):
+        ax.bar([i + offset for i in range(len(rows))], [(r[split] or {}).get("accuracy", 0) for r in rows], 0.4,
+               label=split, color=color)
+        raw = [(i + offset, r["variants"]["raw"][split]) for i, r in enumerate(rows)
+               if split in r.get("variants", {}).get("raw", {})]
+        if raw:
+            ax.scatter(*zip(*raw), marker="_", s=200, color="black", zorder=3, label=f"{split}, raw prompt scores")
+    if majority is not None:
+        ax.axhline(majority, color="gray", ls="--", lw=1, label="majority class (test)")
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def plot_comparison_cost(rows: list[dict]) -> str:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig, (speed_ax, train_ax) = _figure(8, 3, columns=2)
+    for i, r in enumerate(rows):
+        accuracy = (r["test"] or r["validation"] or {}).get("accuracy")
+        if accuracy is None:
+            continue
+        for ax, x in ((speed_ax, r["infer_texts_per_s"]), (train_ax, max(r["train_seconds"], 0.1))):
+            if x:
+                ax.scatter(x, accuracy, s=20 + (r["peak_memory_mb"] or 0) / 20, alpha=0.7, color=f"C{i % 10}",
+                           label=r["name"] if ax is train_ax else None)
+    for ax, label in ((speed_ax, "prediction texts/s (log)"), (train_ax, "fit seconds (log)")):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(label, fontsize=8)
+        ax.set_ylabel("test accuracy", fontsize=8)
+        ax.tick_params(labelsize=8)
+    speed_ax.set_title("accuracy vs prediction speed (size: peak memory)", fontsize=9)
+    train_ax.set_title("accuracy vs fit time", fontsize=9)
+    train_ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), markerscale=0.6)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------- HTML
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(uri: str, alt: str) -> str:
+    return f'<figure><img src="{uri}" alt="{_e(alt)}"></figure>'
+
+
+def _page(title: str, sections: list[str]) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{CSS}</style>"
+            f"</head><body><h1>{_e(title)}</h1>{''.join(sections)}</body></html>\n")
+
+
+def data_report_html(report: dict | None) -> str:
+    """The data checks' headline counts per split, leakage and the actions taken."""
+    if not report:
+        return "<h2>Data checks</h2><p class='muted'>No data report in this folder.</p>"
+    splits = list(report.get("rows", {}))
+
+    def count(key: str):
+        return [(report.get(key, {}).get(s) or {}).get("count", "") for s in splits]
+
+    rows = [["rows", *[f"{report['rows'][s]:,}" for s in splits]], ["empty", *count("empty")],
+            ["mojibake / control characters", *count("mojibake")], ["duplicates (normalised)", *count("duplicates")],
+            ["conflicting labels (texts)", *[(report.get("conflicts") or {}).get("count", "") if s == "train" else ""
+                                              for s in splits]],
+            ["majority-class baseline", *[f"{b:.1%}" if (b := (report.get("balance", {}).get(s) or {})
+                                                            .get("baseline")) is not None else "" for s in splits]]]
+    if report.get("lengths"):
+        rows.append(["tokens p50 / p95 / max", *["{p50} / {p95} / {max}".format(**report["lengths"][s])
+                                                  if report["lengths"].get(s) else "" for s in splits]])
+    leaks = [[pair, kinds.get("exact", {}).get("count", 0), kinds.get("near", {}).get("count", 0)]
+             for pair, kinds in report.get("leakage", {}).items()]
+    actions = "".join(f"<li>{_e(a.get('note', a))}</li>" for a in report.get("actions", []))
+    return ("<h2>Data checks</h2>" + _table(["", *splits], rows)
+            + (_table(["overlap (later split rows found in the earlier)", "exact",
+                       f"near (Jaccard ≥ {report.get('threshold', '')})"], leaks) if leaks else "")
+            + (f"<p>Actions before training:</p><ul>{actions}</ul>" if actions else ""))
+
+
+def _metrics_table(metrics: dict) -> str:
+    scored = {split: m for split in ("validation", "test") if (m := metrics.get(split))}
+    if all("perplexity" in m for m in scored.values()):  # a causal-LM run
+        table = _table(["split", "loss", "perplexity"],
+                       [[split, f"{m['loss']:.4f}", f"{m['perplexity']:.2f}"] for split, m in scored.items()])
+        if metrics.get("perplexity"):
+            table += _table(["perplexity", "base model", "tuned model"],
+                            [[f"{name} text", f"{p['before']:.2f}", f"{p['after']:.2f}"]
+                             for name, p in metrics["perplexity"].items()])
+    else:
+        table = _table(["split", "accuracy", "macro-F1", "majority baseline", "loss", "n"],
+                       [[split, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['majority_baseline']:.4f}",
+                         f"{m['loss']:.4f}" if m.get("loss") is not None else "", f"{m['n']:,}"]
+                        for split, m in scored.items()])
+    train = metrics.get("train") or {}
+    if train:
+        table += (f"<p>Training: {train.get('seconds', 0):.0f} s, {train.get('steps', 0):,} steps, "
+                  f"{train.get('samples_per_second') or 0:.1f} samples/s, "
+                  f"{train.get('trainable_parameters', 0):,} of {train.get('total_parameters', 0):,} parameters "
+                  f"trainable.</p>")
+    return table
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    """`<run>/report.html` from the run folder's metrics.json, train_log.jsonl and data_report.json."""
+    run = Run.open(run_dir)
+    metrics = run.metrics()
+    if not metrics:
+        raise AfinarError(f"{run.path} has no metrics.json yet (status: {run.status()}); report a finished run")
+    history = run.read_log()
+    scored = metrics.get("test") or metrics.get("validation")
+    split = "test" if metrics.get("test") else "validation"
+    majority = (metrics.get("validation") or {}).get("majority_baseline")
+    diagnosis = diagnose(history, majority)
+    data_report = read_json(run.path / "data_report.json") if (run.path / "data_report.json").is_file() else None
+    sections = [f"<p class='muted'>{_e(run.path)} — status {_e(run.status())}</p>", "<h2>Metrics</h2>",
+                _metrics_table(metrics),
+                "<h2>Diagnosis</h2>", f"<p class='verdict'>{_e(diagnosis.verdict)}</p>",
+                "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in diagnosis.reasons) + "</ul>",
+                "<h2>Learning curves</h2>", _img(plot_learning_curves(history, majority), "learning curves")]
+    if scored and "confusion_matrix" in scored:  # classification; a causal-LM run has loss and perplexity
+        sections += [f"<h2>Errors and per-class scores ({split})</h2>",
+                     _img(plot_confusion(scored, f"confusion matrix ({split})"), "confusion matrix"),
+                     _img(plot_per_class(scored, f"per-class scores ({split})"), "per-class scores")]
+    sections.append(data_report_html(data_report))
+    path = run.path / "report.html"
+    write_atomic(path, _page(f"afinar run {run.path.name}", sections))
+    return path
+
+
+def write_comparison_report(folder: str | Path) -> Path:
+    """`<folder>/report.html` from the comparison.json (and data_report.json) that `compare` wrote."""
+    folder = Path(folder)
+    if not (folder / "comparison.json").is_file():
+        raise AfinarError(f"{folder} holds no comparison.json; run `afinar compare` first")
+    comparison = read_json(folder / "comparison.json")
+    rows = [r for r in comparison["results"] if not r.get("error")]
+    majority = comparison.get("majority_baseline", {}).get("test")
+    runs = []
+    for r in rows:  # lora and full: link each run's own report
+        run_dir = r.get("details", {}).get("run_dir")
+        if run_dir and (Path(run_dir) / "metrics.json").is_file():
+            report = write_run_report(run_dir)
+            verdict = diagnose(Run(Path(run_dir)).read_log(), (r["validation"] or {}).get("majority_baseline")).verdict
+            link = report.relative_to(folder) if report.is_relative_to(folder) else report
+            runs.append(f"<li><a href='{_e(link)}'>{_e(r['name'])}</a>: {_e(verdict)}</li>")
+    sections = ["<h2>Recommendation</h2>", f"<p>{_markdown_bold(comparison['recommendation'])}</p>",
+                "<h2>Results</h2>", _table(COLUMNS, comparison_rows(comparison["results"])),
+                f"<p class='muted'>{_e(', '.join(f'{n:,} {split}' for split, n in comparison['rows'].items()))} "
+                f"rows: the same splits and seed for every strategy. Peak memory: {_e(comparison['memory'])}. "
+                f"Prompting rows show calibrated accuracy, raw in brackets.</p>"]
+    if rows:
+        sections += [_img(plot_comparison_accuracy(rows, majority), "accuracy per strategy"),
+                     _img(plot_comparison_cost(rows), "accuracy against cost")]
+    if runs:
+        sections += ["<h2>Fine-tuning runs</h2><ul>" + "".join(runs) + "</ul>"]
+    data_report = folder / "data_report.json"
+    sections.append(data_report_html(read_json(data_report) if data_report.is_file() else None))
+    path = folder / "report.html"
+    write_atomic(path, _page("afinar strategy comparison", sections))
+    return path
+
+
+def write_search_report(folder: str | Path) -> Path:
+    """`<folder>/report.html` for `search`: the trials, the optimisation history and parameter importance, the
+    single test score and the best run's diagnosis, with a link to that run's own report."""
+    folder = Path(folder)
+    if not (folder / "search.json").is_file():
+        raise AfinarError(f"{folder} holds no search.json; run `afinar search` first")
+    result = read_json(folder / "search.json")
+    keys = list(result["best_params"])
+    rows = [[f"{r['trial']}" + (" (as configured)" if r.get("baseline") else ""), r["state"],
+             "" if r["value"] is None else f"{r['value']:.4f}", *[r.get(k, "") for k in keys],
+             "" if r.get("seconds") is None else f"{r['seconds']:.0f}"] for r in result["trials"]]
+    test = result.get("test")
+    diagnosis = result.get("diagnosis") or {}
+    best_run = Path(result["best_run"])
+    report = best_run / "report.html"
+    link = report.relative_to(folder) if report.is_relative_to(folder) else report
+    sections = [f"<p>Objective: validation {_e(result['metric'])}, best {result['best_validation']:.4f} "
+                f"(trial {result['best_trial']}, <a href='{_e(link)}'>its run report</a>). The test split was read "
+                "once, for that trial: " + (f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}."
+                                            if test else "there is no test split.") + "</p>",
+                "<h2>Diagnosis of the best run</h2>", f"<p class='verdict'>{_e(diagnosis.get('verdict', ''))}</p>",
+                "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in diagnosis.get("reasons", [])) + "</ul>",
+                "<h2>Trials</h2>", _table(["trial", "state", "validation", *keys, "seconds"], rows)]
+    sections += [_img(_data_uri((folder / name).read_bytes()), name.removesuffix(".png")) for name in result.get("plots", [])]
+    path = folder / "report.html"
+    write_atomic(path, _page("afinar hyperparameter search", sections))
+    return path
+
+
+def comparison_rows(results: list[dict]) -> list[list[str]]:
+    """The comparison table's cells (for comparison.md and report.html), from results as comparison.json holds
+    them; prompting rows show the raw accuracy beside the calibrated one."""
+    rows = []
+    for r in results:
+        if r.get("error"):
+            first = next((line for line in r["error"].splitlines() if line.strip()), "")
+            rows.append([r["name"], r.get("model") or "", f"failed: {first[:100]}", *[""] * 6])
+            continue
+        raw = r.get("variants", {}).get("raw", {})
+
+        def accuracy(split: str) -> str:
+            value = (r.get(split) or {}).get("accuracy")
+            return "—" if value is None else f"{value:.3f}" + (f" (raw {raw[split]:.3f})" if split in raw else "")
+
+        f1 = (r.get("test") or {}).get("macro_f1")
+        rows.append([r["name"], r["model"], accuracy("validation"), accuracy("test"),
+                     "—" if f1 is None else f"{f1:.3f}", f"{r['train_seconds']:,.1f} s",
+                     f"{r['infer_texts_per_s']:,.1f}" if r.get("infer_texts_per_s") else "—",
+                     f"{r['peak_memory_mb']:,.0f} MB" if r.get("peak_memory_mb") else "—",
+                     f"{r['trainable_params']:,}"])
+    return rows
+
+
+def _markdown_bold(text: str) -> str:
+    parts = _e(text).split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))

@@ -1,0 +1,98 @@
+"""The data cache: a rerun on the same rows skips the checks and tokenization, and any change that matters misses."""
+
+import dataclasses
+import logging
+
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from afinar import cache
+from afinar.checks import run_checks, run_checks_cached
+from afinar.config import CheckArgs, DataArgs
+from afinar.data import Splits, _to_dataset, read_splits, tokenize
+
+from conftest import tweet_rows
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AFINAR_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def splits(tweets_jsonl):
+    train, test = tweets_jsonl
+    return read_splits(DataArgs(source=str(train), test=str(test)))
+
+
+def test_dataset_digest_follows_content_not_identity(splits):
+    train = splits.train
+    assert cache.dataset_digest(train) == cache.dataset_digest(train.select(range(len(train))))
+    relabelled = train.map(lambda row, i: {"label": (row["label"] + 1) % 3 if i == 7 else row["label"]},
+                           with_indices=True)
+    assert cache.dataset_digest(relabelled) != cache.dataset_digest(train)
+    assert cache.dataset_digest(train.select(range(1, len(train)))) != cache.dataset_digest(train)
+
+
+def test_tokenizer_digest_tells_tokenizers_apart(tiny_bert, tiny_gpt2):
+    bert, gpt2 = AutoTokenizer.from_pretrained(tiny_bert), AutoTokenizer.from_pretrained(tiny_gpt2)
+    assert cache.tokenizer_digest(bert) == cache.tokenizer_digest(AutoTokenizer.from_pretrained(tiny_bert))
+    assert cache.tokenizer_digest(bert) != cache.tokenizer_digest(gpt2)
+    gpt2.pad_token = gpt2.eos_token  # what afinar does to GPT-2: empty rows become this token
+    assert cache.tokenizer_digest(gpt2) != cache.tokenizer_digest(AutoTokenizer.from_pretrained(tiny_gpt2))
+
+
+def test_second_tokenization_comes_from_the_cache(splits, tiny_bert, own_cache, caplog):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    with caplog.at_level(logging.INFO, logger="afinar"):
+        first = tokenize(splits.train, tokenizer, 16)
+        assert "from the cache" not in caplog.text
+        second = tokenize(splits.train, tokenizer, 16)
+        assert "from the cache" in caplog.text
+    assert second[:] == first[:]
+    assert max(second["length"]) == 16
+    assert len(list((own_cache / "data" / "tokenized").glob("*.arrow"))) == 1
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="afinar"):
+        longer = tokenize(splits.train, tokenizer, 32)  # another max_length is another entry
+    assert "from the cache" not in caplog.text and max(longer["length"]) > 16
+    assert tokenize(splits.train, tokenizer, 16, use_cache=False)[:] == first[:]
+
+
+def test_checks_report_round_trips_through_the_cache(tiny_bert, own_cache, caplog):
+    rows = tweet_rows("train", 120)
+    texts = [r["text"] for r in rows] + [rows[0]["text"], rows[1]["text"].upper(), "   "]  # dups and an empty
+    labels = [r["label"] for r in rows] + [rows[0]["label"], (rows[1]["label"] + 1) % 3, 0]
+    test_rows = tweet_rows("test", 30)
+    test = pd.DataFrame({"text": [r["text"] for r in test_rows] + [rows[5]["text"]],
+                         "label": [r["label"] for r in test_rows] + [rows[5]["label"]]})
+    names = ["negative", "neutral", "positive"]
+    data = Splits(_to_dataset(pd.DataFrame({"text": texts, "label": labels}), names), None,
+                  _to_dataset(test, names), names)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    fresh = run_checks(data, CheckArgs(), tokenizer, 32)
+    assert fresh.duplicates["train"].count and fresh.conflicts.count and fresh.leakage["train-test"]["exact"].count
+    with caplog.at_level(logging.INFO, logger="afinar"):
+        first = run_checks_cached(data, CheckArgs(), tokenizer, 32)
+        second = run_checks_cached(data, CheckArgs(), tokenizer, 32)
+    assert caplog.text.count("data checks: from the cache") == 1
+    assert dataclasses.asdict(first) == dataclasses.asdict(second) == dataclasses.asdict(fresh)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="afinar"):
+        run_checks_cached(data, CheckArgs(near_duplicate_threshold=0.7), tokenizer, 32)
+    assert "from the cache" not in caplog.text
+
+
+def test_a_damaged_entry_is_recomputed(own_cache):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    assert cache.cached_json("demo", "k", compute) == ({"value": 1}, False)
+    assert cache.cached_json("demo", "k", compute) == ({"value": 1}, True)
+    (own_cache / "data" / "demo" / "k.json").write_text("{not json", encoding="utf-8")
+    assert cache.cached_json("demo", "k", compute) == ({"value": 2}, False)

@@ -1,0 +1,161 @@
+"""The bake-off: encoder strategies on separable data, the recommendation rule, and `compare` end to end."""
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from afinar.config import load_config
+from afinar.data import Splits, _to_dataset
+from afinar.errors import AfinarError
+from afinar.prompting import PromptArgs
+from afinar.strategies import (CompareArgs, Encoder, KnnRetrieval, LinearProbe, NeighbourIndex, StrategyResult,
+                               compare, parse_strategies, recommend, run_strategy)
+
+from test_classify import tiny_overrides
+
+LABELS = ["negative", "neutral", "positive"]
+TEMPLATES = ["awful terrible horrible sad day number {}", "the train leaves the station at {}",
+             "lovely wonderful happy great time number {}"]
+
+
+def separable_splits() -> Splits:
+    """Near-copies per class (only a number changes), so the nearest train text always has the right label."""
+    def split(numbers):
+        rows = [(TEMPLATES[c].format(i), c) for i in numbers for c in range(3)]
+        return _to_dataset(pd.DataFrame(rows, columns=["text", "label"]), LABELS)
+
+    return Splits(split(range(0, 12)), split(range(12, 16)), split(range(16, 22)), LABELS)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_bert):
+    return Encoder(str(tiny_bert), max_length=32)
+
+
+def test_encoder_embeddings_are_unit_length_and_order_independent(encoder):
+    texts = ["a much longer text than the others, to be sorted last", "short", "", "mid length text"]
+    embeddings = encoder.encode(texts)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode(texts[::-1])[::-1], embeddings, atol=1e-5)
+
+
+def test_knn_retrieval_on_separable_data_is_exact(encoder):
+    splits = separable_splits()
+    strategy = KnnRetrieval(encoder, [1, 3])
+    strategy.fit(splits)
+    assert strategy.k in (1, 3) and strategy.details["index_size"] == 36
+    assert (strategy.predict(list(splits.test["text"]))["knn"] == np.asarray(splits.test["label"])).all()
+
+
+def test_neighbour_search_can_skip_each_text_itself(encoder):
+    texts = [TEMPLATES[c].format(i) for c in range(3) for i in range(4)]
+    index = NeighbourIndex(encoder, texts)
+    _, ids = index.search(texts, 2)
+    assert (ids[:, 0] == np.arange(len(texts))).all()  # a text is its own nearest neighbour ...
+    _, ids = index.search(texts, 2, exclude=list(range(len(texts))))
+    assert ids.shape == (12, 2) and not (ids == np.arange(12)[:, None]).any()  # ... unless excluded
+    assert (ids // 4 == np.arange(12)[:, None] // 4).all()  # the rest of its class comes next
+
+
+def test_linear_probe_on_separable_data_beats_chance_by_far(encoder):
+    splits = separable_splits()
+    result = run_strategy("linear_probe", load_config(), splits, None, CompareArgs(encoder=str(encoder.name)))
+    assert result.test_accuracy >= 0.9 and result.validation["n"] == 12 and result.test["n"] == 18
+    assert result.details["C"] in (0.01, 0.1, 1.0, 10.0)
+    assert result.trainable_params == 3 * 32 + 3 and result.train_seconds > 0 and result.infer_texts_per_s > 0
+    assert result.peak_memory_mb > 0
+
+
+def test_linear_probe_chooses_c_on_validation_only(encoder, monkeypatch):
+    splits = separable_splits()
+    probe = LinearProbe(encoder, [0.01, 100.0], seed=0)
+    seen = []
+    original = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda texts: seen.append(list(texts)) or original(texts))
+    probe.fit(splits)
+    assert list(splits.test["text"]) not in seen and list(splits.validation["text"]) in seen
+
+
+def result(name, val, seconds, texts_per_s, test=None):
+    return StrategyResult(name, "m", validation={"accuracy": val}, test={"accuracy": test or val},
+                          train_seconds=seconds, infer_texts_per_s=texts_per_s)
+
+
+def test_recommend_the_cheapest_within_tolerance_of_the_best_validation_accuracy():
+    results = [result("full", 0.80, 600, 200), result("lora", 0.795, 300, 200),
+               result("linear_probe", 0.70, 5, 500), result("zero_shot", 0.50, 1, 5, test=0.39)]
+    name, text = recommend(results, tolerance_points=1.0, majority=0.40)
+    assert name == "lora" and "within 1 point of the best (full: 0.800)" in text
+    assert "majority class on test: zero_shot" in text
+    name, text = recommend(results, tolerance_points=0.1)
+    assert name == "full" and "nothing else comes within" in text
+    assert recommend([StrategyResult("x", "", error="boom")], 1.0)[0] is None
+
+
+def test_parse_strategies():
+    assert parse_strategies("knn_retrieval, lora,knn_retrieval") == ["knn_retrieval", "lora"]
+    assert len(parse_strategies("all")) == 7
+    with pytest.raises(AfinarError, match="unknown strategy knn"):
+        parse_strategies("knn,lora")
+
+
+def test_compare_writes_the_table_and_the_report(tiny_bert, tiny_gpt2, tweets_jsonl, tmp_path):
+    train_file, test_file = tweets_jsonl
+    config = load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
+        "train.epochs": 1, "train.eval_every": 4, "train.run_name": None}))
+    out = tmp_path / "cmp"
+    comparison = compare(config, "knn_retrieval,zero_shot,lora", out,
+                         CompareArgs(encoder=str(tiny_bert), isolate=False, knn_k=["1", "5"]),
+                         PromptArgs(model=str(tiny_gpt2), calibration_samples=16, max_text_tokens=24))
+    assert [r.name for r in comparison.results] == ["knn_retrieval", "zero_shot", "lora"]
+    assert all(r.error is None for r in comparison.results), [r.error for r in comparison.results]
+    rows = comparison.rows
+    for r in comparison.results:  # the same validation and test rows for every strategy
+        assert (r.validation["n"], r.test["n"]) == (rows["validation"], rows["test"]) == (24, 60)
+        assert r.infer_texts_per_s > 0 and r.peak_memory_mb > 0
+    zero_shot, lora = comparison.results[1], comparison.results[2]
+    assert set(zero_shot.variants["raw"]) == {"validation", "test"} and zero_shot.trainable_params == 0
+    assert 0 < lora.trainable_params < lora.details["total_parameters"] and lora.train_seconds > 0
+    assert comparison.recommended in {"knn_retrieval", "zero_shot", "lora"}
+    table = (out / "comparison.md").read_text()
+    assert "| strategy | model | val acc | test acc | test macro-F1 | train time | inference texts/s |" in table
+    assert re.search(r"\| zero_shot \| .* \| [01]\.\d{3} \(raw [01]\.\d{3}\) \|", table)
+    assert "## Recommendation" in table and f"**{comparison.recommended}**" in table
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["recommended"] == comparison.recommended and len(saved["results"]) == 3
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "runs/lora/report.html" in page
+    assert (out / "runs" / "lora" / "report.html").is_file() and (out / "data_report.json").is_file()
+    with pytest.raises(AfinarError, match="already holds a comparison"):
+        compare(config, "knn_retrieval", out)
+
+
+def test_isolated_strategies_run_in_their_own_process(tiny_bert, tweets_jsonl, tmp_path):
+    train_file, test_file = tweets_jsonl
+    config = load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path))
+    isolated = compare(config, "knn_retrieval", tmp_path / "cmp", CompareArgs(encoder=str(tiny_bert), isolate=True))
+    in_process = compare(config, "knn_retrieval", tmp_path / "cmp2", CompareArgs(encoder=str(tiny_bert), isolate=False))
+    a, b = isolated.results[0], in_process.results[0]
+    assert a.error is None and 0 < a.base_memory_mb < a.peak_memory_mb and b.base_memory_mb is None
+    assert a.test == b.test and a.details["k"] == b.details["k"]  # same splits, same seed, same answers
+    assert "that process held" in (tmp_path / "cmp" / "comparison.md").read_text()
+
+
+def test_cli_compare_reads_the_compare_section_and_report_rewrites(tiny_bert, tweets_jsonl, tmp_path, capsys):
+    from afinar import cli
+
+    train_file, test_file = tweets_jsonl
+    overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path) + [
+        f"compare.encoder={tiny_bert}", "compare.isolate=false", "knn_k=1,3"]
+    args = ["compare", "--strategies", "knn_retrieval", "--out", str(tmp_path / "cmp")]
+    assert cli.main(args + [a for o in overrides for a in ("--set", o)]) == 0
+    out = capsys.readouterr().out
+    assert "| knn_retrieval |" in out and "## Recommendation" in out
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["results"][0]["details"]["k"] in (1, 3)
+    (tmp_path / "cmp" / "report.html").unlink()
+    assert cli.main(["report", str(tmp_path / "cmp")]) == 0 and (tmp_path / "cmp" / "report.html").is_file()
+    assert cli.main(["compare", "--strategies", "knn", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown strategy knn" in capsys.readouterr().err
