@@ -207,14 +207,16 @@ def _drop_logits(logits, labels):
 
 
 def load_causal_lm(args: ModelArgs, path: str | None = None, tokenizer=None):
-    """`AutoModelForCausalLM` with safetensors only (unless `model.allow_pickle`) and a pad token id."""
+    """`AutoModelForCausalLM` in fp32 (training keeps fp32 weights; autocast does the rest), safetensors only
+    (unless `model.allow_pickle`), and a pad token id."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     path = path or resolve(args)
     _check_safetensors(path, args)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=None if args.allow_pickle else True,
-                                                     **_common(args))
+                                                     dtype=torch.float32, **_common(args))
     except (OSError, ValueError) as exc:
         raise _hub_error(args, exc) from None
     if tokenizer is not None and model.config.pad_token_id is None:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from afinar.causal_lm import load_causal_lm
 from afinar.config import CALIBRATIONS, ModelArgs, PromptArgs
 from afinar.errors import AfinarError
 from afinar.models import load_tokenizer, resolve
@@ -57,19 +58,6 @@ def balanced_shots(texts: Sequence[str], labels: Sequence[int], k: int, num_clas
     return [(texts[i], int(labels[i])) for i in picked]
 
 
-def load_causal_lm(args: ModelArgs, path: str):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, use_safetensors=None if args.allow_pickle else True,
-            revision=args.revision, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise AfinarError(f"cannot load {args.name!r} as a causal language model "
-                          f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})") from None
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-
-
 def _enumerate(words: list[str]) -> str:
     return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
 
@@ -85,7 +73,7 @@ class PromptClassifier:
         model_args = model_args or ModelArgs(name=args.model)
         path = resolve(model_args)
         self.tokenizer = load_tokenizer(model_args, path)
-        self.model = load_causal_lm(model_args, path)
+        self.model = load_causal_lm(model_args, path).to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.device = next(self.model.parameters()).device
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
         words = args.verbalizers or self.labels
