@@ -27,11 +27,12 @@ def test_overrides_win_over_yaml_and_are_typed(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  batch_size: 8\n")
     config = load_config(path, ["train.batch_size=16", "model=smollm2-135m", "eval_every=none",
-                                "lora.target_modules=q_proj,v_proj"])
+                                "lora.target_modules=q_proj,v_proj", "knn_k=3, 7", "compare.probe_c=0.5"])
     assert config.train.batch_size == 16
     assert config.model.name == "smollm2-135m"
     assert config.train.eval_every is None
     assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.compare.knn_k == [3, 7] and config.compare.probe_c == [0.5]  # list items typed too
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
@@ -49,6 +50,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     ("train.learning_rate=-1e-5", "train.learning_rate must be greater than 0"),
     ("train.learning_rate=fast", "train.learning_rate must be float (got 'fast')"),
     ("train.batch_size=2.5", "train.batch_size must be int (got 2.5)"),
+    ("knn_k=1,many", "compare.knn_k must be int (got 'many')"),
+    ("prompt.calibration=test", "prompt.calibration must be one of train, content_free, none"),
     ("train.precision=fp8", "train.precision must be one of auto, fp32, bf16, fp16"),
     ("data.validation_fraction=1.5", "data.validation_fraction must be between 0 and 1"),
     ("seed", "override 'seed' must look like key=value"),

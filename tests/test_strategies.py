@@ -108,7 +108,7 @@ def test_compare_writes_the_table_and_the_report(tiny_bert, tiny_gpt2, tweets_js
         "train.epochs": 1, "train.eval_every": 4, "train.run_name": None}))
     out = tmp_path / "cmp"
     comparison = compare(config, "knn_retrieval,zero_shot,lora", out,
-                         CompareArgs(encoder=str(tiny_bert), isolate=False, knn_k=["1", "5"]),
+                         CompareArgs(encoder=str(tiny_bert), isolate=False, knn_k=[1, 5]),
                          PromptArgs(model=str(tiny_gpt2), calibration_samples=16, max_text_tokens=24))
     assert [r.name for r in comparison.results] == ["knn_retrieval", "zero_shot", "lora"]
     assert all(r.error is None for r in comparison.results), [r.error for r in comparison.results]

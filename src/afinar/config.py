@@ -150,8 +150,8 @@ class CompareArgs:
     """`compare`: the encoder-based strategies, the fine-tuning overrides and the recommendation."""
 
     encoder: str = "minilm-l6"  # sentence encoder for knn_retrieval, linear_probe and retrieval_few_shot
-    knn_k: list[str] = field(default_factory=lambda: ["1", "5", "10", "25"])  # neighbours; chosen on validation
-    probe_c: list[str] = field(default_factory=lambda: ["0.01", "0.1", "1", "10"])  # inverse L2; chosen on val
+    knn_k: list[int] = field(default_factory=lambda: [1, 5, 10, 25])  # neighbours; chosen on validation
+    probe_c: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # inverse L2; chosen on val
     lora_overrides: list[str] = field(default_factory=lambda: ["lora.enabled=true", "train.learning_rate=1e-3"])
     full_overrides: list[str] = field(default_factory=lambda: ["lora.enabled=false"])
     encode_batch: int = 64  # texts per encoder forward pass
@@ -273,8 +273,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if base is str:
             return str(value)
         if origin is list:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return [str(item).strip() for item in items]
+            items = value.split(",") if isinstance(value, str) else \
+                list(value) if isinstance(value, (list, tuple)) else [value]
+            item_type = (typing.get_args(base) or (str,))[0]
+            return [_coerce(key, item.strip() if isinstance(item, str) else item, item_type) for item in items]
     except (TypeError, ValueError):
         pass
     else:

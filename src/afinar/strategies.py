@@ -313,9 +313,9 @@ def build_strategy(name: str, config: Config, args: CompareArgs, prompt: PromptA
     needs_encoder = name in ("knn_retrieval", "linear_probe", "retrieval_few_shot")
     encoder = Encoder(args.encoder, config.data.max_length, args.encode_batch) if needs_encoder else None
     if name == "knn_retrieval":
-        return KnnRetrieval(encoder, [int(k) for k in args.knn_k])
+        return KnnRetrieval(encoder, args.knn_k)
     if name == "linear_probe":
-        return LinearProbe(encoder, [float(c) for c in args.probe_c], config.train.seed)
+        return LinearProbe(encoder, args.probe_c, config.train.seed)
     return Prompting(name, prompt, label_names, config.train.seed, encoder)
 
 
