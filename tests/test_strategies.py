@@ -159,3 +159,30 @@ def test_cli_compare_reads_the_compare_section_and_report_rewrites(tiny_bert, tw
     assert cli.main(["report", str(tmp_path / "cmp")]) == 0 and (tmp_path / "cmp" / "report.html").is_file()
     assert cli.main(["compare", "--strategies", "knn", "--out", str(tmp_path / "x")]) == 2
     assert "unknown strategy knn" in capsys.readouterr().err
+
+
+def test_resume_reruns_only_failed_strategies(tiny_bert, tweets_jsonl, tmp_path, monkeypatch):
+    from afinar import strategies
+
+    train_file, test_file = tweets_jsonl
+    config = load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path))
+    args = CompareArgs(encoder=str(tiny_bert), isolate=False, knn_k=[1, 3], probe_c=[1.0])
+    out = tmp_path / "cmp"
+
+    def broken(self, splits):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(strategies.LinearProbe, "fit", broken)
+        first = compare(config, "knn_retrieval,linear_probe", out, args)
+    assert first.results[1].error == "RuntimeError: killed" and first.results[0].error is None
+    with pytest.raises(AfinarError, match="--resume to run only"):
+        compare(config, "knn_retrieval,linear_probe", out, args)
+    other = load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{"train.seed": 1}))
+    with pytest.raises(AfinarError, match="another configuration"):
+        compare(other, "knn_retrieval,linear_probe", out, args, resume=True)
+    monkeypatch.setattr(strategies.KnnRetrieval, "fit", broken)  # a finished strategy is not run again
+    resumed = compare(config, "knn_retrieval,linear_probe", out, args, resume=True)
+    assert [r.error for r in resumed.results] == [None, None]
+    assert resumed.results[0].test == first.results[0].test and resumed.results[1].test["n"] == 60
+    assert json.loads((out / "comparison.json").read_text())["results"][1]["details"]["C"] == 1.0

@@ -186,7 +186,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from afinar.strategies import compare
 
-    result = compare(_config(args), args.strategies, args.out)
+    result = compare(_config(args), args.strategies, args.out, resume=args.continue_comparison)
     print((result.path / "comparison.md").read_text(encoding="utf-8"))
     print(f"comparison folder: {result.path}\nreport: {result.path / 'report.html'}")
     return 0
@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated: zero_shot, few_shot, retrieval_few_shot, knn_retrieval, linear_probe, "
                               "lora, full (default: all)")
     compare.add_argument("--out", help="comparison folder (default: <output_dir>/compare-<time>)")
+    compare.add_argument("--resume", dest="continue_comparison", action="store_true",
+                         help="in an existing --out folder, run only the strategies it lacks or that failed")
     compare.set_defaults(func=cmd_compare)
 
     report = commands.add_parser("report", help="(re)write report.html for a run, comparison or search folder")

@@ -37,12 +37,12 @@ import torch
 
 from afinar import data as data_lib
 from afinar.checks import checked_splits
-from afinar.config import CompareArgs, Config, ModelArgs, PromptArgs, set_value
+from afinar.config import CompareArgs, Config, ModelArgs, PromptArgs, set_value, to_yaml
 from afinar.errors import AfinarError
 from afinar.metrics import classification_report
 from afinar.models import load_tokenizer, resolve
 from afinar.prompting import CONTENT_FREE, PromptClassifier, balanced_shots
-from afinar.runs import write_atomic, write_json
+from afinar.runs import read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -356,12 +356,12 @@ def _fine_tune(name: str, config: Config, args: CompareArgs, splits: data_lib.Sp
     """LoRA or full fine-tuning through the core training path; its run folder holds the model and curves."""
     from afinar.classify import train
     from afinar.inference import Classifier
-    from afinar.runs import read_json
 
     config = copy.deepcopy(config)
     for override in args.lora_overrides if name == "lora" else args.full_overrides:
         set_value(config, *override.split("=", 1))
-    config.train.output_dir, config.train.run_name, config.train.resume = str(out_dir / "runs"), name, False
+    run_dir = out_dir / "runs" / name  # a comparison resumed after a crash continues the run's last checkpoint
+    config.train.output_dir, config.train.run_name, config.train.resume = str(run_dir.parent), name, run_dir.exists()
     trained = train(config.validate())
     metrics = trained.metrics
     result = StrategyResult(name, config.model.name, validation=metrics["validation"], test=metrics.get("test"),
@@ -481,12 +481,40 @@ def markdown(result: ComparisonResult) -> str:
     return "\n".join(lines)
 
 
+def _earlier_results(out: Path, config: Config, resume: bool) -> dict[str, StrategyResult]:
+    """The strategies an earlier `compare` into `out` finished (with `resume`, and the same configuration)."""
+    if not (out / "comparison.json").exists():
+        return {}
+    if not resume:
+        raise AfinarError(f"{out} already holds a comparison; pick another --out, or --resume to run only the "
+                          f"strategies it lacks or that failed")
+    if not (out / "config.yaml").is_file() or (out / "config.yaml").read_text(encoding="utf-8") != to_yaml(config):
+        raise AfinarError(f"{out} was compared with another configuration (see its config.yaml); --resume needs the "
+                          f"same one")
+    saved = read_json(out / "comparison.json")["results"]
+    return {r["name"]: StrategyResult(**r) for r in saved if not r.get("error")}
+
+
+def _summarise(out: Path, results: list[StrategyResult], splits: data_lib.Splits, args: CompareArgs
+               ) -> ComparisonResult:
+    majority = {split: float(np.bincount(ds["label"]).max() / len(ds)) for split, ds in splits.items()
+                if split != "train" and len(ds)}
+    recommended, text = recommend(results, args.tolerance_points, majority.get("test", majority.get("validation")))
+    return ComparisonResult(out, results, recommended, text, {split: len(ds) for split, ds in splits.items()},
+                            splits.label_names, majority,
+                            "the peak resident set size of a process that ran the strategy alone" if args.isolate
+                            else "the peak resident set size of the shared process, sampled every 20 ms")
+
+
 def compare(config: Config, strategies: Sequence[str] | str, out_dir: str | Path | None = None,
-            args: CompareArgs | None = None, prompt: PromptArgs | None = None) -> ComparisonResult:
+            args: CompareArgs | None = None, prompt: PromptArgs | None = None, resume: bool = False
+            ) -> ComparisonResult:
     """Run `strategies` on the same splits and seed; write comparison.json, comparison.md and report.html into
     `out_dir` (default `<train.output_dir>/compare-<time>`), and recommend one. A strategy that fails is
-    recorded as failed and the others still run. With `args.isolate` each strategy runs in a spawned process,
-    so a script that calls `compare` needs the usual `if __name__ == "__main__":` guard."""
+    recorded as failed and the others still run. The table is rewritten after every strategy, so a killed
+    comparison loses only the strategy it was running: `resume` reruns just the strategies that are missing
+    or failed (a fine-tuning run continues from its last checkpoint). With `args.isolate` each strategy runs
+    in a spawned process, so a script that calls `compare` needs the usual `if __name__ == "__main__":` guard."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
@@ -496,14 +524,17 @@ def compare(config: Config, strategies: Sequence[str] | str, out_dir: str | Path
     args, prompt = args or config.compare, prompt or config.prompt
     config = copy.deepcopy(config).validate()
     out = Path(out_dir or Path(config.train.output_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (out / "comparison.json").exists():
-        raise AfinarError(f"{out} already holds a comparison; pick another --out")
+    earlier = _earlier_results(out, config, resume)
     out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.yaml", to_yaml(config))
     splits, report = checked_splits(config, load_tokenizer(config.model))
-    data_report = report.to_dict()
-    write_json(out / "data_report.json", data_report)
-    results = []
+    write_json(out / "data_report.json", report.to_dict())
+    results: list[StrategyResult] = []
     for name in names:
+        if name in earlier:
+            log.info("strategy %s: kept from the earlier comparison in %s", name, out)
+            results.append(earlier[name])
+            continue
         log.info("strategy %s (%d of %d)", name, len(results) + 1, len(names))
         try:
             if args.isolate:
@@ -517,14 +548,9 @@ def compare(config: Config, strategies: Sequence[str] | str, out_dir: str | Path
         results.append(result)
         log.info("%s: validation accuracy %s, test accuracy %s", name, _cell(result.val_accuracy),
                  _cell(result.test_accuracy))
-    majority = {split: float(np.bincount(ds["label"]).max() / len(ds)) for split, ds in splits.items()
-                if split != "train" and len(ds)}
-    recommended, text = recommend(results, args.tolerance_points, majority.get("test", majority.get("validation")))
-    result = ComparisonResult(out, results, recommended, text, {split: len(ds) for split, ds in splits.items()},
-                              splits.label_names, majority,
-                              "the peak resident set size of a process that ran the strategy alone" if args.isolate
-                              else "the peak resident set size of the shared process, sampled every 20 ms")
-    write_json(out / "comparison.json", result.to_dict())
-    write_atomic(out / "comparison.md", markdown(result))
+        write_json(out / "comparison.json", _summarise(out, results, splits, args).to_dict())  # progress
+    comparison = _summarise(out, results, splits, args)
+    write_json(out / "comparison.json", comparison.to_dict())
+    write_atomic(out / "comparison.md", markdown(comparison))
     write_comparison_report(out)
-    return result
+    return comparison
