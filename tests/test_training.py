@@ -126,3 +126,59 @@ def test_two_process_torchrun_matches_one_process(tiny_bert, tweets_jsonl, tmp_p
     assert two["validation"]["n"] == results[1]["validation"]["n"]  # no padded duplicates in evaluation
     assert abs(two["validation"]["loss"] / results[1]["validation"]["loss"] - 1) < 0.02
     assert abs(two["test"]["loss"] / results[1]["test"]["loss"] - 1) < 0.02
+
+
+def test_out_of_memory_halves_the_batch_keeps_the_effective_batch_and_continues(tiny_bert, tweets_jsonl, tmp_path,
+                                                                                  caplog):
+    """A GPU out-of-memory error (raised here on the CPU at step 5, after the step-4 checkpoint, while the
+    per-device batch is 16) costs a retry at 8 x 2 accumulation from that checkpoint, not the run."""
+    import torch
+    from transformers import TrainerCallback
+
+    class RunsOutOfMemory(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 5 and args.per_device_train_batch_size > 8:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    train_file, test_file = tweets_jsonl
+    base = {"train.max_steps": 8, "train.eval_every": 4, "train.batch_size": 16, "train.keep_checkpoints": True}
+    plain = train(load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path,
+                                                       **base, **{"train.run_name": "plain"})))
+    with caplog.at_level("WARNING", logger="afinar"):
+        retried = train(load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path,
+                                                             **base, **{"train.run_name": "oom"})),
+                        callbacks=[RunsOutOfMemory()])
+    assert "out of memory at step 5: retrying with 8 per device x 2 accumulation steps" in caplog.text
+    assert "checkpoint-4" in caplog.text and Run.open(retried.run_dir).status() == "finished"
+    state = json.loads((retried.run_dir / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["global_step"] == plain.metrics["train"]["steps"] == 8
+    # same samples in the same order with the same effective batch: the same model, up to float summation order
+    assert retried.metrics["validation"]["loss"] == pytest.approx(plain.metrics["validation"]["loss"], rel=1e-3)
+
+
+def test_full_disk_fails_in_one_line_and_keeps_the_last_checkpoint(tiny_bert, tweets_jsonl, tmp_path, monkeypatch):
+    import errno
+
+    from transformers import Trainer
+
+    saves = []
+    original = Trainer._save_checkpoint
+
+    def save_then_fill_the_disk(self, *args, **kwargs):
+        if saves:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "checkpoints" / "tmp"))
+        saves.append(self.state.global_step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_fill_the_disk)
+    train_file, test_file = tweets_jsonl
+    config = load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
+        "train.max_steps": 12, "train.eval_every": 4}))
+    with pytest.raises(AfinarError, match=r"disk full while writing .*; the last complete checkpoint is "
+                                          r".*checkpoint-4: free space, then `afinar train .* --resume`"):
+        train(config)
+    run = Run.open(tmp_path / "r")
+    assert run.status() == "failed" and last_checkpoint(run).endswith("checkpoint-4")
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)  # space freed: the run continues and finishes
+    resumed = train(load_config(tmp_path / "r" / "config.yaml", ["train.resume=true"]))
+    assert resumed.metrics["train"]["steps"] == 12 and run.status() == "finished"

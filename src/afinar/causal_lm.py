@@ -31,7 +31,7 @@ from afinar.errors import AfinarError
 from afinar.models import _check_safetensors, _common, _hub_error, load_tokenizer, resolve
 from afinar.report import write_run_report
 from afinar.runs import Run, is_main_process, machine, versions
-from afinar.training import (apply_lora, build_trainer, freeze_lower_layers, last_checkpoint, save_best,
+from afinar.training import (apply_lora, build_trainer, fit, freeze_lower_layers, last_checkpoint, save_best,
                              trainable_parameters)
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ def train_lm(config: Config) -> TrainResult:
         trainer = build_trainer(run, config.train, model, tokenizer, datasets["train"], eval_ds, collate_blocks,
                                 None, _drop_logits)
         started = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=last_checkpoint(run) if config.train.resume else None)
+        output = fit(trainer, run, last_checkpoint(run) if config.train.resume else None)
         seconds = time.perf_counter() - started
         validation = trainer.state.best_metric  # eval loss of the model loaded at the end
         if validation is None:

@@ -22,7 +22,7 @@ from afinar.metrics import classification_report, logits_to_predictions, trainer
 from afinar.models import load_classifier, load_tokenizer, resolve
 from afinar.report import write_run_report
 from afinar.runs import Run, is_main_process, machine, versions
-from afinar.training import (apply_lora, build_trainer, freeze_lower_layers, last_checkpoint, save_best,
+from afinar.training import (apply_lora, build_trainer, fit, freeze_lower_layers, last_checkpoint, save_best,
                              trainable_parameters)
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def train(config: Config, callbacks: list | None = None, with_test: bool = True)
         checkpoint = last_checkpoint(run) if config.train.resume else None
         if config.train.resume:
             log.info("resuming from %s", checkpoint or "the start: no complete checkpoint yet")
-        output = trainer.train(resume_from_checkpoint=checkpoint)
+        output = fit(trainer, run, checkpoint)
         seconds = time.perf_counter() - started
         metrics = {"train": {"seconds": seconds, "data_seconds": data_seconds, "steps": trainer.state.global_step,
                              "samples_per_second": output.metrics.get("train_samples_per_second", 0.0),

@@ -6,6 +6,7 @@ length grouping, early stopping and checkpointing are applied once and mean the 
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
@@ -184,6 +185,40 @@ def save_best(run: Run, trainer: Trainer, tokenizer, lora: bool) -> None:
     model = trainer.model.merge_and_unload() if lora else trainer.model
     model.save_pretrained(run.model_dir)
     tokenizer.save_pretrained(run.model_dir)
+
+
+def fit(trainer: Trainer, run: Run, checkpoint: str | None):
+    """`trainer.train`, with two failures made survivable. Out of GPU memory: halve the per-device batch and
+    double gradient accumulation (the same effective batch, so the same schedule and samples) and continue from
+    the last complete checkpoint. A full disk: one line naming the last complete checkpoint to resume from;
+    `Trainer` writes each checkpoint into a new folder, so the earlier ones are intact."""
+    while True:
+        try:
+            return trainer.train(resume_from_checkpoint=checkpoint)
+        except torch.OutOfMemoryError:
+            args, step = trainer.args, trainer.state.global_step
+            checkpoint = last_checkpoint(run)
+            if args.per_device_train_batch_size == 1:
+                raise AfinarError("out of memory with a batch of 1 per device; lower data.max_length, use LoRA "
+                                  "or train.freeze_layers, or a GPU with more memory") from None
+            if step > 0 and checkpoint is None:
+                raise AfinarError(f"out of memory at step {step}, before any checkpoint to continue from; set "
+                                  f"train.batch_size lower (and train.gradient_accumulation_steps higher)") from None
+            args.per_device_train_batch_size //= 2
+            args.gradient_accumulation_steps *= 2
+            trainer._train_batch_size = args.per_device_train_batch_size  # what the dataloader is built with
+            trainer.optimizer, trainer.lr_scheduler = None, None  # rebuilt, then restored from the checkpoint
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("out of memory at step %d: retrying with %d per device x %d accumulation steps (the same "
+                        "effective batch) from %s", step, args.per_device_train_batch_size,
+                        args.gradient_accumulation_steps, checkpoint or "the start")
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise AfinarError(f"disk full while writing {exc.filename or run.path}; the last complete checkpoint is "
+                              f"{last_checkpoint(run) or 'none yet'}: free space, then `afinar train "
+                              f"{run.path / 'config.yaml'} --resume`") from None
 
 
 def last_checkpoint(run: Run) -> str | None:
