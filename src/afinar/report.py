@@ -367,7 +367,8 @@ def write_search_report(folder: str | Path) -> Path:
     result = read_json(folder / "search.json")
     keys = list(result["best_params"])
     rows = [[f"{r['trial']}" + (" (as configured)" if r.get("baseline") else ""), r["state"],
-             "" if r["value"] is None else f"{r['value']:.4f}", *[r.get(k, "") for k in keys],
+             "" if r["value"] is None else f"{r['value']:.4f}",
+             *[f"{v:.3g}" if isinstance(v := r.get(k, ""), float) else v for k in keys],
              "" if r.get("seconds") is None else f"{r['seconds']:.0f}"] for r in result["trials"]]
     test = result.get("test")
     diagnosis = result.get("diagnosis") or {}
