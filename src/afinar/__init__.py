@@ -28,13 +28,15 @@ def generate(model: str, prompt: str, **options) -> str:
     return sample(model, prompt, **options)
 
 
-def compare(config: Config | str | None = None, strategies: str | list[str] = "all", out_dir: str | None = None):
-    """Run several strategies on the same splits and recommend one (see `afinar.strategies.compare`)."""
+def compare(config: Config | str | None = None, strategies: str | list[str] = "all", out_dir: str | None = None,
+            resume: bool = False):
+    """Run several strategies on the same splits and recommend one (see `afinar.strategies.compare`); call it
+    under `if __name__ == "__main__":`, since each strategy runs in a spawned process."""
     from afinar.strategies import compare as run_comparison
 
     if not isinstance(config, Config):
         config = load_config(config)
-    return run_comparison(config, strategies, out_dir)
+    return run_comparison(config, strategies, out_dir, resume=resume)
 
 
 def serve(run_dir: str, **options) -> None:
