@@ -19,7 +19,7 @@ import numpy as np
 
 from afinar import cache
 from afinar.config import CheckArgs, Config
-from afinar.data import Splits, prepare_splits, read_splits
+from afinar.data import Splits, prepare_splits, read_splits, select_rows
 from afinar.errors import AfinarError
 from afinar.models import load_tokenizer
 
@@ -371,7 +371,7 @@ def apply_policies(splits: Splits, report: DataReport, check_args: CheckArgs) ->
         notes.append(note)
     train = splits.train
     if dropped:
-        train = train.select([i for i in range(len(train)) if i not in dropped])
+        train = select_rows(train, [i for i in range(len(train)) if i not in dropped])
     return dataclasses.replace(splits, train=train, notes=[*splits.notes, *notes])
 
 

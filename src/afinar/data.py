@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from datasets import ClassLabel, Dataset, Features, Value
 
@@ -283,7 +284,7 @@ def _label_names(frame: pd.DataFrame, label_column: str, class_names: dict[str, 
         if companion is not None and frame.groupby(ids)[companion].nunique().max() == 1:
             by_id = frame.groupby(ids)[companion].first().sort_index()
             if by_id.is_unique:
-                return [str(n) for n in by_id], ids.map(lambda i: str(by_id[i]))
+                return [str(n) for n in by_id], ids.map(by_id.astype(str))  # a Series lookup, not a Python call per row
         names = [str(i) for i in sorted(ids.unique())]
         return names, ids.astype(str)
     numeric = pd.to_numeric(values, errors="coerce")
@@ -333,18 +334,26 @@ def _to_dataset(frame: pd.DataFrame, label_names: list[str]) -> Dataset:
     return Dataset.from_pandas(frame, features=features, preserve_index=False)
 
 
+def select_rows(ds: Dataset, rows: list[int]) -> Dataset:
+    """`ds.select(rows)` with a fingerprint from a hash of the row numbers: `datasets` would otherwise pickle
+    the whole list to fingerprint it, a second per 25k rows."""
+    digest = hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+    return ds.select(rows, new_fingerprint=f"{ds._fingerprint}-{digest}")
+
+
 def _carve_validation(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset, str]:
     from sklearn.model_selection import train_test_split
 
     rows = list(range(len(train)))
     try:
-        kept, held = train_test_split(rows, test_size=fraction, random_state=seed, stratify=train["label"])
+        labels = train.select_columns("label")[:]["label"]  # one slice: row-by-row column access is slow
+        kept, held = train_test_split(rows, test_size=fraction, random_state=seed, stratify=labels)
         how = "stratified"
     except ValueError:  # a class too small to stratify
         kept, held = train_test_split(rows, test_size=fraction, random_state=seed)
         how = "random (a class is too small to stratify)"
     note = f"validation carved from train: {len(held):,} rows ({fraction:.0%}, {how}, seed {seed})"
-    return train.select(kept), train.select(held), note
+    return select_rows(train, kept), select_rows(train, held), note
 
 
 def _subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
