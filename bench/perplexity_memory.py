@@ -64,7 +64,8 @@ def main() -> None:
     ratio = rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
     result = {"model": args.model, "text": args.text, "block_size": args.block_size, "stride": args.stride,
               "rows": rows, "peak_rss_ratio_full_to_tenth": ratio}
-    table = ["| text | tokens | perplexity | seconds | RSS after load (MB) | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+    table = ["| text | tokens | perplexity | seconds | RSS after load (MB) | peak RSS (MB) |",
+             "|---|---|---|---|---|---|"]
     table += [f"| {r['fraction']:.0%} | {r['tokens']:,} | {r['perplexity']:.2f} | {r['seconds']:.0f} | "
               f"{r['rss_after_load_mb']:,.0f} | {r['peak_rss_mb']:,.0f} |" for r in rows]
     table.append(f"\nPeak RSS, full text / a tenth: {ratio:.3f}")

@@ -382,7 +382,8 @@ def write_search_report(folder: str | Path) -> Path:
                 "<h2>Diagnosis of the best run</h2>", f"<p class='verdict'>{_e(diagnosis.get('verdict', ''))}</p>",
                 "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in diagnosis.get("reasons", [])) + "</ul>",
                 "<h2>Trials</h2>", _table(["trial", "state", "validation", *keys, "seconds"], rows)]
-    sections += [_img(_data_uri((folder / name).read_bytes()), name.removesuffix(".png")) for name in result.get("plots", [])]
+    sections += [_img(_data_uri((folder / name).read_bytes()), name.removesuffix(".png"))
+                 for name in result.get("plots", [])]
     path = folder / "report.html"
     write_atomic(path, _page("afinar hyperparameter search", sections))
     return path
