@@ -1,23 +1,36 @@
 """afinar: fine-tune pretrained language models on your data, honestly measured, on the machine you have."""
 
-from afinar.checks import DataReport, check
-from afinar.classify import TrainResult, evaluate, predict
-from afinar.classify import train as train_classifier
+import importlib
+
 from afinar.config import Config, load_config
 from afinar.errors import AfinarError
-from afinar.search import SearchResult, search
 
 __version__ = "0.1.0"
 
+# Imported on first use: `transformers.Trainer` and friends take seconds to import, and `afinar check` or
+# `afinar predict` should not pay for what they never call.
+_LAZY = {"DataReport": "afinar.checks", "check": "afinar.checks", "TrainResult": "afinar.classify",
+         "evaluate": "afinar.classify", "predict": "afinar.classify", "SearchResult": "afinar.search",
+         "search": "afinar.search"}
 
-def train(config: Config | str | None = None, overrides: list[str] | None = None) -> TrainResult:
-    """Train what `config` describes (a `Config`, or a YAML path plus `key=value` overrides)."""
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'afinar' has no attribute {name!r}")
+
+
+def train(config: Config | str | None = None, overrides: list[str] | None = None):
+    """Train what `config` describes (a `Config`, or a YAML path plus `key=value` overrides); returns a
+    `TrainResult`."""
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     if config.task == "causal_lm":
         from afinar.causal_lm import train_lm
 
         return train_lm(config)
+    from afinar.classify import train as train_classifier
+
     return train_classifier(config)
 
 
