@@ -9,6 +9,7 @@ to reclaim the space.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -51,16 +52,20 @@ def tokenizer_digest(tokenizer) -> str:
     """Hash of everything that decides a tokenizer's output: its full definition when it is a fast tokenizer,
     else its vocabulary, plus the special tokens and the padding/truncation sides."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # its truncation and padding state is whatever the last call left: not identity
-        definition = json.loads(backend.to_str())
-        definition.pop("truncation", None)
-        definition.pop("padding", None)
-    else:
-        definition = tokenizer.get_vocab()
-    definition = json.dumps(definition, sort_keys=True)
-    return digest(type(tokenizer).__name__, hashlib.sha256(definition.encode("utf-8")).hexdigest(),
-                  tokenizer.all_special_tokens, tokenizer.pad_token, tokenizer.padding_side,
-                  tokenizer.truncation_side)
+    definition = (_definition_hash(backend.to_str()) if backend is not None else
+                  hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode("utf-8")).hexdigest())
+    return digest(type(tokenizer).__name__, definition, tokenizer.all_special_tokens, tokenizer.pad_token,
+                  tokenizer.padding_side, tokenizer.truncation_side)
+
+
+@functools.lru_cache(maxsize=4)
+def _definition_hash(definition: str) -> str:
+    """Hash of a fast tokenizer's JSON without its truncation and padding state (whatever the last call left:
+    not identity). Parsing megabytes of JSON takes a quarter second, and one run asks for every split."""
+    parsed = json.loads(definition)
+    parsed.pop("truncation", None)
+    parsed.pop("padding", None)
+    return hashlib.sha256(json.dumps(parsed, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def cached_json(kind: str, key: str, compute: Callable[[], dict], enabled: bool = True) -> tuple[dict, bool]:
@@ -89,7 +94,7 @@ def cached_map(ds: Dataset, key: str, function: Callable[[dict], dict], remove_c
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")  # several processes may race: last wins
     try:
         ds.map(function, batched=True, remove_columns=list(remove_columns), desc=desc,
-                        cache_file_name=str(temporary), load_from_cache_file=False)
+               cache_file_name=str(temporary), load_from_cache_file=False)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

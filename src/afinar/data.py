@@ -14,8 +14,10 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -430,6 +432,17 @@ def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, list]:
             if "token_type_ids" in encoded:
                 encoded["token_type_ids"][row] = [0]
     return dict(encoded)
+
+
+def padded_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, return_tensors: str
+                   ) -> Iterator[tuple[list[int], Any]]:
+    """Texts in batches of similar length (little padding), each tokenized and padded to its own longest row,
+    with the input positions it holds, so callers write results back in input order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        yield index, tokenizer.pad(encode(tokenizer, [texts[i] for i in index], max_length),
+                                   return_tensors=return_tensors)
 
 
 def tokenize(ds: Dataset, tokenizer, max_length: int, use_cache: bool = True) -> Dataset:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from afinar.config import ModelArgs
-from afinar.data import encode
+from afinar.data import padded_batches
 from afinar.errors import AfinarError
 from afinar.models import load_classifier, load_tokenizer
 from afinar.runs import Run, read_json
@@ -61,12 +61,9 @@ class Predictor:
 
     def logits(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Raw logits, one row per text, in input order."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            encoded = encode(self.tokenizer, [texts[i] for i in index], self.max_length)
-            out[index] = self._logits(dict(self.tokenizer.pad(encoded, return_tensors="np")))
+        for index, batch in padded_batches(self.tokenizer, texts, batch_size, self.max_length, "np"):
+            out[index] = self._logits(dict(batch))
         return out
 
     def scores(self, texts: list[str], batch_size: int = 64) -> np.ndarray:

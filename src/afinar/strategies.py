@@ -152,12 +152,9 @@ class Encoder:
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
         out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
-        for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
-            encoded = data_lib.encode(self.tokenizer, [texts[i] for i in index], self.max_length)
-            batch = self.tokenizer.pad(encoded, return_tensors="pt").to(self.device)
+        for index, batch in data_lib.padded_batches(self.tokenizer, texts, self.batch_size, self.max_length, "pt"):
+            batch = batch.to(self.device)
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
