@@ -75,7 +75,7 @@ def worker(spec: dict) -> dict:
 
     from afinar.config import DataArgs, LoraArgs, TrainArgs
     from afinar.data import load_splits, tokenize
-    from afinar.training import apply_lora, training_arguments
+    from afinar.training import apply_lora, speed_up, training_arguments
 
     splits = load_splits(DataArgs(source="tweets", max_train_samples=spec["samples"], max_eval_samples=256), 42)
     tokenizer, model, model_max = build_model(spec["model"], len(splits.label_names))
@@ -104,6 +104,7 @@ def worker(spec: dict) -> dict:
                                   Path(out), has_eval=False)
         args.save_strategy = "no"
         args.disable_tqdm = True
+        speed_up(model, TrainArgs(), args.device)  # what build_trainer does: the CPU speed-ups
     elif tutorial:
         args = TrainingArguments(per_device_train_batch_size=1, gradient_accumulation_steps=4, **common)
     else:
@@ -209,7 +210,7 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     models = args.models.split(",") if args.models else (["minilm-l6", "gpt2-small"] if args.quick else list(MODELS))
-    samples = ({"minilm-l6": 640, "gpt2-small": 128, "smollm2-135m": 128} if args.quick else
+    samples = ({"minilm-l6": 640, "gpt2-small": 256, "smollm2-135m": 128} if args.quick else
                {"minilm-l6": 3200, "gpt2-small": 640, "smollm2-135m": 320})
     result = run_all(models, samples, args.batch)
     RESULTS.mkdir(exist_ok=True)

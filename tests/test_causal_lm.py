@@ -82,7 +82,10 @@ def test_training_learns_the_domain_and_writes_a_complete_run(tiny_gpt2, corpus,
     # the tuned model continues the domain, deterministically for a seed
     first = generate(run, "The patient presented with", max_new_tokens=12, seed=1)
     assert first == generate(run, "The patient presented with", max_new_tokens=12, seed=1)
-    assert "fever" in generate(run, "The patient presented with", max_new_tokens=4, temperature=0)
+    # greedy decoding of a 2-layer model trained 30 steps repeats itself, but only in the domain's words: an
+    # untrained model picks from all 50,257 tokens
+    words = generate(run, "The patient presented with", max_new_tokens=6, temperature=0).split()
+    assert words and {w.strip(".,") for w in words} <= {w.strip(".,") for s in SENTENCES for w in s.split()} | {"Case"}
     again = forgetting_for_run(run)
     assert again["domain"]["tuned_perplexity"] == pytest.approx(domain["after"], rel=1e-4)
     assert (run / "forgetting.json").is_file()
