@@ -34,6 +34,38 @@ def test_dataset_digest_follows_content_not_identity(splits):
                            with_indices=True)
     assert cache.dataset_digest(relabelled) != cache.dataset_digest(train)
     assert cache.dataset_digest(train.select(range(1, len(train)))) != cache.dataset_digest(train)
+    # a shuffled selection hashes like the same rows built afresh (the digest gathers through the indices)
+    shuffled = train.shuffle(seed=3).select(range(5, 25))
+    rebuilt = _to_dataset(pd.DataFrame(shuffled[:]), splits.label_names)
+    assert cache.dataset_digest(shuffled) == cache.dataset_digest(rebuilt) != cache.dataset_digest(train)
+    moved = _to_dataset(pd.DataFrame({"text": ["ab", "c"], "label": [0, 1]}), splits.label_names)
+    assert cache.dataset_digest(moved) != cache.dataset_digest(
+        _to_dataset(pd.DataFrame({"text": ["a", "bc"], "label": [0, 1]}), splits.label_names))
+
+
+def test_files_with_the_same_bytes_are_read_once(tweets_jsonl, own_cache, tmp_path, caplog):
+    train, test = tweets_jsonl
+    with caplog.at_level(logging.INFO, logger="afinar"):
+        first = read_splits(DataArgs(source=str(train), test=str(test)))
+        assert "data read from the cache" not in caplog.text
+        copy = tmp_path / "elsewhere.jsonl"
+        copy.write_bytes(train.read_bytes())  # another name, the same bytes
+        second = read_splits(DataArgs(source=str(copy), test=str(test)))
+        assert "data read from the cache" in caplog.text
+    assert second.train[:] == first.train[:] and second.test[:] == first.test[:]
+    assert second.label_names == first.label_names and second.sources["train"] == str(copy)
+    assert second.fingerprints == first.fingerprints
+    caplog.clear()
+    lines = train.read_text(encoding="utf-8").splitlines()
+    copy.write_text("\n".join([lines[0].replace('"text": "', '"text": "edited ', 1), *lines[1:]]) + "\n",
+                    encoding="utf-8")
+    with caplog.at_level(logging.INFO, logger="afinar"):
+        edited = read_splits(DataArgs(source=str(copy), test=str(test)))
+        assert "data read from the cache" not in caplog.text
+        other_column = read_splits(DataArgs(source=str(train), test=str(test), label_column="label_text"))
+        assert "data read from the cache" not in caplog.text  # reading settings are part of the key
+    assert edited.train[0]["text"].startswith("edited ") and edited.train[1:] == first.train[1:]
+    assert other_column.train["label"] == first.train["label"]
 
 
 def test_tokenizer_digest_tells_tokenizers_apart(tiny_bert, tiny_gpt2):

@@ -1,8 +1,9 @@
-"""Content-keyed on-disk cache for the data work a rerun would repeat: the checks' report and tokenized splits.
+"""Content-keyed on-disk cache for the data work a rerun would repeat: reading and normalising the files, the
+checks' report and the tokenized splits.
 
-Keys hash what the result depends on and nothing else: the texts and labels themselves (not file names or
-times), the tokenizer's full definition, and the settings. So a second run on the same data starts training in
-seconds, and any change that matters (an edited row, another tokenizer, another `max_length`) misses. Entries
+Keys hash what the result depends on and nothing else: the files' bytes (not their names or times) or the texts
+and labels themselves, the tokenizer's full definition, and the settings. So a second run on the same data starts
+training in seconds, and any change that matters (an edited row, another tokenizer, another `max_length`) misses. Entries
 live under `$AFINAR_CACHE/data` (default `~/.cache/afinar/data`) and are written atomically; delete the folder
 to reclaim the space.
 """
@@ -14,19 +15,22 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
+import numpy as np
+import pyarrow as pa
+from datasets import Dataset, load_from_disk
 
 from afinar.assets import cache_dir
 from afinar.runs import write_atomic
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when what is cached, or how it is computed, changes
+VERSION = 2  # bump when what is cached, or how it is computed, changes
 
 
 def data_cache_dir() -> Path:
@@ -40,11 +44,18 @@ def digest(*parts: Any) -> str:
 
 
 def dataset_digest(ds: Dataset) -> str:
-    """Hash of a split's texts and labels, in order."""
+    """Hash of a split's texts and labels, in order, read from the Arrow buffers (about 100x faster than
+    iterating the rows in Python): the UTF-8 bytes, the offsets where each text ends, and the labels."""
+    table = ds.data.table
+    if ds._indices is not None:  # a selection or shuffle: gather the rows it stands for
+        table = table.take(ds._indices.column(0))
+    texts = table.column("text").cast(pa.large_string()).combine_chunks()
+    _, offsets, data = texts.buffers()
+    ends = np.frombuffer(offsets, dtype=np.int64)[texts.offset:texts.offset + len(texts) + 1]
     sha = hashlib.sha256()
-    columns = ds[:]
-    for text, label in zip(columns["text"], columns["label"]):
-        sha.update(f"{label}\t{text}\0".encode("utf-8", "surrogatepass"))
+    sha.update((ends - ends[0]).tobytes())
+    sha.update(memoryview(data)[ends[0]:ends[-1]] if data is not None else b"")
+    sha.update(table.column("label").to_numpy().astype(np.int64).tobytes())
     return sha.hexdigest()
 
 
@@ -100,3 +111,31 @@ def cached_map(ds: Dataset, key: str, function: Callable[[dict], dict], remove_c
         temporary.unlink(missing_ok=True)
     return Dataset.from_file(str(path)), False
 
+
+
+def cached_datasets(key: str, compute: Callable[[], tuple[dict[str, Dataset], dict]], enabled: bool = True
+                    ) -> tuple[dict[str, Dataset], dict, bool]:
+    """`compute()` -> (named datasets, JSON-able metadata), or both from the cache, read into memory (as
+    computed ones are, so later selections write no files into the cache); the bool says whether the cache
+    answered."""
+    folder = data_cache_dir() / "datasets" / key
+    if enabled and (folder / "meta.json").is_file():
+        try:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+            return {name: load_from_disk(str(folder / name), keep_in_memory=True) for name in meta["datasets"]}, meta["meta"], True
+        except (OSError, ValueError, KeyError, FileNotFoundError):
+            log.warning("cache entry %s is unreadable; recomputing it", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    datasets, meta = compute()
+    if enabled:
+        temporary = folder.with_name(f".{key}.{uuid.uuid4().hex}")
+        try:
+            for name, ds in datasets.items():
+                ds.save_to_disk(str(temporary / name))
+            write_atomic(temporary / "meta.json", json.dumps({"datasets": list(datasets), "meta": meta}))
+            os.replace(temporary, folder)  # the folder appears complete or not at all
+        except OSError:  # another process stored the same entry first, or the disk is full: not an error here
+            pass
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    return datasets, meta, False

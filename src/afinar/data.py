@@ -212,11 +212,9 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _raw_splits(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]],
-                                                          dict[str, str], dict[str, str]]:
-    """DataFrames per split, ClassLabel names from the hub, source descriptions and fingerprints. Without
-    `with_test` the test split is not read at all (hyperparameter search must not see it)."""
-    files: dict[str, Path] = {}
+def _split_files(args: DataArgs, with_test: bool) -> dict[str, Path] | None:
+    """The local file of each split, or None when `args.source` names a hub dataset. Without `with_test` the
+    test split is not listed (hyperparameter search must not see it)."""
     source = Path(args.source).expanduser()
     if args.source in assets.DATASETS:
         files = assets.dataset_files(args.source)
@@ -225,23 +223,28 @@ def _raw_splits(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.DataFrame
     elif source.exists() or source.suffix:  # anything that looks like a file is not a hub id
         files = {"train": source}
     else:
-        frames, class_names, fingerprints = _hub_splits(args, with_test)
-        if "train" not in frames:
-            raise AfinarError(f"hub dataset {args.source!r} has no train split (splits: {', '.join(frames)})")
-        sources = {split: f"hub:{args.source}" for split in frames}
-        for split, path in (("validation", args.validation), ("test", args.test if with_test else None)):
-            if path:
-                frames[split] = read_table(path, args.encoding)
-                sources[split], fingerprints[split] = path, sha256_file(Path(path))
-        return frames, class_names, sources, fingerprints
+        return None
     for split, path in (("validation", args.validation), ("test", args.test)):
         if path:
             files[split] = Path(path).expanduser()
     if not with_test:
         files.pop("test", None)
-    frames = {split: read_table(path, args.encoding) for split, path in files.items()}
-    return (frames, {}, {s: str(p) for s, p in files.items()},
-            {s: sha256_file(p) for s, p in files.items()})
+    return files
+
+
+def _hub_splits_and_files(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]],
+                                                                   dict[str, str], dict[str, str]]:
+    """DataFrames per split from the hub (plus any local validation/test file), ClassLabel names, source
+    descriptions and fingerprints."""
+    frames, class_names, fingerprints = _hub_splits(args, with_test)
+    if "train" not in frames:
+        raise AfinarError(f"hub dataset {args.source!r} has no train split (splits: {', '.join(frames)})")
+    sources = {split: f"hub:{args.source}" for split in frames}
+    for split, path in (("validation", args.validation), ("test", args.test if with_test else None)):
+        if path:
+            frames[split] = read_table(path, args.encoding)
+            sources[split], fingerprints[split] = path, sha256_file(Path(path))
+    return frames, class_names, sources, fingerprints
 
 
 # ---------------------------------------------------------------- columns and labels
@@ -365,17 +368,45 @@ def _subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     return ds.shuffle(seed=seed).select(range(limit))
 
 
-def read_splits(args: DataArgs, with_test: bool = True) -> Splits:
-    """The splits as the source has them, normalised; `validation` is None when the source has none."""
-    frames, class_names, sources, fingerprints = _raw_splits(args, with_test)
+def read_splits(args: DataArgs, with_test: bool = True, use_cache: bool = True) -> Splits:
+    """The splits as the source has them, normalised; `validation` is None when the source has none. Local
+    files are read once: the normalised splits are cached under the hash of the files' bytes and the reading
+    settings (`afinar.cache`)."""
+    files = _split_files(args, with_test)
+    if files is None:
+        frames, class_names, sources, fingerprints = _hub_splits_and_files(args, with_test)
+        datasets, label_names = _normalise_splits(frames, class_names, sources, args)
+    else:
+        for path in files.values():
+            if not path.is_file():
+                raise AfinarError(f"{path}: file not found")
+        sources = {split: str(path) for split, path in files.items()}
+        fingerprints = {split: sha256_file(path) for split, path in files.items()}
+        key = cache.digest("splits", fingerprints, args.text_column, args.label_column, args.encoding,
+                           args.max_text_chars)
+
+        def read() -> tuple[dict[str, Dataset], dict]:
+            frames = {split: read_table(path, args.encoding) for split, path in files.items()}
+            datasets, label_names = _normalise_splits(frames, {}, sources, args)
+            return datasets, {"label_names": label_names}
+
+        datasets, meta, hit = cache.cached_datasets(key, read, use_cache)
+        label_names = meta["label_names"]
+        if hit:
+            log.info("data read from the cache (files with the same bytes were read before)")
+    return Splits(datasets["train"], datasets.get("validation"), datasets.get("test"), label_names,
+                  sources, fingerprints, [])
+
+
+def _normalise_splits(frames: dict[str, pd.DataFrame], class_names: dict[str, list[str]], sources: dict[str, str],
+                      args: DataArgs) -> tuple[dict[str, Dataset], list[str]]:
     train, label_names = _normalise(frames["train"], args, sources["train"], class_names, None)
     datasets = {"train": _to_dataset(train, label_names)}
     for split in ("validation", "test"):
         if split in frames:
             frame, _ = _normalise(frames[split], args, sources[split], class_names, label_names)
             datasets[split] = _to_dataset(frame, label_names)
-    return Splits(datasets["train"], datasets.get("validation"), datasets.get("test"), label_names,
-                  sources, fingerprints, [])
+    return datasets, label_names
 
 
 def prepare_splits(splits: Splits, args: DataArgs, seed: int) -> Splits:
