@@ -95,11 +95,11 @@ def worker(spec: dict) -> dict:
     if lora:
         model = apply_lora(model, LoraArgs(enabled=True), "SEQ_CLS")
     out = f"/tmp/afinar-bench-{os.getpid()}"
-    common = {"output_dir": out, "report_to": "none", "save_strategy": "no", "seed": 42, "disable_tqdm": True,
+    common = {"output_dir": out, "report_to": "none", "save_strategy": "no", "seed": spec["seed"], "disable_tqdm": True,
               "num_train_epochs": 1, "logging_steps": 10_000, "learning_rate": 5e-5,
               "dataloader_pin_memory": False}
     if path.startswith("afinar"):
-        args = training_arguments(TrainArgs(batch_size=spec["batch"], epochs=1, learning_rate=5e-5,
+        args = training_arguments(TrainArgs(batch_size=spec["batch"], epochs=1, learning_rate=5e-5, seed=spec["seed"],
                                             warmup_ratio=0.0, weight_decay=0.0, logging_steps=10_000),
                                   Path(out), has_eval=False)
         args.save_strategy = "no"
@@ -149,13 +149,13 @@ def worker(spec: dict) -> dict:
             "trainable_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad))}
 
 
-def run_all(models: list[str], samples: dict[str, int], batch: int) -> dict:
+def run_all(models: list[str], samples: dict[str, int], batch: int, seed: int) -> dict:
     peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
     rows = []
     for model in models:
         for path in PATHS:
             n = max(8, samples[model] // 40) if path == "tutorial" else samples[model]
-            spec = {"model": model, "path": path, "samples": n, "batch": batch}
+            spec = {"model": model, "path": path, "samples": n, "batch": batch, "seed": seed}
             done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
                                   text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
             if done.returncode != 0:
@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer samples, no smollm2: under 5 minutes")
     parser.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=42, help="training seed (the data subset stays the same): rerun "
+                        "with another to see how far validation loss moves between seeds of one path")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -212,7 +214,7 @@ def main() -> None:
     models = args.models.split(",") if args.models else (["minilm-l6", "gpt2-small"] if args.quick else list(MODELS))
     samples = ({"minilm-l6": 640, "gpt2-small": 256, "smollm2-135m": 128} if args.quick else
                {"minilm-l6": 3200, "gpt2-small": 640, "smollm2-135m": 320})
-    result = run_all(models, samples, args.batch)
+    result = run_all(models, samples, args.batch, args.seed)
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (RESULTS / f"train_speed-{stamp}.json").write_text(json.dumps(result, indent=2))

@@ -17,6 +17,12 @@ path the example batch takes through Python branches, so the example is a right-
 the attention-mask path and, for decoders, the last-non-pad-token pooling are what gets recorded, and the
 check below, on batches of mixed lengths, catches any shape that was frozen by mistake.
 
+Fusion: BERT-family encoders are traced with eager attention and rewritten by ONNX Runtime's transformer
+optimizer into fused Attention / EmbedLayerNormalization / SkipLayerNormalization / BiasGelu operators (MiniLM:
+6 / 1 / 12 / 6). On the quickstart model, 3,534 test tweets at batch 32 on a 2-core AVX-512 CPU without VNNI:
+fp32 169.7 tweets/s fused vs 141.3 unfused, int8 205.3 vs 189.6, test accuracy 0.8016 fp32 either way. An SDPA
+trace fuses no attention (the mask pattern is not recognised), so it gains little. Decoders are exported unfused.
+
 int8: per-channel weight scales kept MiniLM's labels closer to fp32 than one scale per tensor (98.0% vs 96.4%
 agreement on 500 tweets) at the same speed; ONNX Runtime's quantization pre-processing changed nothing.
 Activation scales are computed per batch, so an int8 score depends slightly on the texts batched with it.
@@ -61,9 +67,15 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
+FUSABLE = {"bert": "bert"}  # model_type -> ONNX Runtime transformer-optimizer type, for the architectures checked
+
+
 def export_onnx(classifier: Classifier, path: Path) -> list[str]:
-    """Trace `classifier` into `path` (fp32); returns the input names. Any exporter failure is one line."""
+    """Trace `classifier` into `path` (fp32); returns the input names. Any exporter failure is one line.
+    Architectures in `FUSABLE` are traced with eager attention, the pattern ONNX Runtime's optimizer fuses."""
     tokenizer, model = classifier.tokenizer, classifier.model.float().eval()
+    if model.config.model_type in FUSABLE:
+        model.set_attn_implementation("eager")
     example = tokenizer.pad(data_lib.encode(tokenizer, ["a", "a longer text, so that one row is padded"],
                                             classifier.max_length), return_tensors="pt")
     names = [name for name in INPUTS if name in example]
@@ -79,6 +91,30 @@ def export_onnx(classifier: Classifier, path: Path) -> list[str]:
         path.unlink(missing_ok=True)
         raise AfinarError(f"cannot export {type(model).__name__} to ONNX: {_first_line(exc)}") from None
     return names
+
+
+def fuse(path: Path, config) -> dict[str, int]:
+    """Rewrite a `FUSABLE` export in place with ONNX Runtime's fused operators (Attention, EmbedLayerNormalization,
+    SkipLayerNormalization, BiasGelu), typed by symbolic shape inference so the int8 quantizer can read it;
+    returns the fused operator counts, or {} (file untouched) when attention did not fuse."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    if config.model_type not in FUSABLE:
+        return {}
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the optimizer logs each pattern it tries
+    try:
+        optimized = optimize_model(str(path), model_type=FUSABLE[config.model_type],
+                                   num_heads=config.num_attention_heads, hidden_size=config.hidden_size, opt_level=1)
+    finally:
+        logging.disable(previous)
+    counts = {name: n for name, n in optimized.get_fused_operator_statistics().items() if n}
+    if not counts.get("Attention"):
+        return {}
+    onnx.save(SymbolicShapeInference.infer_shapes(optimized.model, auto_merge=True), str(path))
+    return counts
 
 
 def quantize_int8(source: Path, target: Path) -> None:
@@ -137,6 +173,7 @@ def export_run(run_dir: str | Path, int8: bool = False, out: str | Path | None =
 
     fp32, started = out_dir / ONNX_FILES["onnx"], time.perf_counter()
     names = export_onnx(classifier, fp32)
+    fused = fuse(fp32, classifier.model.config)
     seconds = time.perf_counter() - started
     reference, torch_row = _score(classifier, texts, gold)
     logits, onnx_row = _score(OnnxClassifier(out_dir, config.data.max_length), texts, gold)
@@ -154,7 +191,7 @@ def export_run(run_dir: str | Path, int8: bool = False, out: str | Path | None =
         backends["onnx-int8"] = _compare(int8_row, torch_row, logits, reference, quantized, seconds)
     record = {"run": str(run.path.resolve()), "model_dir": str(run.model_dir.resolve()),
               "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False)", "opset": OPSET,
-              "inputs": names, "labels": classifier.labels, "max_length": config.data.max_length,
+              "inputs": names, "fused_operators": fused, "labels": classifier.labels, "max_length": config.data.max_length,
               "versions": {name: version(name) for name in ("torch", "transformers", "onnx", "onnxruntime")},
               "check": {"texts": len(texts), "split": "validation", "batch_size": CHECK_BATCH,
                         "fp32_tolerance": FP32_TOLERANCE},
