@@ -3,9 +3,9 @@ checks' report and the tokenized splits.
 
 Keys hash what the result depends on and nothing else: the files' bytes (not their names or times) or the texts
 and labels themselves, the tokenizer's full definition, and the settings. So a second run on the same data starts
-training in seconds, and any change that matters (an edited row, another tokenizer, another `max_length`) misses. Entries
-live under `$AFINAR_CACHE/data` (default `~/.cache/afinar/data`) and are written atomically; delete the folder
-to reclaim the space.
+training in seconds, and any change that matters (an edited row, another tokenizer, another `max_length`)
+misses. Entries live under `$AFINAR_CACHE/data` (default `~/.cache/afinar/data`) and are written atomically;
+delete the folder to reclaim the space.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset, load_from_disk
+from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
 from afinar.assets import cache_dir
 from afinar.runs import write_atomic
@@ -113,29 +114,33 @@ def cached_map(ds: Dataset, key: str, function: Callable[[dict], dict], remove_c
 
 
 
-def cached_datasets(key: str, compute: Callable[[], tuple[dict[str, Dataset], dict]], enabled: bool = True
+def cached_datasets(key: str, compute: Callable[[], tuple[dict[str, Dataset], dict]]
                     ) -> tuple[dict[str, Dataset], dict, bool]:
     """`compute()` -> (named datasets, JSON-able metadata), or both from the cache, read into memory (as
     computed ones are, so later selections write no files into the cache); the bool says whether the cache
     answered."""
     folder = data_cache_dir() / "datasets" / key
-    if enabled and (folder / "meta.json").is_file():
+    if (folder / "meta.json").is_file():
         try:
             meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-            return {name: load_from_disk(str(folder / name), keep_in_memory=True) for name in meta["datasets"]}, meta["meta"], True
+            datasets = {name: load_from_disk(str(folder / name), keep_in_memory=True) for name in meta["datasets"]}
+            return datasets, meta["meta"], True
         except (OSError, ValueError, KeyError, FileNotFoundError):
             log.warning("cache entry %s is unreadable; recomputing it", folder)
             shutil.rmtree(folder, ignore_errors=True)
     datasets, meta = compute()
-    if enabled:
-        temporary = folder.with_name(f".{key}.{uuid.uuid4().hex}")
-        try:
-            for name, ds in datasets.items():
-                ds.save_to_disk(str(temporary / name))
-            write_atomic(temporary / "meta.json", json.dumps({"datasets": list(datasets), "meta": meta}))
-            os.replace(temporary, folder)  # the folder appears complete or not at all
-        except OSError:  # another process stored the same entry first, or the disk is full: not an error here
-            pass
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
+    temporary = folder.with_name(f".{key}.{uuid.uuid4().hex}")
+    bars = is_progress_bar_enabled()
+    disable_progress_bar()  # a bar per split for a write of milliseconds is noise on the terminal
+    try:
+        for name, ds in datasets.items():
+            ds.save_to_disk(str(temporary / name))
+        write_atomic(temporary / "meta.json", json.dumps({"datasets": list(datasets), "meta": meta}))
+        os.replace(temporary, folder)  # the folder appears complete or not at all
+    except OSError:  # another process stored the same entry first, or the disk is full: not an error here
+        pass
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        if bars:
+            enable_progress_bar()
     return datasets, meta, False

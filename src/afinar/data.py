@@ -368,7 +368,7 @@ def _subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     return ds.shuffle(seed=seed).select(range(limit))
 
 
-def read_splits(args: DataArgs, with_test: bool = True, use_cache: bool = True) -> Splits:
+def read_splits(args: DataArgs, with_test: bool = True) -> Splits:
     """The splits as the source has them, normalised; `validation` is None when the source has none. Local
     files are read once: the normalised splits are cached under the hash of the files' bytes and the reading
     settings (`afinar.cache`)."""
@@ -390,7 +390,7 @@ def read_splits(args: DataArgs, with_test: bool = True, use_cache: bool = True) 
             datasets, label_names = _normalise_splits(frames, {}, sources, args)
             return datasets, {"label_names": label_names}
 
-        datasets, meta, hit = cache.cached_datasets(key, read, use_cache)
+        datasets, meta, hit = cache.cached_datasets(key, read)
         label_names = meta["label_names"]
         if hit:
             log.info("data read from the cache (files with the same bytes were read before)")

@@ -191,7 +191,8 @@ def export_run(run_dir: str | Path, int8: bool = False, out: str | Path | None =
         backends["onnx-int8"] = _compare(int8_row, torch_row, logits, reference, quantized, seconds)
     record = {"run": str(run.path.resolve()), "model_dir": str(run.model_dir.resolve()),
               "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False)", "opset": OPSET,
-              "inputs": names, "fused_operators": fused, "labels": classifier.labels, "max_length": config.data.max_length,
+              "inputs": names, "fused_operators": fused, "labels": classifier.labels,
+              "max_length": config.data.max_length,
               "versions": {name: version(name) for name in ("torch", "transformers", "onnx", "onnxruntime")},
               "check": {"texts": len(texts), "split": "validation", "batch_size": CHECK_BATCH,
                         "fp32_tolerance": FP32_TOLERANCE},
