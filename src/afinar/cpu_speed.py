@@ -1,15 +1,14 @@
-"""Two costs a CPU training step pays that `Trainer` leaves alone (measured in bench/NOTES.md):
+"""Three costs a CPU training step pays that `Trainer` leaves alone (measured in bench/NOTES.md):
 
 - Dropout masks. torch draws them one Mersenne-Twister number per element on one thread, about 20 ns each: 16% of
   a MiniLM step on 2 cores. `FastDropout` takes 16 random bits per element from numpy's PCG64 at several times the
   speed; the keep probability is the same to 1/65,536, and each mask's seed is drawn from torch's generator, so
   `set_seed` and resuming from a checkpoint (which restores that generator) reproduce the run.
+- Activations composed of Python operations: GPT-2's `gelu_new` is six elementwise passes forward and more backward
+  (15% of a GPT-2-small step); torch's fused `gelu(approximate="tanh")` computes the same function in one.
 - Page faults. glibc serves allocations above its mmap threshold (32 MB at most) with fresh pages from the kernel and
   returns them on free, so a tensor as large as MiniLM's embedding gradient (47 MB) is faulted in again every step.
   Raising the threshold keeps freed memory in the heap for the next step.
-
-- Activations composed of Python operations: GPT-2's `gelu_new` is six elementwise passes forward and more backward
-  (15% of a GPT-2-small step); torch's fused `gelu(approximate="tanh")` computes the same function in one.
 
 `apply` does all three for a model trained on the CPU (on GPUs torch's dropout is fused and fast).
 """
@@ -18,13 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 ATTENTION = "afinar_sdpa"  # `sdpa` for inference and dropout-free layers, `FastDropout` on attention weights otherwise
 _INT16_MIN = -(2**15)
@@ -100,14 +97,13 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     return bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold, threshold))
 
 
-def _fuse_activations(model: nn.Module) -> int:
-    from transformers.activations import GELUTanh, NewGELUActivation
-
+def _replace(model: nn.Module, kind: type, make: Callable[[nn.Module], nn.Module]) -> int:
+    """Swap every submodule of exactly `kind` for `make(it)`, in its train/eval mode; returns how many."""
     count = 0
     for module in model.modules():
         for name, child in module.named_children():
-            if type(child) is NewGELUActivation:
-                setattr(module, name, GELUTanh().train(child.training))
+            if type(child) is kind:
+                setattr(module, name, make(child).train(child.training))
                 count += 1
     return count
 
@@ -115,16 +111,13 @@ def _fuse_activations(model: nn.Module) -> int:
 def apply(model: nn.Module) -> list[str]:
     """Switch `model` (trained on the CPU) to fast dropout masks, its attention to `attention` where it uses SDPA
     with dropout, and the allocator to keeping freed memory; returns what was done, for the log."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
     done = []
-    replaced = 0
-    for module in model.modules():
-        for name, child in module.named_children():
-            if type(child) is nn.Dropout and child.p > 0:
-                setattr(module, name, FastDropout(child.p).train(child.training))
-                replaced += 1
+    replaced = _replace(model, nn.Dropout, lambda layer: FastDropout(layer.p))
     if replaced:
         done.append(f"{replaced} dropout layers draw masks with numpy's PCG64")
-    fused = _fuse_activations(model)
+    fused = _replace(model, NewGELUActivation, lambda _: GELUTanh())
     if fused:
         done.append(f"{fused} gelu_new activations computed by torch's fused tanh-approximate gelu")
     base = getattr(model, "get_base_model", lambda: model)()
