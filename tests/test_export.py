@@ -118,6 +118,18 @@ def test_export_to_another_folder_without_int8(tiny_bert, tmp_path):
     assert not (run / "onnx").exists()
 
 
+def test_a_fusion_failure_keeps_a_correct_unfused_export(tiny_bert, tmp_path, monkeypatch, caplog):
+    import onnxruntime.transformers.optimizer as optimizer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fusable pattern")
+
+    monkeypatch.setattr(optimizer, "optimize_model", broken)
+    record = export_run(make_run(tiny_bert, tmp_path))
+    assert record["fused_operators"] == {} and record["backends"]["onnx"]["max_abs_logit_diff"] <= 1e-4
+    assert "could not fuse" in caplog.text and "no fusable pattern" in caplog.text
+
+
 def test_an_unexportable_model_is_a_one_line_error(tiny_bert, tmp_path, monkeypatch):
     import torch
 

@@ -113,7 +113,6 @@ def cached_map(ds: Dataset, key: str, function: Callable[[dict], dict], remove_c
     return Dataset.from_file(str(path)), False
 
 
-
 def cached_datasets(key: str, compute: Callable[[], tuple[dict[str, Dataset], dict]]
                     ) -> tuple[dict[str, Dataset], dict, bool]:
     """`compute()` -> (named datasets, JSON-able metadata), or both from the cache, read into memory (as
@@ -125,7 +124,7 @@ def cached_datasets(key: str, compute: Callable[[], tuple[dict[str, Dataset], di
             meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
             datasets = {name: load_from_disk(str(folder / name), keep_in_memory=True) for name in meta["datasets"]}
             return datasets, meta["meta"], True
-        except (OSError, ValueError, KeyError, FileNotFoundError):
+        except (OSError, ValueError, KeyError):
             log.warning("cache entry %s is unreadable; recomputing it", folder)
             shutil.rmtree(folder, ignore_errors=True)
     datasets, meta = compute()

@@ -45,6 +45,8 @@ from afinar.errors import AfinarError
 from afinar.inference import ONNX_DIR, ONNX_FILES, Classifier, OnnxClassifier
 from afinar.runs import Run, write_json
 
+log = logging.getLogger(__name__)
+
 OPSET = 17
 CHECK_TEXTS = 500  # validation texts scored by every backend at export
 CHECK_BATCH = 32
@@ -108,6 +110,10 @@ def fuse(path: Path, config) -> dict[str, int]:
     try:
         optimized = optimize_model(str(path), model_type=FUSABLE[config.model_type],
                                    num_heads=config.num_attention_heads, hidden_size=config.hidden_size, opt_level=1)
+    except Exception as exc:  # an unfused export is still a correct one
+        logging.disable(previous)
+        log.warning("ONNX Runtime's optimizer could not fuse %s (%s); keeping it unfused", path, _first_line(exc))
+        return {}
     finally:
         logging.disable(previous)
     counts = {name: n for name, n in optimized.get_fused_operator_statistics().items() if n}
