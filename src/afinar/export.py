@@ -30,6 +30,7 @@ Activation scales are computed per batch, so an int8 score depends slightly on t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -72,6 +73,17 @@ def _first_line(exc: Exception) -> str:
 FUSABLE = {"bert": "bert"}  # model_type -> ONNX Runtime transformer-optimizer type, for the architectures checked
 
 
+@contextlib.contextmanager
+def _root_logging_quiet():
+    """ONNX Runtime's tools log warnings per node to the root logger: silence them, then restore what was set."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def export_onnx(classifier: Classifier, path: Path) -> list[str]:
     """Trace `classifier` into `path` (fp32); returns the input names. Any exporter failure is one line.
     Architectures in `FUSABLE` are traced with eager attention, the pattern ONNX Runtime's optimizer fuses."""
@@ -105,17 +117,14 @@ def fuse(path: Path, config) -> dict[str, int]:
 
     if config.model_type not in FUSABLE:
         return {}
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # the optimizer logs each pattern it tries
     try:
-        optimized = optimize_model(str(path), model_type=FUSABLE[config.model_type],
-                                   num_heads=config.num_attention_heads, hidden_size=config.hidden_size, opt_level=1)
+        with _root_logging_quiet():  # the optimizer logs each pattern it tries
+            optimized = optimize_model(str(path), model_type=FUSABLE[config.model_type],
+                                       num_heads=config.num_attention_heads, hidden_size=config.hidden_size,
+                                       opt_level=1)
     except Exception as exc:  # an unfused export is still a correct one
-        logging.disable(previous)
         log.warning("ONNX Runtime's optimizer could not fuse %s (%s); keeping it unfused", path, _first_line(exc))
         return {}
-    finally:
-        logging.disable(previous)
     counts = {name: n for name, n in optimized.get_fused_operator_statistics().items() if n}
     if not counts.get("Attention"):
         return {}
@@ -126,15 +135,12 @@ def fuse(path: Path, config) -> dict[str, int]:
 def quantize_int8(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # the quantizer logs every tensor it skips to the root logger
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        with _root_logging_quiet():  # the quantizer logs every tensor it skips to the root logger
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
     except Exception as exc:
         target.unlink(missing_ok=True)
         raise AfinarError(f"cannot quantize {source} to int8: {_first_line(exc)}") from None
-    finally:
-        logging.disable(previous)
 
 
 def _check_texts(run: Run, labels: list[str], limit: int) -> tuple[list[str], np.ndarray]:
