@@ -28,14 +28,16 @@ def batch():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_keep_mask_keeps_one_minus_p_and_follows_torch_seed(p):
+def test_dropout_multiplier_keeps_one_minus_p_scaled_and_follows_torch_seed(p):
     torch.manual_seed(3)
-    first = cpu_speed.keep_mask(torch.Size([1000, 1000]), p)
-    assert first.dtype == torch.bool
-    assert first.float().mean().item() == pytest.approx(1 - p, abs=0.003)
+    first = cpu_speed.dropout_multiplier(torch.Size([1000, 1000]), p)
+    assert first.dtype == torch.float32 and first.shape == (1000, 1000)
+    kept = first != 0
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.003)
+    assert torch.equal(first[kept], torch.full_like(first[kept], 1 / (1 - p)))
     torch.manual_seed(3)
-    assert torch.equal(cpu_speed.keep_mask(torch.Size([1000, 1000]), p), first)
-    assert not torch.equal(cpu_speed.keep_mask(torch.Size([1000, 1000]), p), first)  # the generator moved on
+    assert torch.equal(cpu_speed.dropout_multiplier(torch.Size([1000, 1000]), p), first)
+    assert not torch.equal(cpu_speed.dropout_multiplier(torch.Size([1000, 1000]), p), first)  # the generator moved on
 
 
 def test_fast_dropout_is_inverted_dropout_with_the_matching_gradient():

@@ -1,9 +1,10 @@
 """Three costs a CPU training step pays that `Trainer` leaves alone (measured in bench/NOTES.md):
 
 - Dropout masks. torch draws them one Mersenne-Twister number per element on one thread, about 20 ns each: 16% of
-  a MiniLM step on 2 cores. `FastDropout` takes 16 random bits per element from numpy's PCG64 at several times the
-  speed; the keep probability is the same to 1/65,536, and each mask's seed is drawn from torch's generator, so
-  `set_seed` and resuming from a checkpoint (which restores that generator) reproduce the run.
+  a MiniLM step on 2 cores. `FastDropout` takes 16 random bits per element from numpy's SFC64 (the fastest of
+  numpy's generators here, twice PCG64) at several times the speed; the keep probability is the same to 1/65,536,
+  and each mask's seed is drawn from torch's generator, so `set_seed` and resuming from a checkpoint (which
+  restores that generator) reproduce the run.
 - Activations composed of Python operations: GPT-2's `gelu_new` is six elementwise passes forward and more backward
   (15% of a GPT-2-small step); torch's fused `gelu(approximate="tanh")` computes the same function in one.
 - Page faults. glibc serves allocations above its mmap threshold (32 MB at most) with fresh pages from the kernel and
@@ -27,25 +28,28 @@ ATTENTION = "afinar_sdpa"  # `sdpa` for inference and dropout-free layers, `Fast
 _INT16_MIN = -(2**15)
 
 
-def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    """Boolean mask keeping each element with probability 1 - p (quantised to 1/65,536)."""
+def dropout_multiplier(shape: torch.Size, p: float) -> torch.Tensor:
+    """Inverted dropout's multiplier: 1 / (1 - p) where an element is kept, with probability 1 - p (quantised to
+    1/65,536), and 0 where it is dropped. Built in numpy: one pass from random bits to float32, where torch's
+    compare, cast and scale take three."""
     n = shape.numel()
     seed = int(torch.randint(0, 2**62, ()))  # from torch's generator: seeded and checkpointed with it
-    bits = np.random.PCG64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
-    return torch.from_numpy(bits).view(shape) >= _INT16_MIN + round(p * 2**16)
+    bits = np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
+    kept = bits >= _INT16_MIN + round(p * 2**16)
+    return torch.from_numpy(np.multiply(kept, np.float32(1.0 / (1.0 - p)), dtype=np.float32)).view(shape)
 
 
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout (what `nn.functional.dropout` computes in training) with a `keep_mask`."""
+    """Inverted dropout (what `nn.functional.dropout` computes in training) with a `dropout_multiplier`."""
     if p <= 0.0:
         return x
     if p >= 1.0:
         return torch.zeros_like(x)
-    return x * keep_mask(x.shape, p).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * dropout_multiplier(x.shape, p).to(x.dtype)
 
 
 class FastDropout(nn.Dropout):
-    """`nn.Dropout` with masks from `keep_mask` (never in place; the identity in evaluation)."""
+    """`nn.Dropout` with `dropout_multiplier` masks (never in place; the identity in evaluation)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fast_dropout(x, self.p) if self.training else x
@@ -116,7 +120,7 @@ def apply(model: nn.Module) -> list[str]:
     done = []
     replaced = _replace(model, nn.Dropout, lambda layer: FastDropout(layer.p))
     if replaced:
-        done.append(f"{replaced} dropout layers draw masks with numpy's PCG64")
+        done.append(f"{replaced} dropout layers draw masks with numpy's SFC64")
     fused = _replace(model, NewGELUActivation, lambda _: GELUTanh())
     if fused:
         done.append(f"{fused} gelu_new activations computed by torch's fused tanh-approximate gelu")
@@ -126,7 +130,7 @@ def apply(model: nn.Module) -> list[str]:
     if attention_dropout and getattr(base.config, "_attn_implementation", None) == "sdpa":
         _register_attention()
         base.set_attn_implementation(ATTENTION)
-        done.append("attention-weight dropout draws masks with numpy's PCG64")
+        done.append("attention-weight dropout draws masks with numpy's SFC64")
     if keep_freed_memory():
         done.append("glibc keeps freed memory for reuse (no page faults on each step's large tensors)")
     return done
