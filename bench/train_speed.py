@@ -76,7 +76,7 @@ def worker(spec: dict) -> dict:
 
     from afinar.config import DataArgs, LoraArgs, TrainArgs
     from afinar.data import load_splits, tokenize
-    from afinar.training import apply_lora, speed_up, training_arguments
+    from afinar.training import LengthBucketTrainer, apply_lora, speed_up, training_arguments
 
     splits = load_splits(DataArgs(source="tweets", max_train_samples=spec["samples"], max_eval_samples=256), 42)
     tokenizer, model, model_max = build_model(spec["model"], len(splits.label_names))
@@ -128,8 +128,9 @@ def worker(spec: dict) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             marks.setdefault("first_step", time.perf_counter())
 
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=counting,
-                      processing_class=tokenizer, callbacks=[Clock()])
+    trainer_class = LengthBucketTrainer if path.startswith("afinar") else Trainer
+    trainer = trainer_class(model=model, args=args, train_dataset=train_ds, data_collator=counting,
+                            processing_class=tokenizer, callbacks=[Clock()])
     begin = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - begin
