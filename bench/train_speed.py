@@ -7,7 +7,8 @@ default path and afinar with LoRA, on real tweets, one fresh process per configu
 
 Prints JSON and a markdown table and writes both to bench/results/. MFU counts 6 x non-embedding parameters
 per trained token (4 x where LoRA freezes the weights) plus attention (12 x layers x width x length per token),
-against the matmul peak measured first, in the dtype the configuration computes in.
+against the matmul peak in the dtype the configuration computes in, measured in the row's own process just before
+and after its training (a shared host's speed drifts by a third over an hour).
 """
 
 from __future__ import annotations
@@ -131,20 +132,25 @@ def worker(spec: dict) -> dict:
     trainer_class = LengthBucketTrainer if path.startswith("afinar") else Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, data_collator=counting,
                             processing_class=tokenizer, callbacks=[Clock()])
+    dtype = "bfloat16" if args.bf16 else "float32"
+    measuring = time.perf_counter()
+    peak_before = matmul_peak(dtype, seconds=2.0)  # the host's speed around this run, not only at the start
+    measuring = time.perf_counter() - measuring
     begin = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - begin
+    peak = (peak_before + matmul_peak(dtype, seconds=2.0)) / 2
     trainer.data_collator = collate
     eval_loss = trainer.evaluate(eval_ds)["eval_loss"]
-    dtype = "bfloat16" if args.bf16 else "float32"
     factor = 4 if lora else 6
     flops = factor * geometry["non_embedding_params"] * counts["real"] + \
         12 * geometry["layers"] * geometry["width"] * counts["lengths_sq"]
     return {"model": spec["model"], "path": path, "samples": len(train_ds), "batch": 1 if tutorial else spec["batch"],
             "dtype": dtype, "seconds": seconds, "samples_per_s": len(train_ds) / seconds,
             "real_tokens_per_s": counts["real"] / seconds, "padded_tokens_per_s": counts["padded"] / seconds,
-            "tflop": flops / 1e12, "achieved_gflops": flops / seconds / 1e9,
-            "seconds_to_first_step": marks["first_step"] - started, "data_prep_seconds": prep,
+            "tflop": flops / 1e12, "achieved_gflops": flops / seconds / 1e9, "matmul_peak_gflops": peak,
+            "mfu": flops / seconds / 1e9 / peak,
+            "seconds_to_first_step": marks["first_step"] - started - measuring, "data_prep_seconds": prep,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "eval_loss": float(eval_loss), "optimizer": args.optim,
             "torch_threads": torch.get_num_threads(), "padding_share": 1 - counts["real"] / max(counts["padded"], 1),
@@ -179,7 +185,6 @@ def run_all(models: list[str], samples: dict[str, int], batch: int, seed: int, r
                 if "error" in row:
                     errors[model, path] = row
                     continue
-                row["mfu"] = row["achieved_gflops"] / peaks[row["dtype"]]
                 runs.setdefault((model, path), []).append(row)
                 print(f"round {round_ + 1}/{repeats} {model:<13} {path:<16} {row['samples_per_s']:8.2f} samples/s  "
                       f"MFU {row['mfu']:.0%}", file=sys.stderr)
@@ -203,21 +208,23 @@ def run_all(models: list[str], samples: dict[str, int], batch: int, seed: int, r
 
 def table(result: dict) -> str:
     peaks = result["matmul_peak_gflops"]
-    lines = [f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['processor']}); matmul peak "
-             f"fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s", "",
+    lines = [f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['processor']}); matmul peak at the "
+             f"start fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s; each row's MFU is "
+             "against the peak measured in its own process just before and after training (the peak column)", "",
              f"Each configuration ran {result.get('repeats', 1)} time(s), rounds interleaved; the median run is shown "
              "with the range of samples/s.", "",
-             "| model | path | dtype | samples/s | range | real tok/s | padded tok/s | MFU | first step (s) "
-             "| peak RSS (MB) | eval loss | vs tuned Trainer |", "|---" * 12 + "|"]
+             "| model | path | dtype | samples/s | range | real tok/s | padded tok/s | peak GFLOP/s | MFU "
+             "| first step (s) | peak RSS (MB) | eval loss | vs tuned Trainer |", "|---" * 13 + "|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['path']} | error: {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['model']} | {r['path']} | error: {r['error']} |" + " |" * 10)
             continue
         versus = f"{r['speedup_vs_tuned_trainer']:.2f}x" if "speedup_vs_tuned_trainer" in r else ""
         spread = r.get("samples_per_s_runs", [r["samples_per_s"]])
         lines.append(f"| {r['model']} | {r['path']} | {r['dtype']} | {r['samples_per_s']:.2f} | "
                      f"{min(spread):.2f}-{max(spread):.2f} | "
-                     f"{r['real_tokens_per_s']:.0f} | {r['padded_tokens_per_s']:.0f} | {r['mfu']:.0%} | "
+                     f"{r['real_tokens_per_s']:.0f} | {r['padded_tokens_per_s']:.0f} | "
+                     f"{r['matmul_peak_gflops']:.0f} | {r['mfu']:.0%} | "
                      f"{r['seconds_to_first_step']:.1f} | {r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} | {versus} |")
     return "\n".join(lines)
 

@@ -104,3 +104,37 @@ def test_gpt2_activation_becomes_the_fused_kernel_with_the_same_values():
     before = model(**inputs).logits
     assert any("gelu_new" in change for change in cpu_speed.apply(model))
     assert torch.allclose(model(**inputs).logits, before, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2])
+def test_lora_addmm_forward_matches_peft_in_values_and_gradients(build):
+    from afinar.config import LoraArgs
+    from afinar.training import apply_lora
+
+    model = apply_lora(build(), LoraArgs(enabled=True, r=4, dropout=0.2), "SEQ_CLS")
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # zero at initialisation, which would hide a wrong low-rank term
+            torch.nn.init.normal_(parameter, std=0.5)
+    changes = cpu_speed.apply(model)
+    assert any("LoRA layers add their low-rank product" in change for change in changes)
+
+    def loss_and_gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(3)  # the same dropout masks in both runs
+        loss = model(**batch()).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    model.train()
+    fused_loss, fused_grads = loss_and_gradients()
+    patched = [m for m in model.modules() if "forward" in vars(m)]
+    for module in patched:  # peft's own forward, every other speed-up kept (the same masks)
+        del module.forward
+    peft_loss, peft_grads = loss_and_gradients()
+    assert torch.allclose(fused_loss, peft_loss, atol=1e-6)
+    assert fused_grads.keys() == peft_grads.keys() and len(fused_grads) >= 4  # A and B of 2+ layers
+    for name, gradient in peft_grads.items():
+        assert gradient.abs().sum() > 0 and torch.allclose(fused_grads[name], gradient, atol=1e-6), name
+    cpu_speed.apply(model)
+    cpu_speed.restore(model)  # what saving and merging go through
+    assert len(patched) >= 2 and not any("forward" in vars(m) for m in model.modules())

@@ -1,4 +1,4 @@
-"""Three costs a CPU training step pays that `Trainer` leaves alone (measured in bench/NOTES.md):
+"""Four costs a CPU training step pays that `Trainer` leaves alone (measured in bench/NOTES.md):
 
 - Dropout masks. torch draws them one Mersenne-Twister number per element on one thread, about 20 ns each: 16% of
   a MiniLM step on 2 cores. `FastDropout` takes 16 random bits per element from numpy's SFC64 (the fastest of
@@ -10,8 +10,11 @@
 - Page faults. glibc serves allocations above its mmap threshold (32 MB at most) with fresh pages from the kernel and
   returns them on free, so a tensor as large as MiniLM's embedding gradient (47 MB) is faulted in again every step.
   Raising the threshold keeps freed memory in the heap for the next step.
+- LoRA's sum. peft adds `B(A(x)) * scaling` to the frozen layer's output in three passes over a (tokens x outputs)
+  tensor as large as the layer's own; `lora_addmm_forward` does it in the low-rank GEMM's accumulate (4% of a
+  GPT-2-small LoRA step).
 
-`apply` does all three for a model trained on the CPU (on GPUs torch's dropout is fused and fast).
+`apply` does all four for a model trained on the CPU (on GPUs torch's dropout is fused and fast).
 """
 
 from __future__ import annotations
@@ -101,6 +104,29 @@ def keep_freed_memory(threshold: int = 1 << 30) -> bool:
     return bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold, threshold))
 
 
+def lora_addmm_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's plain LoRA forward, `base(x) + B(A(dropout(x))) * scaling`, with the scaled low-rank product added
+    into the base output by one `addmm`: the (tokens x outputs) tensor is written once instead of three times
+    forward, and not scaled again backward. Anything but one plain adapter in fp32 takes peft's own forward."""
+    if (self.disable_adapters or self.merged or len(self.active_adapters) != 1 or self.lora_variant or kwargs
+            or torch.is_autocast_enabled(x.device.type)):
+        return type(self).forward(self, x, *args, **kwargs)
+    (name,) = self.active_adapters
+    result = self.base_layer(x, *args)
+    hidden = self.lora_A[name](self.lora_dropout[name](x))
+    flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
+                       self.lora_B[name].weight.t(), alpha=self.scaling[name])
+    return flat.view(result.shape)
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    try:
+        from peft.tuners.lora.layer import Linear
+    except ImportError:
+        return []
+    return [module for module in model.modules() if type(module) is Linear]
+
+
 def _replace(model: nn.Module, kind: type, make: Callable[[nn.Module], nn.Module]) -> int:
     """Swap every submodule of exactly `kind` for `make(it)`, in its train/eval mode; returns how many."""
     count = 0
@@ -114,7 +140,8 @@ def _replace(model: nn.Module, kind: type, make: Callable[[nn.Module], nn.Module
 
 def apply(model: nn.Module) -> list[str]:
     """Switch `model` (trained on the CPU) to fast dropout masks, its attention to `attention` where it uses SDPA
-    with dropout, and the allocator to keeping freed memory; returns what was done, for the log."""
+    with dropout, its LoRA layers to `lora_addmm_forward`, and the allocator to keeping freed memory; returns what
+    was done, for the log. Call it after wrapping the model in LoRA."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
     done = []
@@ -131,13 +158,21 @@ def apply(model: nn.Module) -> list[str]:
         _register_attention()
         base.set_attn_implementation(ATTENTION)
         done.append("attention-weight dropout draws masks with numpy's SFC64")
+    lora = _lora_layers(model)
+    for layer in lora:
+        layer.forward = lora_addmm_forward.__get__(layer)
+    if lora:
+        done.append(f"{len(lora)} LoRA layers add their low-rank product with one addmm")
     if keep_freed_memory():
         done.append("glibc keeps freed memory for reuse (no page faults on each step's large tensors)")
     return done
 
 
 def restore(model: nn.Module) -> None:
-    """Back to transformers' `sdpa` attention, so a saved or exported model carries nothing of afinar's."""
+    """Back to transformers' `sdpa` attention and peft's LoRA forward, so a saved, merged or exported model carries
+    nothing of afinar's."""
+    for layer in _lora_layers(model):
+        layer.__dict__.pop("forward", None)
     base = getattr(model, "get_base_model", lambda: model)()
     if getattr(base.config, "_attn_implementation", None) == ATTENTION:
         base.set_attn_implementation("sdpa")
