@@ -3,7 +3,7 @@ default path and afinar with LoRA, on real tweets, one fresh process per configu
 
     python bench/train_speed.py            # minilm-l6, a GPT-2-small-shaped model, smollm2-135m
     python bench/train_speed.py --quick    # fewer samples and models, under 5 minutes
-    python bench/train_speed.py --repeats 3  # each configuration three times, interleaved; medians reported
+    python bench/train_speed.py --repeats 3  # three interleaved rounds (seeds 42, 43, 44); medians reported
 
 Prints JSON and a markdown table and writes both to bench/results/. MFU counts 6 x non-embedding parameters
 per trained token (4 x where LoRA freezes the weights) plus attention (12 x layers x width x length per token),
@@ -167,10 +167,23 @@ def run_once(spec: dict) -> dict:
 
 
 def median_row(runs: list[dict]) -> dict:
-    """The run with the median speed, carrying every run's samples/s: a busy host moves single runs by 10-20%,
-    and rounds interleave the configurations so that a slow spell hits all of them alike."""
+    """The run with the median speed, carrying every run's samples/s and validation loss: a busy host moves single
+    runs by 10-20%, and rounds interleave the configurations so that a slow spell hits all of them alike."""
     runs = sorted(runs, key=lambda r: r["samples_per_s"])
-    return {**runs[len(runs) // 2], "samples_per_s_runs": [r["samples_per_s"] for r in runs]}
+    return {**runs[len(runs) // 2], "samples_per_s_runs": [r["samples_per_s"] for r in runs],
+            "eval_loss_runs": [r["eval_loss"] for r in runs]}
+
+
+def loss_check(afinar: dict, tuned: dict) -> dict:
+    """afinar's mean validation loss over the rounds (one seed each) against the tuned `Trainer`'s, beside the
+    tuned `Trainer`'s own spread between seeds: the yardstick for whether a gap is a change in what is learned."""
+    mean = {name: sum(r["eval_loss_runs"]) / len(r["eval_loss_runs"]) for name, r in
+            (("afinar", afinar), ("tuned", tuned))}
+    spread = (max(tuned["eval_loss_runs"]) - min(tuned["eval_loss_runs"])) / mean["tuned"]
+    gap = mean["afinar"] / mean["tuned"] - 1
+    return {"afinar_mean": mean["afinar"], "tuned_trainer_mean": mean["tuned"], "relative_gap": gap,
+            "within_2_percent": abs(gap) <= 0.02, "tuned_trainer_seed_spread": spread,
+            "seeds": len(tuned["eval_loss_runs"])}
 
 
 def run_all(models: list[str], samples: dict[str, int], batch: int, seed: int, repeats: int = 1) -> dict:
@@ -181,7 +194,7 @@ def run_all(models: list[str], samples: dict[str, int], batch: int, seed: int, r
         for model in models:
             for path in PATHS:
                 n = max(8, samples[model] // 40) if path == "tutorial" else samples[model]
-                row = run_once({"model": model, "path": path, "samples": n, "batch": batch, "seed": seed})
+                row = run_once({"model": model, "path": path, "samples": n, "batch": batch, "seed": seed + round_})
                 if "error" in row:
                     errors[model, path] = row
                     continue
@@ -196,14 +209,14 @@ def run_all(models: list[str], samples: dict[str, int], batch: int, seed: int, r
             a, t, tut = by_path["afinar"], by_path["trainer_grouped"], by_path["tutorial"]
             a["speedup_vs_tuned_trainer"] = a["samples_per_s"] / t["samples_per_s"]
             a["speedup_vs_tutorial"] = a["samples_per_s"] / tut["samples_per_s"]
-            a["eval_loss_vs_tuned_trainer"] = a["eval_loss"] / t["eval_loss"] - 1
+            a["loss_check"] = loss_check(a, t)
         if {"afinar", "afinar_lora"} <= by_path.keys():
             by_path["afinar_lora"]["speedup_vs_full"] = by_path["afinar_lora"]["samples_per_s"] / \
                 by_path["afinar"]["samples_per_s"]
     import platform
 
     return {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
-            "matmul_peak_gflops": peaks, "repeats": repeats, "rows": rows}
+            "matmul_peak_gflops": peaks, "repeats": repeats, "seed": seed, "rows": rows}
 
 
 def table(result: dict) -> str:
@@ -211,8 +224,9 @@ def table(result: dict) -> str:
     lines = [f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['processor']}); matmul peak at the "
              f"start fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s; each row's MFU is "
              "against the peak measured in its own process just before and after training (the peak column)", "",
-             f"Each configuration ran {result.get('repeats', 1)} time(s), rounds interleaved; the median run is shown "
-             "with the range of samples/s.", "",
+             f"Each configuration ran {result['repeats']} time(s), rounds interleaved, round r with seed "
+             f"{result['seed']} + r; the run of median speed is shown (its eval loss too) with the range of samples/s.",
+             "",
              "| model | path | dtype | samples/s | range | real tok/s | padded tok/s | peak GFLOP/s | MFU "
              "| first step (s) | peak RSS (MB) | eval loss | vs tuned Trainer |", "|---" * 13 + "|"]
     for r in result["rows"]:
@@ -226,6 +240,13 @@ def table(result: dict) -> str:
                      f"{r['real_tokens_per_s']:.0f} | {r['padded_tokens_per_s']:.0f} | "
                      f"{r['matmul_peak_gflops']:.0f} | {r['mfu']:.0%} | "
                      f"{r['seconds_to_first_step']:.1f} | {r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} | {versus} |")
+    for r in result["rows"]:
+        if "loss_check" in r:
+            c = r["loss_check"]
+            lines.append(f"\n{r['model']}: mean validation loss over {c['seeds']} seed(s), "
+                         f"afinar {c['afinar_mean']:.4f} vs tuned Trainer {c['tuned_trainer_mean']:.4f}: {c['relative_gap']:+.1%} "
+                         f"({'within' if c['within_2_percent'] else 'outside'} 2%; the tuned Trainer's own spread "
+                         f"between seeds {c['tuned_trainer_seed_spread']:.1%})")
     return "\n".join(lines)
 
 
@@ -234,8 +255,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer samples, no smollm2: under 5 minutes")
     parser.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=42, help="training seed (the data subset stays the same): rerun "
-                        "with another to see how far validation loss moves between seeds of one path")
+    parser.add_argument("--seed", type=int, default=42, help="training seed of the first round, round r trains with "
+                        "seed + r (the data subset stays the same), so repeats also show the loss spread between seeds")
     parser.add_argument("--repeats", type=int, default=1, help="run every configuration this many times, in "
                         "interleaved rounds, and report the median (a busy host moves single runs by 10-20%%)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
