@@ -244,7 +244,8 @@ def table(result: dict) -> str:
         if "loss_check" in r:
             c = r["loss_check"]
             lines.append(f"\n{r['model']}: mean validation loss over {c['seeds']} seed(s), "
-                         f"afinar {c['afinar_mean']:.4f} vs tuned Trainer {c['tuned_trainer_mean']:.4f}: {c['relative_gap']:+.1%} "
+                         f"afinar {c['afinar_mean']:.4f} vs tuned Trainer {c['tuned_trainer_mean']:.4f}: "
+                         f"{c['relative_gap']:+.1%} "
                          f"({'within' if c['within_2_percent'] else 'outside'} 2%; the tuned Trainer's own spread "
                          f"between seeds {c['tuned_trainer_seed_spread']:.1%})")
     return "\n".join(lines)
