@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import fmean
 
 PATHS = ("tutorial", "trainer_default", "trainer_grouped", "afinar", "afinar_lora")
 MODELS = ("minilm-l6", "gpt2-small", "smollm2-135m")
@@ -177,11 +178,10 @@ def median_row(runs: list[dict]) -> dict:
 def loss_check(afinar: dict, tuned: dict) -> dict:
     """afinar's mean validation loss over the rounds (one seed each) against the tuned `Trainer`'s, beside the
     tuned `Trainer`'s own spread between seeds: the yardstick for whether a gap is a change in what is learned."""
-    mean = {name: sum(r["eval_loss_runs"]) / len(r["eval_loss_runs"]) for name, r in
-            (("afinar", afinar), ("tuned", tuned))}
-    spread = (max(tuned["eval_loss_runs"]) - min(tuned["eval_loss_runs"])) / mean["tuned"]
-    gap = mean["afinar"] / mean["tuned"] - 1
-    return {"afinar_mean": mean["afinar"], "tuned_trainer_mean": mean["tuned"], "relative_gap": gap,
+    afinar_mean, tuned_mean = fmean(afinar["eval_loss_runs"]), fmean(tuned["eval_loss_runs"])
+    spread = (max(tuned["eval_loss_runs"]) - min(tuned["eval_loss_runs"])) / tuned_mean
+    gap = afinar_mean / tuned_mean - 1
+    return {"afinar_mean": afinar_mean, "tuned_trainer_mean": tuned_mean, "relative_gap": gap,
             "within_2_percent": abs(gap) <= 0.02, "tuned_trainer_seed_spread": spread,
             "seeds": len(tuned["eval_loss_runs"])}
 
