@@ -6,13 +6,16 @@ All rows score the same texts, the 3,534 embedded test tweets sorted by length, 
 max length, in one invocation:
     tutorial    pad every tweet to 512 tokens, batch 1, PyTorch under `no_grad` (on a subsample: it is slow)
     torch       `load_predictor(backend="torch")`: eager PyTorch, `inference_mode`, dynamic padding
+    torch-bf16  the same under bf16 autocast (fast where the CPU has native bf16, slow where it is emulated)
     onnx        ONNX Runtime fp32 (`afinar export`)
     onnx-int8   ONNX Runtime with dynamically quantized int8 weights (`afinar export --int8`)
+    auto        what `--backend auto` picks from the export's check (the row names it)
 each at batch 1 (one request per tweet: tweets/s and p50/p99 latency per request, tokenization included)
 and batch 32 (throughput over the whole set, and the test accuracy). Each backend runs in its own
-subprocess, so its peak RSS is its own. MFU (fp32 rows only) = 2 x non-embedding parameters x real (unpadded)
-tokens / seconds, over the fp32 matmul peak measured here first (attention's own FLOPs are left out, so MFU
-is a slight underestimate). A missing export is written into the run folder first.
+subprocess, so its peak RSS is its own. MFU (fp32 and bf16 rows) = 2 x non-embedding parameters x real
+(unpadded) tokens / seconds, over the matmul peak in the row's dtype measured here first (attention's own FLOPs
+are left out, so MFU is a slight underestimate; int8 has no comparable peak). A missing export is written into the
+run folder first.
 `--quick` (about 2 minutes on an idle 2-core machine) subsamples: 20 tutorial tweets, 150 at batch 1,
 640 at batch 32.
 Writes JSON and a markdown table to bench/results/ (gitignored) and prints both.
@@ -33,8 +36,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BACKENDS = ("tutorial", "torch", "onnx", "onnx-int8")
-FP32 = ("tutorial", "torch", "onnx")
+BACKENDS = ("tutorial", "torch", "torch-bf16", "onnx", "onnx-int8", "auto")
+PEAK_DTYPE = {"tutorial": "float32", "torch": "float32", "onnx": "float32", "torch-bf16": "bfloat16"}
 SIZES = {"quick": {"tutorial": 20, "batch1": 150, "batch32": 640},
          "full": {"tutorial": 200, "batch1": None, "batch32": None}}
 
@@ -46,11 +49,11 @@ def spread(items: list, n: int | None) -> list:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
-def matmul_peak(seconds: float = 2.0, n: int = 2048) -> float:
-    """Sustained fp32 GFLOP/s of torch matmul on this machine's cores, right now."""
+def matmul_peak(dtype: str = "float32", seconds: float = 2.0, n: int = 2048) -> float:
+    """Sustained GFLOP/s of torch matmul in `dtype` on this machine's cores, right now."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     for _ in range(2):
         a @ b
     best, deadline = 0.0, time.perf_counter() + seconds
@@ -153,7 +156,8 @@ def worker(backend: str, run_dir: Path, texts_file: Path, quick: bool) -> dict:
                      "accuracy": float((scores.argmax(axis=1) == gold[chosen]).mean())})
     peak_rss = peak_rss_mib()
     for row in rows:
-        row.update(backend=backend, tweets_per_second=row["texts"] / row["seconds"],
+        row.update(backend=backend if backend != "auto" else f"auto ({predictor.backend})",
+                   tweets_per_second=row["texts"] / row["seconds"],
                    peak_rss_mib=round(peak_rss), load_seconds=round(load_seconds, 2))
     return {"rows": rows}
 
@@ -165,16 +169,17 @@ def ensure_export(run_dir: Path) -> dict:
     from afinar.export import export_run
 
     record = run_dir / "onnx" / "export.json"
-    if record.is_file() and "onnx-int8" in json.loads(record.read_text())["backends"]:
+    if record.is_file() and {"onnx-int8", "torch-bf16"} <= json.loads(record.read_text())["backends"].keys():
         return json.loads(record.read_text())
-    print(f"exporting {run_dir} to ONNX (fp32 + int8) first ...", file=sys.stderr)
+    print(f"exporting {run_dir} to ONNX (fp32 + int8, torch-bf16 checked) first ...", file=sys.stderr)
     return export_run(run_dir, int8=True)
 
 
 def table(result: dict) -> str:
     lines = [f"Run `{result['run']}`, {result['texts']:,} test tweets sorted by length, max length "
-             f"{result['max_length']}{' (--quick subsamples)' if result['quick'] else ''}; {result['cores']} cores, "
-             f"fp32 matmul peak {result['peak_gflops']:.0f} GFLOP/s, load average {result['load_before']:.1f} "
+             f"{result['max_length']}{' (--quick subsamples)' if result['quick'] else ''}; {result['cores']} cores "
+             f"({result['processor']}), matmul peak fp32 {result['peak_gflops']['float32']:.0f} / bf16 "
+             f"{result['peak_gflops']['bfloat16']:.0f} GFLOP/s, load average {result['load_before']:.1f} "
              f"before / {result['load_after']:.1f} after.", "",
              "| path | batch | tweets/s | p50 ms | p99 ms | peak RSS MiB | test accuracy (n) | MFU |",
              "|---|---|---|---|---|---|---|---|"]
@@ -209,10 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     test = load_splits(DataArgs(source="tweets")).test
     pairs = sorted(zip(test["text"], test["label"]), key=lambda pair: len(pair[0]))
     load_before = os.getloadavg()[0]
-    peak = matmul_peak()
+    peaks = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
     parameters = non_embedding_parameters(run.model_dir)
+    from afinar.precision import cpu_identity
+
     result = {"run": str(run.path), "quick": args.quick, "texts": len(pairs), "max_length": export["max_length"],
-              "cores": available_cores(), "platform": platform.platform(), "peak_gflops": peak,
+              "cores": available_cores(), "platform": platform.platform(), "peak_gflops": peaks,
+              "processor": cpu_identity()["cpu"], "cpu_flags": cpu_identity()["flags"],
               "non_embedding_parameters": parameters, "load_before": load_before, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         texts_file = Path(tmp) / "texts.json"
@@ -227,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             result["rows"] += json.loads(done.stdout.strip().splitlines()[-1])["rows"]
     result["load_after"] = os.getloadavg()[0]
     for row in result["rows"]:
-        if row["backend"] in FP32:
-            row["mfu"] = 2 * parameters * row["real_tokens"] / row["seconds"] / (peak * 1e9)
+        if row["backend"] in PEAK_DTYPE:
+            row["mfu"] = 2 * parameters * row["real_tokens"] / row["seconds"] / (peaks[PEAK_DTYPE[row["backend"]]] * 1e9)
     markdown = table(result)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"inference-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}"

@@ -1,5 +1,6 @@
-"""Training speed, side by side in one run: the tutorial recipe, plain `Trainer`, a tuned `Trainer`, afinar's
-default path and afinar with LoRA, on real tweets, one fresh process per configuration.
+"""Training speed, side by side in one run: the tutorial recipe, plain `Trainer`, a tuned `Trainer` (fp32, and bf16
+autocast with `use_cpu=True`), afinar's default path (`precision: auto`) and afinar with LoRA, on real tweets, one
+fresh process per configuration. afinar is compared with the faster of the two tuned `Trainer` rows.
 
     python bench/train_speed.py            # minilm-l6, a GPT-2-small-shaped model, smollm2-135m
     python bench/train_speed.py --quick    # fewer samples and models, under 5 minutes
@@ -23,7 +24,8 @@ import time
 from pathlib import Path
 from statistics import fmean
 
-PATHS = ("tutorial", "trainer_default", "trainer_grouped", "afinar", "afinar_lora")
+PATHS = ("tutorial", "trainer_default", "trainer_grouped", "trainer_grouped_bf16", "afinar", "afinar_lora")
+TUNED = ("trainer_grouped", "trainer_grouped_bf16")
 MODELS = ("minilm-l6", "gpt2-small", "smollm2-135m")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,7 +80,8 @@ def worker(spec: dict) -> dict:
 
     from afinar.config import DataArgs, LoraArgs, TrainArgs
     from afinar.data import load_splits, tokenize
-    from afinar.training import LengthBucketTrainer, apply_lora, speed_up, training_arguments
+    from afinar import precision
+    from afinar.training import LengthBucketTrainer, apply_lora, speed_up, training_arguments, typical_length
 
     splits = load_splits(DataArgs(source="tweets", max_train_samples=spec["samples"], max_eval_samples=256), 42)
     tokenizer, model, model_max = build_model(spec["model"], len(splits.label_names))
@@ -101,18 +104,22 @@ def worker(spec: dict) -> dict:
     common = {"output_dir": out, "report_to": "none", "save_strategy": "no", "seed": spec["seed"], "disable_tqdm": True,
               "num_train_epochs": 1, "logging_steps": 10_000, "learning_rate": 5e-5,
               "dataloader_pin_memory": False}
+    reason = "set by the recipe"
     if path.startswith("afinar"):
-        args = training_arguments(TrainArgs(batch_size=spec["batch"], epochs=1, learning_rate=5e-5, seed=spec["seed"],
-                                            warmup_ratio=0.0, weight_decay=0.0, logging_steps=10_000),
-                                  Path(out), has_eval=False)
+        settings = TrainArgs(batch_size=spec["batch"], epochs=1, learning_rate=5e-5, seed=spec["seed"],
+                             warmup_ratio=0.0, weight_decay=0.0, logging_steps=10_000)
+        speed_up(model, settings)  # what build_trainer does: the CPU speed-ups, then precision auto
+        choice = precision.choose(settings.precision, model, spec["batch"], typical_length(train_ds))
+        args = training_arguments(settings, Path(out), choice.precision, has_eval=False)
+        reason = choice.reason
         args.save_strategy = "no"
         args.disable_tqdm = True
-        speed_up(model, TrainArgs(), args.device)  # what build_trainer does: the CPU speed-ups
     elif tutorial:
         args = TrainingArguments(per_device_train_batch_size=1, gradient_accumulation_steps=4, **common)
     else:
-        args = TrainingArguments(per_device_train_batch_size=spec["batch"], **common,
-                                 train_sampling_strategy="group_by_length" if path == "trainer_grouped" else "random")
+        bf16 = {"bf16": True, "use_cpu": not torch.cuda.is_available()} if path == "trainer_grouped_bf16" else {}
+        args = TrainingArguments(per_device_train_batch_size=spec["batch"], **common, **bf16,
+                                 train_sampling_strategy="group_by_length" if path in TUNED else "random")
     counts = {"real": 0, "padded": 0, "lengths_sq": 0}
     collate = DataCollatorWithPadding(tokenizer)
 
@@ -147,7 +154,7 @@ def worker(spec: dict) -> dict:
     flops = factor * geometry["non_embedding_params"] * counts["real"] + \
         12 * geometry["layers"] * geometry["width"] * counts["lengths_sq"]
     return {"model": spec["model"], "path": path, "samples": len(train_ds), "batch": 1 if tutorial else spec["batch"],
-            "dtype": dtype, "seconds": seconds, "samples_per_s": len(train_ds) / seconds,
+            "dtype": dtype, "precision_reason": reason, "seconds": seconds, "samples_per_s": len(train_ds) / seconds,
             "real_tokens_per_s": counts["real"] / seconds, "padded_tokens_per_s": counts["padded"] / seconds,
             "tflop": flops / 1e12, "achieved_gflops": flops / seconds / 1e9, "matmul_peak_gflops": peak,
             "mfu": flops / seconds / 1e9 / peak,
@@ -205,8 +212,11 @@ def run_all(models: list[str], samples: dict[str, int], batch: int, seed: int, r
             for model in models for path in PATHS if (model, path) in runs or (model, path) in errors]
     for model in models:
         by_path = {r["path"]: r for r in rows if r["model"] == model and "error" not in r}
-        if {"afinar", "trainer_grouped", "tutorial"} <= by_path.keys():
-            a, t, tut = by_path["afinar"], by_path["trainer_grouped"], by_path["tutorial"]
+        tuned = [by_path[p] for p in TUNED if p in by_path]
+        if "afinar" in by_path and "tutorial" in by_path and tuned:
+            t = max(tuned, key=lambda r: r["samples_per_s"])  # the best a `Trainer` user could configure
+            a, tut = by_path["afinar"], by_path["tutorial"]
+            a["tuned_trainer_path"] = t["path"]
             a["speedup_vs_tuned_trainer"] = a["samples_per_s"] / t["samples_per_s"]
             a["speedup_vs_tutorial"] = a["samples_per_s"] / tut["samples_per_s"]
             a["loss_check"] = loss_check(a, t)
@@ -215,13 +225,18 @@ def run_all(models: list[str], samples: dict[str, int], batch: int, seed: int, r
                 by_path["afinar"]["samples_per_s"]
     import platform
 
-    return {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+    from afinar.precision import cpu_identity
+
+    identity = cpu_identity()
+    return {"machine": {"processor": identity["cpu"] or platform.processor() or platform.machine(),
+                        "flags": identity["flags"], "cpus": os.cpu_count()},
             "matmul_peak_gflops": peaks, "repeats": repeats, "seed": seed, "rows": rows}
 
 
 def table(result: dict) -> str:
     peaks = result["matmul_peak_gflops"]
-    lines = [f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['processor']}); matmul peak at the "
+    lines = [f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['processor']}; "
+             f"{', '.join(result['machine'].get('flags', [])) or 'no bf16/VNNI/AMX flags'}); matmul peak at the "
              f"start fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s; each row's MFU is "
              "against the peak measured in its own process just before and after training (the peak column)", "",
              f"Each configuration ran {result['repeats']} time(s), rounds interleaved, round r with seed "
@@ -233,7 +248,8 @@ def table(result: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['path']} | error: {r['error']} |" + " |" * 10)
             continue
-        versus = f"{r['speedup_vs_tuned_trainer']:.2f}x" if "speedup_vs_tuned_trainer" in r else ""
+        versus = (f"{r['speedup_vs_tuned_trainer']:.2f}x ({r['tuned_trainer_path']})"
+                  if "speedup_vs_tuned_trainer" in r else "")
         spread = r.get("samples_per_s_runs", [r["samples_per_s"]])
         lines.append(f"| {r['model']} | {r['path']} | {r['dtype']} | {r['samples_per_s']:.2f} | "
                      f"{min(spread):.2f}-{max(spread):.2f} | "
@@ -244,7 +260,8 @@ def table(result: dict) -> str:
         if "loss_check" in r:
             c = r["loss_check"]
             lines.append(f"\n{r['model']}: mean validation loss over {c['seeds']} seed(s), "
-                         f"afinar {c['afinar_mean']:.4f} vs tuned Trainer {c['tuned_trainer_mean']:.4f}: "
+                         f"afinar {c['afinar_mean']:.4f} vs tuned Trainer ({r['tuned_trainer_path']}) "
+                         f"{c['tuned_trainer_mean']:.4f}: "
                          f"{c['relative_gap']:+.1%} "
                          f"({'within' if c['within_2_percent'] else 'outside'} 2%; the tuned Trainer's own spread "
                          f"between seeds {c['tuned_trainer_seed_spread']:.1%})")

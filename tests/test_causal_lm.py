@@ -59,10 +59,11 @@ def test_packing_fills_every_block_with_eos_between_documents(tiny_gpt2):
     assert pack([[1, 2, 3], [4, 5]], 2).tolist() == [[1, 2], [3, 4]]
 
 
-def test_training_learns_the_domain_and_writes_a_complete_run(tiny_gpt2, corpus, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_learns_the_domain_and_writes_a_complete_run(tiny_gpt2, corpus, tmp_path, precision):
     from afinar.forgetting import forgetting_for_run
 
-    result = train_lm(lm_config(tiny_gpt2, *corpus, tmp_path))
+    result = train_lm(lm_config(tiny_gpt2, *corpus, tmp_path, **{"train.precision": precision}))
     run = result.run_dir
     for name in ("config.yaml", "manifest.json", "metrics.json", "summary.md", "train_log.jsonl", "status.json",
                  "model/model.safetensors", "model/tokenizer_config.json"):
@@ -75,6 +76,7 @@ def test_training_learns_the_domain_and_writes_a_complete_run(tiny_gpt2, corpus,
     assert metrics["forgetting"]["general"]["base_perplexity"] > 0 and "forgetting" in metrics["forgetting"]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["sha256"]["train"] and manifest["data"]["documents"] == {"train": 40, "validation": 8}
+    assert manifest["precision"]["precision"] == precision
     assert "wikitext2 test rows" in manifest["general_text"]
     assert "perplexity" in (run / "summary.md").read_text()
     page = (run / "report.html").read_text()

@@ -72,11 +72,13 @@ def test_saved_run_reloads_and_predicts_what_training_measured(tiny_bert, tweets
     assert line["label"] in {"negative", "neutral", "positive"} and line["text"] == "I love this"
 
 
-def test_lora_run_merges_adapters_into_a_plain_model(tiny_bert, tweets_jsonl, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lora_run_merges_adapters_into_a_plain_model(tiny_bert, tweets_jsonl, tmp_path, precision):
     train_file, test_file = tweets_jsonl
-    overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{"lora.enabled": True,
-                                                                                "train.epochs": 1})
+    overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
+        "lora.enabled": True, "train.epochs": 1, "train.precision": precision})
     result = train(load_config(overrides=overrides))
+    assert json.loads((result.run_dir / "manifest.json").read_text())["precision"]["precision"] == precision
     assert result.metrics["train"]["trainable_parameters"] < result.metrics["train"]["total_parameters"] / 2
     assert not (result.run_dir / "model" / "adapter_config.json").exists()
     assert len(predict(result.run_dir, ["fine"])) == 1

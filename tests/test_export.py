@@ -79,7 +79,10 @@ def test_export_writes_a_self_contained_folder(exported):
     assert fp32["max_abs_logit_diff"] <= 1e-4 and fp32["label_agreement"] == 1.0
     assert fp32["accuracy"] == record["backends"]["torch"]["accuracy"]
     assert record["check"]["texts"] == 12  # the whole carved validation split (10% of 120 rows)
-    assert set(record["backends"]["onnx-int8"]) >= {"accuracy", "accuracy_change_points", "label_agreement"}
+    for backend in ("onnx-int8", "torch-bf16"):
+        assert set(record["backends"][backend]) >= {"accuracy", "accuracy_change_points", "label_agreement",
+                                                    "texts_per_second"}
+    assert 0 < record["backends"]["torch-bf16"]["max_abs_logit_diff"] < 0.1  # bf16 ran, and stayed close
     if "bert" in run.parent.name:  # encoders are exported with ONNX Runtime's fused operators, decoders unfused
         assert record["fused_operators"]["Attention"] == 2 and record["fused_operators"]["SkipLayerNormalization"] == 4
     else:
@@ -113,7 +116,7 @@ def test_export_to_another_folder_without_int8(tiny_bert, tmp_path):
     out.mkdir()
     (out / "model.int8.onnx").write_bytes(b"stale")  # from an earlier export: must not survive this one
     record = export_run(run, out=out)
-    assert set(record["backends"]) == {"torch", "onnx"}
+    assert set(record["backends"]) == {"torch", "torch-bf16", "onnx"}
     assert (out / "model.onnx").is_file() and not (out / "model.int8.onnx").exists()
     assert not (run / "onnx").exists()
 

@@ -1,4 +1,4 @@
-"""Backends behind one predictor interface: torch, onnx, onnx-int8, auto; failures and fallbacks."""
+"""Backends behind one predictor interface: torch, torch-bf16, onnx, onnx-int8, auto; failures and fallbacks."""
 
 import json
 import logging
@@ -28,11 +28,14 @@ def run_copy(exported_run, tmp_path):
     return shutil.copytree(exported_run, tmp_path / "r")
 
 
-def set_changes(run, int8: float | None, fp32: float = 0.0, speeds: tuple = (100.0, 200.0, 400.0)) -> None:
-    """Rewrite the export's record: accuracy changes and texts/s of torch, onnx and onnx-int8."""
+def set_changes(run, int8: float | None, fp32: float = 0.0, speeds: tuple = (100.0, 200.0, 400.0),
+                bf16: tuple = (0.0, 50.0)) -> None:
+    """Rewrite the export's record: accuracy changes and texts/s of torch, onnx and onnx-int8 (and torch-bf16's
+    accuracy change and speed: by default slower than torch, as on a CPU that emulates bf16)."""
     record_file = run / "onnx" / "export.json"
     record = json.loads(record_file.read_text())
     record["backends"]["torch"]["texts_per_second"] = speeds[0]
+    record["backends"]["torch-bf16"].update(accuracy_change_points=bf16[0], texts_per_second=bf16[1])
     record["backends"]["onnx"].update(accuracy_change_points=fp32, texts_per_second=speeds[1])
     if int8 is None:
         record["backends"].pop("onnx-int8", None)
@@ -43,9 +46,14 @@ def set_changes(run, int8: float | None, fp32: float = 0.0, speeds: tuple = (100
 
 def test_backend_switches_what_runs(exported_run):
     torch_model = load_predictor(exported_run, "torch")
+    bf16 = load_predictor(exported_run, "torch-bf16")
     fp32 = load_predictor(exported_run, "onnx")
     int8 = load_predictor(exported_run, "onnx-int8")
     assert type(torch_model) is Classifier and torch_model.backend == "torch"
+    assert type(bf16) is Classifier and bf16.backend == "torch-bf16"
+    # bf16 autocast: close to fp32 (8 mantissa bits), not equal (it really ran in bf16)
+    assert np.allclose(bf16.scores(TEXTS), torch_model.scores(TEXTS), atol=2e-2)
+    assert not np.array_equal(bf16.logits(TEXTS), torch_model.logits(TEXTS))
     for predictor, file in ((fp32, "model.onnx"), (int8, "model.int8.onnx")):
         assert isinstance(predictor, OnnxClassifier) and isinstance(predictor.session, ort.InferenceSession)
         assert predictor.path == exported_run / "onnx" / file
@@ -56,14 +64,15 @@ def test_backend_switches_what_runs(exported_run):
     assert isinstance(load_predictor(exported_run / "onnx", "onnx"), OnnxClassifier)  # and an export folder
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx", "onnx-int8"])
+@pytest.mark.parametrize("backend", ["torch", "torch-bf16", "onnx", "onnx-int8"])
 def test_every_backend_keeps_input_order(exported_run, backend):
     predictor = load_predictor(exported_run, backend)
     forward = predictor.scores(TEXTS, batch_size=4)
     backward = predictor.scores(list(reversed(TEXTS)), batch_size=4)
-    assert np.allclose(forward, backward[::-1], atol=1e-6)
+    assert np.allclose(forward, backward[::-1], atol=1e-6 if backend != "torch-bf16" else 1e-2)
     if backend != "onnx-int8":  # dynamic int8 scales activations per batch: its scores depend on the batch
-        assert np.allclose(forward, predictor.scores(TEXTS, batch_size=3), atol=1e-5)
+        assert np.allclose(forward, predictor.scores(TEXTS, batch_size=3),
+                           atol=1e-5 if backend != "torch-bf16" else 1e-2)
     assert [p.text for p in predictor.predict(TEXTS, batch_size=2)] == TEXTS
 
 
@@ -78,6 +87,16 @@ def test_every_backend_keeps_input_order(exported_run, backend):
 ])
 def test_auto_picks_the_fastest_backend_within_tolerance(run_copy, int8, fp32, speeds, expected):
     set_changes(run_copy, int8, fp32, speeds)
+    assert load_predictor(run_copy, "auto").backend == expected
+
+
+@pytest.mark.parametrize("bf16, expected", [
+    ((0.1, 900.0), "torch-bf16"),  # native bf16: fastest, same accuracy
+    ((-0.8, 900.0), "onnx-int8"),  # fast, but lost 0.8 points
+    ((0.0, 60.0), "onnx-int8"),  # emulated bf16: slower than torch
+])
+def test_auto_weighs_torch_bf16_like_the_exports(run_copy, bf16, expected):
+    set_changes(run_copy, 0.0, 0.0, (100, 200, 400), bf16)
     assert load_predictor(run_copy, "auto").backend == expected
 
 
@@ -105,5 +124,5 @@ def test_broken_onnx_is_an_error_when_asked_for_and_a_fallback_for_auto(run_copy
 
 
 def test_unknown_backend_is_refused(exported_run):
-    with pytest.raises(AfinarError, match="backend must be one of torch, onnx, onnx-int8, auto"):
+    with pytest.raises(AfinarError, match="backend must be one of torch, torch-bf16, onnx, onnx-int8, auto"):
         load_predictor(exported_run, "tensorrt")

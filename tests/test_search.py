@@ -24,9 +24,9 @@ def space_file(tmp_path):
     return path
 
 
-def search_config(model, train_file, test_file, out):
+def search_config(model, train_file, test_file, out, precision="auto"):
     return load_config(overrides=tiny_overrides(model, train_file, test_file, out, **{
-        "train.max_steps": 12, "train.eval_every": 4, "train.run_name": None}))
+        "train.max_steps": 12, "train.eval_every": 4, "train.run_name": None, "train.precision": precision}))
 
 
 def test_test_split_is_read_once_after_all_trials(tiny_bert, tweets_jsonl, tmp_path, space_file, monkeypatch):
@@ -68,13 +68,16 @@ def test_pruning_stops_trials_early(tiny_bert, tweets_jsonl, tmp_path, space_fil
 
 
 def test_an_interrupted_search_resumes_the_same_study(tiny_bert, tweets_jsonl, tmp_path, space_file):
+    """Trials here train under bf16 autocast, forced: the path CPUs with native bf16 take under `auto`."""
     train_file, test_file = tweets_jsonl
-    config = search_config(tiny_bert, train_file, test_file, tmp_path)
+    config = search_config(tiny_bert, train_file, test_file, tmp_path, precision="bf16")
     first = search(config, trials=2, space=space_file, pruner="none")
-    second = search(search_config(tiny_bert, train_file, test_file, tmp_path), trials=3, space=space_file,
-                    pruner="none")
+    second = search(search_config(tiny_bert, train_file, test_file, tmp_path, precision="bf16"), trials=3,
+                    space=space_file, pruner="none")
     assert [r["trial"] for r in second.trials] == [0, 1, 2]
     assert second.trials[:2] == first.trials  # the earlier trials are kept, not rerun
+    manifests = [json.loads(path.read_text()) for path in (second.path / "trials").glob("*/manifest.json")]
+    assert len(manifests) == 3 and {m["precision"]["precision"] for m in manifests} == {"bf16"}
 
 
 def test_space_file_errors_name_the_key(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -131,6 +132,19 @@ def test_compare_writes_the_table_and_the_report(tiny_bert, tiny_gpt2, tweets_js
     assert (out / "runs" / "lora" / "report.html").is_file() and (out / "data_report.json").is_file()
     with pytest.raises(AfinarError, match="already holds a comparison"):
         compare(config, "knn_retrieval", out)
+
+
+def test_fine_tuning_strategies_train_in_forced_bf16(tiny_bert, tweets_jsonl, tmp_path):
+    """bf16 autocast, forced: the path `auto` takes on CPUs with native bf16, for both fine-tuning strategies."""
+    train_file, test_file = tweets_jsonl
+    config = load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
+        "train.epochs": 1, "train.run_name": None, "train.precision": "bf16"}))
+    comparison = compare(config, "lora,full", tmp_path / "cmp", CompareArgs(encoder=str(tiny_bert), isolate=False))
+    assert [r.error for r in comparison.results] == [None, None]
+    for result in comparison.results:
+        manifest = json.loads((Path(result.details["run_dir"]) / "manifest.json").read_text())
+        assert manifest["precision"]["precision"] == "bf16"
+        assert result.validation["loss"] > 0 and result.test["n"] == 60
 
 
 def test_isolated_strategies_run_in_their_own_process(tiny_bert, tweets_jsonl, tmp_path):

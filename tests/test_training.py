@@ -84,22 +84,25 @@ def sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
-def resumable(model, train_file, test_file, out, name):
+def resumable(model, train_file, test_file, out, name, precision):
     return tiny_overrides(model, train_file, test_file, out, **{
         "train.run_name": name, "train.max_steps": 120, "train.eval_every": 20, "train.batch_size": 8,
-        "train.logging_steps": 5, "train.learning_rate": 3e-4, "train.keep_checkpoints": True})
+        "train.logging_steps": 5, "train.learning_rate": 3e-4, "train.keep_checkpoints": True,
+        "train.precision": precision})
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_bert, tweets_jsonl, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_bert, tweets_jsonl, tmp_path, precision):
     train_file, test_file = tweets_jsonl
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    whole = subprocess.run(afinar_cmd("train", *sets(resumable(tiny_bert, train_file, test_file, tmp_path, "whole"))),
+    whole = subprocess.run(afinar_cmd("train", *sets(resumable(tiny_bert, train_file, test_file, tmp_path, "whole",
+                                                               precision))),
                            env=env, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(afinar_cmd("train", *sets(resumable(tiny_bert, train_file, test_file, tmp_path,
-                                                                   "killed"))),
+                                                                   "killed", precision))),
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (killed / "checkpoints" / "checkpoint-40" / "trainer_state.json").exists():
@@ -116,6 +119,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_bert, tweets_json
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr and "checkpoint-" in resumed.stderr
+    assert f"precision {precision}, as decided when the run started" in resumed.stderr
     expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     got = json.loads((killed / "metrics.json").read_text())
     for split in ("validation", "test"):
@@ -164,25 +168,49 @@ def test_non_finite_loss_stops_with_the_step_and_cause(tiny_bert, tweets_jsonl, 
     assert Run.open(Path(tmp_path) / "r").status() == "failed"
 
 
-def test_two_process_torchrun_matches_one_process(tiny_bert, tweets_jsonl, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_process_torchrun_matches_one_process(tiny_bert, tweets_jsonl, tmp_path, precision):
     """`afinar train --nproc 2` runs DDP (gloo on CPU) through torchrun; batch_size is global, so the
-    effective batch and the step count match the single-process run, and only rank 0 writes the folder."""
+    effective batch and the step count match the single-process run, and only rank 0 writes the folder. The
+    first step sees the same 16 rows either way, so its loss and gradient norm agree (up to dropout masks): a
+    rank training alone (half the gradient) or a loss scaled by the process count (twice) cannot pass."""
     train_file, test_file = tweets_jsonl
-    results = {}
+    results, first_steps = {}, {}
     for nproc in (1, 2):
         overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
-            "train.run_name": f"p{nproc}", "train.max_steps": 20, "train.eval_every": 10})
+            "train.run_name": f"p{nproc}", "train.max_steps": 20, "train.eval_every": 10,
+            "train.precision": precision})
         done = subprocess.run(afinar_cmd("train", "--nproc", str(nproc), *sets(overrides)), capture_output=True,
                               text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
         results[nproc] = json.loads((tmp_path / f"p{nproc}" / "metrics.json").read_text())
+        first_steps[nproc] = Run.open(tmp_path / f"p{nproc}").read_log()[0]
         assert done.stdout.count("run folder:") == 1  # rank 1 prints and writes nothing
+        manifest = json.loads((tmp_path / f"p{nproc}" / "manifest.json").read_text())
+        assert manifest["precision"]["precision"] == precision
     two = results[2]
     assert "torch.distributed.run" in done.stderr and "--nproc_per_node=2" in done.stderr
     assert two["train"]["steps"] == results[1]["train"]["steps"] == 20
     assert two["validation"]["n"] == results[1]["validation"]["n"]  # no padded duplicates in evaluation
+    assert first_steps[2]["loss"] == pytest.approx(first_steps[1]["loss"], rel=0.01)
+    assert first_steps[2]["grad_norm"] == pytest.approx(first_steps[1]["grad_norm"], rel=0.1)
     assert abs(two["validation"]["loss"] / results[1]["validation"]["loss"] - 1) < 0.02
     assert abs(two["test"]["loss"] / results[1]["test"]["loss"] - 1) < 0.02
+
+
+def test_gradient_accumulation_gives_the_loss_and_gradient_of_the_whole_batch(tiny_bert, tweets_jsonl, tmp_path):
+    """16 rows as 2 x 8 accumulated log the loss and gradient norm of one batch of 16 (a classifier's loss is a
+    batch mean, which `Trainer` must divide by the accumulation steps)."""
+    train_file, test_file = tweets_jsonl
+    first = {}
+    for name, per_step, accumulate in (("whole", 16, 1), ("accumulated", 8, 2)):
+        first[name] = train(load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
+            "train.run_name": name, "train.max_steps": 1, "train.batch_size": per_step,
+            "train.gradient_accumulation_steps": accumulate, "train.group_by_length": False,
+            "train.cpu_speedups": False})))
+    whole, accumulated = (Run(first[n].run_dir).read_log()[0] for n in ("whole", "accumulated"))
+    assert accumulated["loss"] == pytest.approx(whole["loss"], rel=0.05)
+    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=0.2)
 
 
 def test_out_of_memory_halves_the_batch_keeps_the_effective_batch_and_continues(tiny_bert, tweets_jsonl, tmp_path,

@@ -314,7 +314,7 @@ def train_lm(config: Config) -> TrainResult:
                           f"lower it")
     run = Run.create(config)
     with run.recording(config.train.keep_checkpoints):
-        run.write("manifest.json", {
+        run.update_manifest({
             "versions": versions(), "machine": machine(), "model": {"name": config.model.name, "path": model_path},
             "data": {"sources": splits.sources, "sha256": splits.fingerprints,
                      "documents": {name: len(docs) for name, docs in splits.items()},

@@ -85,7 +85,7 @@ def train(config: Config, callbacks: list | None = None, with_test: bool = True)
     run = Run.create(config)
     with run.recording(config.train.keep_checkpoints):
         run.write("data_report.json", report.to_dict())
-        run.write("manifest.json", {
+        run.update_manifest({
             "versions": versions(), "machine": machine(), "model": {"name": config.model.name, "path": model_path},
             "data": {"sources": splits.sources, "sha256": splits.fingerprints,
                      "rows": {name: len(ds) for name, ds in splits.items()}, "labels": splits.label_names},
@@ -125,7 +125,7 @@ def train(config: Config, callbacks: list | None = None, with_test: bool = True)
 
 
 def load_run_classifier(run_dir: str | Path, backend: str = "torch") -> tuple[Run, Predictor]:
-    """A finished run's classifier on `backend` (torch | onnx | onnx-int8 | auto, see `inference`)."""
+    """A finished run's classifier on `backend` (torch | torch-bf16 | onnx | onnx-int8 | auto, see `inference`)."""
     run = Run.open(run_dir)
     run.require_finished()
     if run.config().task != "classification":

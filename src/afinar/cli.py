@@ -112,7 +112,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         extra = "" if name == "torch" else (f" ({row['accuracy_change_points']:+.2f} points, labels agree "
                                             f"{row['label_agreement']:.1%}, max |logit diff| "
                                             f"{row['max_abs_logit_diff']:.1e})")
-        print(f"{name}: accuracy {row['accuracy']:.4f}{extra} on {record['check']['texts']} validation texts")
+        print(f"{name}: accuracy {row['accuracy']:.4f}{extra}, {row['texts_per_second']:.0f} texts/s on "
+              f"{record['check']['texts']} validation texts")
     return 0
 
 
@@ -296,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
     for sub, default in ((evaluate, "torch"), (predict, "auto"), (serve, "auto")):
         sub.add_argument("--backend", choices=BACKENDS, default=default,
-                         help=f"torch | onnx | onnx-int8 | auto (default: {default})")
+                         help=f"{' | '.join(BACKENDS)} (default: {default})")
 
     generate = commands.add_parser("generate", help="sample a continuation from a causal LM (base or tuned)")
     generate.add_argument("model", help="causal_lm run folder, embedded name, model folder or hub id")

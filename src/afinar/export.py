@@ -6,8 +6,8 @@
                              output channel, activations quantized per batch on the fly, no calibration data
       labels.json            class names in logit order
       tokenizer files        the run's tokenizer, so the folder predicts on its own
-      export.json            the check: logits vs PyTorch, accuracy of each backend on validation texts, which
-                             `load_predictor(backend="auto")` reads to decide
+      export.json            the check: logits vs PyTorch, accuracy and speed of each backend (torch, torch-bf16,
+                             onnx, onnx-int8) on validation texts, which `load_predictor(backend="auto")` reads
 
 Exporter: the TorchScript tracer (`torch.onnx.export(..., dynamo=False)`). In torch 2.13 the dynamo exporter
 gave the same logits and the same ONNX Runtime speed on MiniLM, GPT-2 and Llama, but needs two more packages
@@ -195,6 +195,9 @@ def export_run(run_dir: str | Path, int8: bool = False, out: str | Path | None =
         raise AfinarError(f"ONNX export of {run.path} does not match PyTorch: max |logit difference| {diff:.2e} "
                           f"> {FP32_TOLERANCE:g} on {len(texts)} validation texts; nothing was exported")
     backends = {"torch": torch_row, "onnx": _compare(onnx_row, torch_row, logits, reference, fp32, seconds)}
+    classifier.bf16 = True  # the same model under bf16 autocast
+    logits, bf16_row = _score(classifier, texts, gold)
+    backends["torch-bf16"] = _compare(bf16_row, torch_row, logits, reference)
     if int8:
         quantized, started = out_dir / ONNX_FILES["onnx-int8"], time.perf_counter()
         quantize_int8(fp32, quantized)
@@ -213,11 +216,11 @@ def export_run(run_dir: str | Path, int8: bool = False, out: str | Path | None =
     return record
 
 
-def _compare(row: dict, torch_row: dict, logits: np.ndarray, reference: np.ndarray, file: Path,
-             seconds: float) -> dict:
-    return {**row, "file": file.name, "megabytes": round(file.stat().st_size / 2**20, 1),
-            "seconds_to_write": round(seconds, 2),
-            "accuracy_change_points": round(100 * (row["accuracy"] - torch_row["accuracy"]), 3),
+def _compare(row: dict, torch_row: dict, logits: np.ndarray, reference: np.ndarray, file: Path | None = None,
+             seconds: float = 0.0) -> dict:
+    written = {"file": file.name, "megabytes": round(file.stat().st_size / 2**20, 1),
+               "seconds_to_write": round(seconds, 2)} if file is not None else {}
+    return {**row, **written, "accuracy_change_points": round(100 * (row["accuracy"] - torch_row["accuracy"]), 3),
             "label_agreement": float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean()),
             "max_abs_logit_diff": float(np.abs(logits - reference).max())}
 

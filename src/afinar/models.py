@@ -80,4 +80,8 @@ def load_classifier(args: ModelArgs, label_names: list[str], tokenizer, path: st
     except (OSError, ValueError) as exc:
         raise _hub_error(args, exc) from None
     model.config.pad_token_id = tokenizer.pad_token_id
+    # Its loss is the batch mean and ignores `num_items_in_batch`, yet its forward takes **kwargs, so `Trainer`
+    # would treat it as normalised already: it skips dividing by gradient accumulation and multiplies by the
+    # number of DDP processes (2 processes: twice the loss and gradients, in training and evaluation).
+    model.accepts_loss_kwargs = False
     return model

@@ -96,14 +96,19 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _same_on_every_rank(value: Any) -> Any:
-    """Rank 0's value on all ranks (their clocks may disagree on the timestamp in a run name)."""
+def same_on_every_rank(value: Any) -> Any:
+    """Rank 0's value on all ranks (their clocks may disagree on the timestamp in a run name, their timings on
+    a measured choice)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return value
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    PartialState()  # joins the process group torchrun set up
+    from afinar.precision import on_cpu
+
+    # joins the process group torchrun set up; on a CPU-only machine only `cpu=True` makes it a gloo group
+    # (otherwise Accelerate sees no distributed run and the broadcast returns each rank's own value)
+    PartialState(cpu=on_cpu())
     return broadcast_object_list([value])[0]
 
 
@@ -139,7 +144,7 @@ class Run:
             name = _latest_unfinished(Path(config.train.output_dir), config)
         name = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(config.model.name)}-{_slug(config.data.source)}"
         # rank 0 judges the folder before anyone creates it, and every rank follows its verdict
-        name, problem = _same_on_every_rank((name, cls(Path(config.train.output_dir) / name)._conflict(config)))
+        name, problem = same_on_every_rank((name, cls(Path(config.train.output_dir) / name)._conflict(config)))
         if problem:
             raise AfinarError(problem)
         config.train.run_name = name
@@ -214,6 +219,15 @@ class Run:
             write_atomic(self.path / name, data)
         else:
             write_json(self.path / name, data)
+
+    def manifest(self) -> dict:
+        file = self.path / "manifest.json"
+        return read_json(file) if file.is_file() else {}
+
+    def update_manifest(self, entries: dict[str, Any]) -> None:
+        """Merge `entries` into manifest.json, keeping what is there (a resumed run keeps its recorded precision)."""
+        if is_main_process():
+            write_json(self.path / "manifest.json", {**self.manifest(), **entries})
 
     def write_log(self, history: list[dict]) -> None:
         if not is_main_process():

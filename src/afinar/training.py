@@ -7,11 +7,9 @@ length grouping, early stopping and checkpointing are applied once and mean the 
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import math
 import os
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,49 +18,16 @@ import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
 from afinar import cpu_speed
+from afinar import precision as precision_lib
 from afinar.config import LoraArgs, TrainArgs
 from afinar.errors import AfinarError
-from afinar.runs import Run, is_main_process
+from afinar.runs import Run, is_main_process, same_on_every_rank
 
 log = logging.getLogger(__name__)
 
-@functools.cache
-def cpu_bf16_speedup(size: int = 512, repeats: int = 8) -> float:
-    """How many times faster a bf16 matmul runs than an fp32 one on this CPU, measured (about 0.1 s): with AMX
-    several times, without it bf16 is emulated and slower."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-
-    def seconds(x: torch.Tensor, y: torch.Tensor) -> float:
-        x @ y  # warm-up: kernel selection, page faults
-        started = time.perf_counter()
-        for _ in range(repeats):
-            x @ y
-        return time.perf_counter() - started
-
-    return seconds(a, b) / seconds(a.bfloat16(), b.bfloat16())
-
-
-BF16_WORTH_IT = 1.5  # bf16 autocast costs casts and loses precision; only a clear matmul speed-up pays for it
-
-
-def precision_flags(precision: str) -> dict[str, bool]:
-    """`auto` picks bf16 on GPUs that have it, and on CPUs where bf16 matmuls measure clearly faster (AMX);
-    fp32 elsewhere."""
-    cuda = torch.cuda.is_available()
-    if precision == "auto":
-        if cuda:
-            return {"bf16": True} if torch.cuda.is_bf16_supported() else {}
-        speedup = cpu_bf16_speedup()
-        log.info("precision auto on CPU: bf16 matmul measured %.2fx fp32, so %s", speedup,
-                 "bf16 autocast" if speedup >= BF16_WORTH_IT else "fp32")
-        return {"bf16": True} if speedup >= BF16_WORTH_IT else {}
-    if precision == "fp16" and not cuda:
-        raise AfinarError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on a CPU")
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
-
-
-def training_arguments(args: TrainArgs, output_dir: Path, has_eval: bool = True) -> TrainingArguments:
-    """Our small `TrainArgs` expanded into `transformers.TrainingArguments` (never re-exposed flag by flag)."""
+def training_arguments(args: TrainArgs, output_dir: Path, precision: str, has_eval: bool = True) -> TrainingArguments:
+    """Our small `TrainArgs` expanded into `transformers.TrainingArguments` (never re-exposed flag by flag), in the
+    decided `precision` (fp32 | bf16 | fp16; `decide_precision` resolves `auto`)."""
     strategy = "steps" if args.eval_every else "epoch"
     metric = args.metric_for_best_model
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
@@ -100,7 +65,7 @@ def training_arguments(args: TrainArgs, output_dir: Path, has_eval: bool = True)
         fsdp=args.fsdp or "",
         fsdp_config=args.fsdp_config,
         deepspeed=args.deepspeed,
-        **precision_flags(args.precision),
+        **precision_lib.trainer_flags(precision),
     )
 
 
@@ -206,13 +171,38 @@ class LengthBucketTrainer(Trainer):
         return LengthBucketSampler(lengths, self._train_batch_size * self.args.world_size, seed)
 
 
+def typical_length(dataset) -> int:
+    """The median tokens per training row: what a dynamically padded batch of `dataset` is about as long as."""
+    if "length" in dataset.column_names:
+        return max(1, int(np.median(dataset.select_columns(["length"]).with_format("numpy")[:]["length"])))
+    return len(dataset[0]["input_ids"])
+
+
+def decide_precision(run: Run, args: TrainArgs, model, train_ds) -> precision_lib.PrecisionChoice:
+    """`train.precision` resolved once per run (see `afinar.precision`) and written into the manifest. A resumed
+    run keeps the precision it started with; under torchrun, rank 0 decides for every rank."""
+    recorded = run.manifest().get("precision") if args.resume else None
+    if recorded:
+        choice = precision_lib.PrecisionChoice.from_dict(recorded)
+        log.info("precision %s, as decided when the run started: %s", choice.precision, choice.reason)
+        return choice
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    choice = (precision_lib.choose(args.precision, model, args.batch_size // world, typical_length(train_ds))
+              if is_main_process() else None)
+    choice = precision_lib.PrecisionChoice.from_dict(same_on_every_rank(choice and choice.to_dict()))
+    log.info("precision %s: %s", choice.precision, choice.reason)
+    run.update_manifest({"precision": choice.to_dict()})
+    return choice
+
+
 def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds, data_collator,
                   compute_metrics=None, preprocess_logits_for_metrics=None, extra_callbacks=None) -> Trainer:
     callbacks = [RunLogCallback(run), NonFiniteLossCallback(), *(extra_callbacks or [])]
     if eval_ds is not None and args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
-    arguments = training_arguments(args, run.checkpoint_dir, has_eval=eval_ds is not None)
-    speed_up(model, args, arguments.device)
+    speed_up(model, args)
+    precision = decide_precision(run, args, model, train_ds)
+    arguments = training_arguments(args, run.checkpoint_dir, precision.precision, has_eval=eval_ds is not None)
     return LengthBucketTrainer(
         model=model,
         args=arguments,
@@ -226,10 +216,10 @@ def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds
     )
 
 
-def speed_up(model, args: TrainArgs, device: torch.device) -> None:
-    """What pays on the device beyond `Trainer`'s own options (see `cpu_speed`): the same functions, and dropout
+def speed_up(model, args: TrainArgs) -> None:
+    """What pays on the CPU beyond `Trainer`'s own options (see `cpu_speed`): the same functions, and dropout
     masks with the same distribution from a faster generator."""
-    if args.cpu_speedups and device.type == "cpu":
+    if args.cpu_speedups and precision_lib.on_cpu():
         for change in cpu_speed.apply(model):
             log.info("CPU speed-up: %s", change)
 

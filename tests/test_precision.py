@@ -1,0 +1,96 @@
+"""Precision: `auto` measured on the model being trained and recorded; bf16 forced on any CPU trains like fp32."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from afinar import precision
+from afinar.classify import train
+from afinar.config import load_config
+from afinar.errors import AfinarError
+from afinar.runs import Run
+from afinar.training import decide_precision
+
+from test_classify import tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_probe_times_real_steps_and_leaves_no_trace(tiny_bert):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = torch.random.get_rng_state()
+    measured = precision.measure_cpu_bf16_speedup(model, batch_size=4, length=16, steps=2)
+    assert measured["fp32_step_seconds"] > 0 and measured["bf16_step_seconds"] > 0
+    assert measured["bf16_speedup"] == pytest.approx(measured["fp32_step_seconds"] / measured["bf16_step_seconds"],
+                                                     rel=1e-2)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the run's random stream is untouched
+
+
+def test_probe_is_cached_per_machine_and_model_shape(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setenv("AFINAR_CACHE", str(tmp_path))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    first = precision.cached_cpu_bf16_speedup(model, 4, 16)
+    again = precision.cached_cpu_bf16_speedup(model, 4, 16)
+    assert not first["cached"] and again["cached"] and again["bf16_speedup"] == first["bf16_speedup"]
+    for parameter in model.bert.embeddings.parameters():  # frozen layers change the step: another entry
+        parameter.requires_grad_(False)
+    assert not precision.cached_cpu_bf16_speedup(model, 4, 16)["cached"]
+    assert len(list((tmp_path / "precision").glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("speedup, expected", [(3.1, "bf16"), (1.1, "fp32"), (0.7, "fp32")])
+def test_auto_on_cpu_follows_the_measured_step_speedup(tiny_bert, monkeypatch, speedup, expected):
+    monkeypatch.setattr(precision, "cached_cpu_bf16_speedup", lambda *a: {"bf16_speedup": speedup})
+    choice = precision.choose("auto", torch.nn.Linear(1, 1), 32, 40)
+    assert choice.precision == expected
+    assert f"{speedup:.2f}x" in choice.reason and "32x40 batch" in choice.reason
+    assert precision.choose("bf16", torch.nn.Linear(1, 1), 32, 40).precision == "bf16"  # explicit: no probe
+
+
+def test_fp16_on_a_cpu_is_refused():
+    with pytest.raises(AfinarError, match="fp16 needs a CUDA GPU"):
+        precision.choose("fp16", torch.nn.Linear(1, 1), 32, 40)
+
+
+def test_cpu_training_arguments_form_a_process_group_under_torchrun():
+    """`use_cpu` is what makes Accelerate treat torchrun's CPU processes as one DDP job; bf16 on a CPU needs it."""
+    assert precision.trainer_flags("bf16") == {"bf16": True, "fp16": False, "use_cpu": True}
+    assert precision.trainer_flags("fp32")["use_cpu"]
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_bert", "tiny_gpt2"])
+def test_forced_bf16_trains_like_fp32_and_is_recorded(request, model_fixture, tweets_jsonl, tmp_path):
+    """bf16 autocast runs on every CPU (emulated where not native): the encoder and the decoder classifier train
+    in it to the same validation loss as fp32, yet not bit for bit (autocast really ran)."""
+    model = request.getfixturevalue(model_fixture)
+    train_file, test_file = tweets_jsonl
+    results = {}
+    for name in ("fp32", "bf16"):
+        results[name] = train(load_config(overrides=tiny_overrides(model, train_file, test_file, tmp_path, **{
+            "train.run_name": name, "train.precision": name, "train.epochs": 1})))
+        manifest = json.loads((results[name].run_dir / "manifest.json").read_text())
+        assert manifest["precision"] == {"precision": name, "reason": "set in the config (train.precision)",
+                                         "measured": {}}
+    fp32, bf16 = (results[n].metrics["validation"]["loss"] for n in ("fp32", "bf16"))
+    assert bf16 == pytest.approx(fp32, rel=0.02) and bf16 != fp32
+
+
+def test_auto_records_its_measurement_and_a_resume_keeps_the_decision(tiny_bert, tweets_jsonl, tmp_path,
+                                                                     monkeypatch):
+    train_file, test_file = tweets_jsonl
+    overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{"train.max_steps": 4})
+    result = train(load_config(overrides=overrides))
+    recorded = json.loads((result.run_dir / "manifest.json").read_text())["precision"]
+    assert recorded["precision"] in ("fp32", "bf16") and recorded["reason"].startswith("auto on CPU")
+    assert recorded["measured"]["fp32_step_seconds"] > 0 and recorded["measured"]["batch"][0] == 16
+    # a resumed run never measures again: the manifest's decision holds, even if this machine would now decide
+    # otherwise (here: a probe that would fail)
+    monkeypatch.setattr(precision, "choose", lambda *a: pytest.fail("measured again on resume"))
+    resumed = load_config(overrides=overrides + ["train.resume=true"])
+    choice = decide_precision(Run(result.run_dir), resumed.train, None, None)
+    assert choice.to_dict() == recorded
