@@ -22,10 +22,13 @@ def test_probe_times_real_steps_and_leaves_no_trace(tiny_bert):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
     before = [p.detach().clone() for p in model.parameters()]
     state = torch.random.get_rng_state()
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
     measured = precision.measure_cpu_bf16_speedup(model, batch_size=4, length=16, steps=2)
     assert measured["fp32_step_seconds"] > 0 and measured["bf16_step_seconds"] > 0
     assert measured["bf16_speedup"] == pytest.approx(measured["fp32_step_seconds"] / measured["bf16_step_seconds"],
                                                      rel=1e-2)
+    assert modes and all(modes) and not model.training  # measured in training mode, then set back to eval
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert torch.equal(torch.random.get_rng_state(), state)  # the run's random stream is untouched
