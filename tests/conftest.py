@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The project's real data lives beside the repository (../shared/data), read in place, never written.
 SHARED = Path(os.environ.get("AFINAR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 TWEETS = SHARED / "tweet_sentiment_extraction"
+LABELS = ["negative", "neutral", "positive"]
+# different lengths in one batch: short rows are right-padded, so decoder pooling must find the last real token
+TEXTS = ["ok", "I love this so much, best day of the whole year honestly!!", "", "this is awful",
+         "meh", "not sure what to think about the new phone yet, it is fine I guess"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -85,3 +90,45 @@ def tweets_jsonl(tmp_path) -> tuple[Path, Path]:
         path.write_text("".join(json.dumps(r) + "\n" for r in tweet_rows(split, n)), encoding="utf-8")
         paths.append(path)
     return tuple(paths)
+
+
+def tiny_overrides(model, train_file, test_file, out, **extra) -> list[str]:
+    """`key=value` overrides for a few-second run of a tiny model on the small tweet files; `extra` wins."""
+    sets = {"model.name": str(model), "data.source": str(train_file), "data.test": str(test_file),
+            "train.output_dir": str(out), "train.run_name": "r", "train.epochs": 2, "train.batch_size": 16,
+            "train.learning_rate": 1e-3, "train.logging_steps": 2, "data.max_length": 32,
+            "train.early_stopping_patience": None, **extra}
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def afinar_cmd(*args: str) -> list[str]:
+    """The CLI in a fresh process (SIGKILL, torchrun)."""
+    return [sys.executable, "-m", "afinar", *args]
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def make_run(model: Path, folder: Path, name: str = "r") -> Path:
+    """A finished run folder around an untrained classifier head: what export needs, without training."""
+    import torch
+
+    from afinar.config import load_config
+    from afinar.models import load_classifier, load_tokenizer
+    from afinar.runs import Run
+
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 120), ("test", 20)):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tweet_rows(split, n)))
+    config = load_config(overrides=[f"model.name={model}", f"data.source={data / 'train.jsonl'}",
+                                    f"data.test={data / 'test.jsonl'}", f"train.output_dir={folder}",
+                                    f"train.run_name={name}", "data.max_length=32"])
+    run = Run.create(config)
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(config.model)
+    load_classifier(config.model, LABELS, tokenizer).save_pretrained(run.model_dir)
+    tokenizer.save_pretrained(run.model_dir)
+    run.set_status("finished")
+    return run.path

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from afinar.causal_lm import generate, load_texts, pack, pack_documents, split_documents, train_lm
+from afinar.causal_lm import generate, pack, pack_documents, train_lm
 from afinar.config import DataArgs, load_config
+from afinar.data import load_texts, split_documents
 from afinar.errors import AfinarError
 from afinar.runs import Run
 
@@ -116,7 +117,8 @@ def test_text_sources_and_bad_inputs(tmp_path):
     paragraphs = tmp_path / "notes.txt"
     paragraphs.write_text("first line\nof one\n\nsecond\nparagraph\n\nthird\nhere\n", encoding="utf-8")
     splits = load_texts(DataArgs(source=str(paragraphs), validation_fraction=0.34), seed=0)
-    assert len(splits.train) == 2 and len(splits.validation) == 1 and "carved" in splits.notes[0]
+    # carved as labelled data is (`data.carve_rows`: sklearn rounds the held-out share up)
+    assert len(splits.train) == 1 and len(splits.validation) == 2 and "carved" in splits.notes[0]
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text('{"text": "alpha beta"}\n{"text": "gamma"}\n{"text": "Third  here"}\n', encoding="utf-8")
     splits = load_texts(DataArgs(source=str(jsonl), validation=str(paragraphs)))
@@ -135,9 +137,12 @@ def test_text_sources_and_bad_inputs(tmp_path):
 
 
 def test_short_text_and_wrong_runs_are_clear_errors(tiny_gpt2, corpus, tmp_path):
-    for size, message in ((4096, "fewer than one lm.block_size"), (256, "exceeds the 128 positions")):
+    one_line = tmp_path / "one-line.txt"
+    one_line.write_text(SENTENCES[0] + "\n", encoding="utf-8")
+    for size, valid, message in ((100, one_line, "fewer than one lm.block_size=100 block"),
+                                 (256, corpus[1], "exceeds the 128 positions")):
         with pytest.raises(AfinarError, match=message):
-            train_lm(lm_config(tiny_gpt2, *corpus, tmp_path, **{"lm.block_size": size}))
+            train_lm(lm_config(tiny_gpt2, corpus[0], valid, tmp_path, **{"lm.block_size": size}))
     assert not (tmp_path / "r").exists()  # input errors are found before a run folder is made
     with pytest.raises(AfinarError, match="empty"):
         generate(tiny_gpt2, "  ")

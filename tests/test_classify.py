@@ -9,13 +9,7 @@ from afinar.classify import evaluate, predict, train
 from afinar.config import load_config
 from afinar.runs import Run
 
-
-def tiny_overrides(model, train_file, test_file, out, **extra):
-    sets = {"model.name": str(model), "data.source": str(train_file), "data.test": str(test_file),
-            "train.output_dir": str(out), "train.run_name": "r", "train.epochs": 2, "train.batch_size": 16,
-            "train.learning_rate": 1e-3, "train.logging_steps": 2, "data.max_length": 32,
-            "train.early_stopping_patience": None, **extra}
-    return [f"{k}={v}" for k, v in sets.items()]
+from conftest import tiny_overrides
 
 
 def cli_args(overrides):

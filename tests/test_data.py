@@ -181,3 +181,35 @@ def test_input_files_are_not_modified(tmp_path):
     load_splits(DataArgs(source=str(path)))
     assert path.read_bytes() == before
     assert read_table(path).shape[0] == 40
+
+
+def test_hub_labels_outside_the_classes_are_refused_not_invented(monkeypatch):
+    """GLUE-style test splits label every row -1; mapped through the class names, -1 became the last class."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    features = Features({"sentence": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    hub = DatasetDict({"train": Dataset.from_dict({"sentence": ["good", "bad"] * 5, "label": [1, 0] * 5},
+                                                  features=features),
+                       "test": Dataset.from_dict({"sentence": ["fine", "awful"], "label": [-1, -1]},
+                                                 features=features)})
+    monkeypatch.setattr("datasets.load_dataset", lambda name, *a, **k: hub)
+    with pytest.raises(AfinarError, match=r"hub:glue/sst2.*2 of 2 rows have label id -1 .*outside the 2 classes"):
+        load_splits(DataArgs(source="glue/sst2"))
+    unscored = load_splits(DataArgs(source="glue/sst2"), with_test=False)  # train alone is labelled: fine
+    assert len(unscored.train) + len(unscored.validation) == 10
+
+
+@pytest.mark.parametrize("missing", ["NaN", "null", "N/A"])  # empty: test_bad_input_is_a_one_line_error
+def test_a_missing_label_in_a_csv_is_an_error_not_a_class(tmp_path, missing):
+    rows = [{"text": f"text {i}", "label": ["pos", "neg"][i % 2]} for i in range(10)]
+    rows[6]["label"] = missing
+    path = write(tmp_path / "train.csv", rows, "csv")
+    with pytest.raises(AfinarError, match=r"row 7 has a missing label"):
+        load_splits(DataArgs(source=str(path)))
+
+
+def test_a_byte_order_mark_does_not_hide_the_first_column(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"\xef\xbb\xbftext,label\n" + b"".join(f"t{i},{'ab'[i % 2]}\n".encode() for i in range(10)))
+    splits = load_splits(DataArgs(source=str(path), text_column="text"))
+    assert splits.label_names == ["a", "b"] and len(splits.train) + len(splits.validation) == 10

@@ -10,16 +10,9 @@ from afinar.config import load_config
 from afinar.errors import AfinarError
 from afinar.export import export_run
 from afinar.inference import Classifier, OnnxClassifier
-from afinar.models import load_classifier, load_tokenizer
 from afinar.runs import Run
 
-from conftest import tweet_rows
-
-LABELS = ["negative", "neutral", "positive"]
-# different lengths in one batch: short rows are right-padded, so decoder pooling must find the last real token
-TEXTS = ["ok", "I love this so much, best day of the whole year honestly!!", "", "this is awful",
-         "meh", "not sure what to think about the new phone yet, it is fine I guess"]
-
+from conftest import LABELS, TEXTS, make_run
 
 def tiny_llama(folder: Path) -> Path:
     """A 2-layer Llama (SmolLM2's architecture) with the GPT-2 tokenizer: no pad token, right padding."""
@@ -35,26 +28,6 @@ def tiny_llama(folder: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def make_run(model: Path, folder: Path, name: str = "r") -> Path:
-    """A finished run folder around an untrained classifier head: what export needs, without training."""
-    import torch
-
-    data = folder / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", 120), ("test", 20)):
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in tweet_rows(split, n)))
-    config = load_config(overrides=[f"model.name={model}", f"data.source={data / 'train.jsonl'}",
-                                    f"data.test={data / 'test.jsonl'}", f"train.output_dir={folder}",
-                                    f"train.run_name={name}", "data.max_length=32"])
-    run = Run.create(config)
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(config.model)
-    load_classifier(config.model, LABELS, tokenizer).save_pretrained(run.model_dir)
-    tokenizer.save_pretrained(run.model_dir)
-    run.set_status("finished")
-    return run.path
 
 
 @pytest.fixture(scope="module", params=["tiny_bert", "tiny_gpt2", "tiny_llama"])

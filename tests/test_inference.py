@@ -12,7 +12,7 @@ from afinar.errors import AfinarError
 from afinar.export import export_run
 from afinar.inference import Classifier, OnnxClassifier, load_predictor
 
-from test_export import LABELS, TEXTS, make_run
+from conftest import LABELS, TEXTS, make_run
 
 
 @pytest.fixture(scope="module")

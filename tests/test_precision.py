@@ -13,7 +13,7 @@ from afinar.errors import AfinarError
 from afinar.runs import Run
 from afinar.training import decide_precision
 
-from test_classify import tiny_overrides
+from conftest import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

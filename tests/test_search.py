@@ -11,7 +11,7 @@ from afinar.config import load_config
 from afinar.errors import AfinarError
 from afinar.search import load_space, search
 
-from test_classify import tiny_overrides
+from conftest import tiny_overrides
 
 SPACE = {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
          "train.batch_size": {"type": "categorical", "choices": [8, 16]}}

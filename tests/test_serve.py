@@ -16,7 +16,7 @@ from afinar.config import load_config
 from afinar.errors import AfinarError
 from afinar.serve import create_app
 from conftest import tweet_rows
-from test_classify import tiny_overrides
+from conftest import tiny_overrides
 
 TEXTS = ["I love this so much", "this is awful", "", "ok", "worst day ever, nothing works"]
 
@@ -196,3 +196,130 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on(classifier):
     with TestClient(create_app(None, classifier=Flaky()), raise_server_exceptions=False) as client:
         assert client.post("/predict", json={"texts": ["boom"]}).status_code == 500
         assert client.post("/predict", json={"texts": ["fine"]}).status_code == 200
+
+
+class Slow:
+    """A scorer that takes `delay` seconds per batch (a busy or hung model)."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay, self.labels = inner, delay, inner.labels
+
+    def scores(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        time.sleep(self.delay)
+        return self.inner.scores(texts, batch_size)
+
+
+def test_an_unauthenticated_body_is_refused_before_it_is_read(classifier):
+    """4 MB without the token: 401 at once, not 413 after reading it (the limit here is 1 MB)."""
+    app = create_app(None, classifier=classifier, token="s3cret", max_body_bytes=1_000_000)
+    with TestClient(app) as client:
+        response = client.post("/predict", content=b'{"texts": ["' + b"x" * 4_000_000 + b'"]}',
+                               headers={"content-type": "application/json"})
+    assert response.status_code == 401 and response.json() == {"detail": "missing or wrong bearer token"}
+
+
+def test_a_body_that_is_not_utf8_gets_422_with_json_detail(classifier):
+    with TestClient(create_app(None, classifier=classifier)) as client:
+        response = client.post("/predict", content=b"\xff\xfe", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "not valid UTF-8" in response.json()["detail"]
+
+
+def test_a_full_queue_sheds_load_with_503_and_retry_after(classifier):
+    app = create_app(None, classifier=Slow(classifier, 0.3), max_queue=1, max_batch=1, batch_wait_ms=0)
+    with TestClient(app) as client, ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda i: client.post("/predict", json={"texts": [f"text {i}"]}), range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
+    busy = next(r for r in responses if r.status_code == 503)
+    assert "requests are waiting" in busy.json()["detail"] and busy.headers["retry-after"] == "1"
+
+
+def test_scoring_past_its_deadline_is_503_and_health_reports_the_stall(classifier):
+    app = create_app(None, classifier=Slow(classifier, 1.5), score_timeout_s=0.3)
+    with TestClient(app) as client:
+        late = client.post("/predict", json={"texts": ["hello"]})
+        assert late.status_code == 503 and "score_timeout_s=0.3" in late.json()["detail"]
+        time.sleep(0.4)  # the batch has now been scoring for over 2 x score_timeout_s
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json() == {"status": "stalled"}
+        time.sleep(1.0)  # the model answers again
+        assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_one_bad_request_fails_alone_as_json_not_its_batch(classifier):
+    class Flaky:
+        labels = classifier.labels
+
+        def scores(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+            time.sleep(0.05)
+            if "boom" in texts:
+                raise RuntimeError("model failure")
+            return classifier.scores(texts, batch_size)
+
+    app = create_app(None, classifier=Flaky(), batch_wait_ms=200)  # both requests land in one batch
+    with TestClient(app, raise_server_exceptions=False) as client, ThreadPoolExecutor(2) as pool:
+        bad, good = pool.map(lambda texts: client.post("/predict", json={"texts": texts}), (["boom"], ["fine"]))
+    assert good.status_code == 200 and len(good.json()["predictions"]) == 1
+    assert bad.status_code == 500 and bad.json() == {"detail": "internal error (RuntimeError); see the server log"}
+
+
+def test_the_public_schema_names_no_run(run_dir, classifier):
+    with TestClient(create_app(run_dir, classifier=classifier, token="t")) as client:
+        schema = client.get("/openapi.json")
+    assert schema.json()["info"]["summary"] == "Text classification with a fine-tuned model"
+    assert str(run_dir) not in schema.text
+
+
+def test_a_reachable_server_without_a_token_warns(classifier, caplog):
+    from afinar.serve import server
+
+    app = create_app(None, classifier=classifier)
+    with caplog.at_level("WARNING", logger="afinar"):
+        server(app, "127.0.0.1", 0, None)
+        assert not caplog.records
+        server(app, "0.0.0.0", 0, None)
+    assert "serving on 0.0.0.0 without a token" in caplog.text
+
+
+def test_half_sent_headers_are_cut_off_and_health_keeps_answering(classifier):
+    """Slowloris against a real uvicorn on an ephemeral loopback port: 50 sockets that send half a request are
+    closed after `read_timeout_s`; /health answers throughout."""
+    import socket
+
+    import httpx
+
+    from afinar.serve import server
+
+    app = create_app(None, classifier=classifier, read_timeout_s=1.0)
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    running = server(app, "127.0.0.1", port, None, read_timeout_s=1.0, log_level="warning")
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not running.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        sockets = []
+        for _ in range(50):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            sockets.append(s)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json() == {"status": "ok"}
+        time.sleep(2.0)
+        closed = 0
+        for s in sockets:
+            s.settimeout(1)
+            try:
+                closed += s.recv(1) == b""
+            except (ConnectionResetError, socket.timeout):
+                closed += 0
+            s.close()
+        assert closed == 50
+        assert httpx.post(f"http://127.0.0.1:{port}/predict", json={"texts": ["ok"]}, timeout=5).status_code == 200
+    finally:
+        running.should_exit = True
+        thread.join(10)

@@ -15,7 +15,7 @@ from afinar.prompting import PromptArgs
 from afinar.strategies import (CompareArgs, Encoder, KnnRetrieval, LinearProbe, NeighbourIndex, StrategyResult,
                                compare, parse_strategies, recommend, run_strategy)
 
-from test_classify import tiny_overrides
+from conftest import tiny_overrides
 
 LABELS = ["negative", "neutral", "positive"]
 TEMPLATES = ["awful terrible horrible sad day number {}", "the train leaves the station at {}",

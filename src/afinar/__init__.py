@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 # Imported on first use: `transformers.Trainer` and friends take seconds to import, and `afinar check` or
 # `afinar predict` should not pay for what they never call.
-_LAZY = {"DataReport": "afinar.checks", "check": "afinar.checks", "TrainResult": "afinar.classify",
+_LAZY = {"DataReport": "afinar.checks", "check": "afinar.checks", "TrainResult": "afinar.lifecycle",
          "evaluate": "afinar.classify", "predict": "afinar.classify", "SearchResult": "afinar.search",
          "search": "afinar.search"}
 

@@ -19,12 +19,10 @@ import numpy as np
 
 from afinar import cache
 from afinar.config import CheckArgs, Config
-from afinar.data import Splits, prepare_splits, read_splits, select_rows
+from afinar.data import Splits, normalise, prepare_splits, read_splits, select_rows
 from afinar.errors import AfinarError
 from afinar.models import load_tokenizer
 
-URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
-MENTION = re.compile(r"(?<!\w)@\w+")
 # UTF-8 bytes decoded as latin-1 or cp1252: a lead byte followed by continuation bytes (0x80-0xBF) seen as
 # those code pages show them ('Ã©' for 'é', 'â€™' for '’', 'ï¿½' for a replacement character).
 _CONTINUATION = re.escape("".join(map(chr, range(0x80, 0xC0)))
@@ -38,11 +36,6 @@ RECALL = 0.99  # LSH banding: chance that a pair exactly at the threshold become
 CLIP = 200  # characters of a text kept in an example
 
 log = logging.getLogger(__name__)
-
-
-def normalise(text: str) -> str:
-    """The text as duplicate and leakage checks compare it: lowercase, no URLs or @mentions, spaces collapsed."""
-    return " ".join(MENTION.sub(" ", URL.sub(" ", text)).lower().split())
 
 
 def shingles(text: str, n: int) -> set[str]:

@@ -1,45 +1,31 @@
-"""Sequence classification: train -> run folder, re-evaluate a run, predict with a run.
-
-`train` reads as the recipe it is: config -> data -> tokenizer/model -> Trainer -> best model -> test once.
+"""Sequence classification: the task the run lifecycle trains (`Classification`), re-evaluating a run, predicting
+with a run. Evaluating and predicting never import the training stack.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from transformers import DataCollatorWithPadding, set_seed
+from transformers import DataCollatorWithPadding
 
 from afinar import data as data_lib
-from afinar.checks import DataReport, checked_splits, format_report
+from afinar.cache import dataset_digest
+from afinar.checks import checked_splits, format_report
 from afinar.config import Config, DataArgs
 from afinar.errors import AfinarError
 from afinar.inference import Prediction, Predictor, load_predictor
+from afinar.lifecycle import TaskData, TrainResult, run_task
 from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics
-from afinar.models import load_classifier, load_tokenizer, resolve
-from afinar.report import write_run_report
-from afinar.runs import Run, is_main_process, machine, versions
-from afinar.training import (apply_lora, build_trainer, fit, freeze_lower_layers, last_checkpoint, save_best,
-                             trainable_parameters)
+from afinar.models import load_classifier
+from afinar.runs import Run
 
 log = logging.getLogger(__name__)
 
 
 class NoTestSplit(AfinarError):
     """Raised by `evaluate` when a run's data has no test split and no file was given."""
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    metrics: dict
-
-    @property
-    def test_accuracy(self) -> float | None:
-        return (self.metrics.get("test") or {}).get("accuracy")
 
 
 def _score(trainer, ds, label_names: list[str]) -> dict:
@@ -50,24 +36,64 @@ def _score(trainer, ds, label_names: list[str]) -> dict:
     return report
 
 
-def _summary(config: Config, splits: data_lib.Splits, metrics: dict, report: DataReport) -> str:
-    lines = [f"# {config.model.name} on {config.data.source}", "",
-             f"- task: {config.task}; labels: {', '.join(splits.label_names)}",
-             f"- rows: train {len(splits.train):,}, validation {len(splits.validation):,}, "
-             f"test {len(splits.test) if splits.test is not None else 0:,}",
-             f"- training: {metrics['train']['seconds']:.0f} s, {metrics['train']['steps']} steps, "
-             f"{metrics['train']['samples_per_second']:.1f} samples/s, "
-             f"{metrics['train']['trainable_parameters']:,} trainable parameters"
-             + (" (LoRA)" if config.lora.enabled else ""), ""]
-    lines += ["| split | accuracy | macro-F1 | majority baseline | n |", "|---|---|---|---|---|"]
-    for split in ("validation", "test"):
-        if split in metrics:
-            m = metrics[split]
-            lines.append(f"| {split} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['majority_baseline']:.4f} "
-                         f"| {m['n']:,} |")
-    lines += ["", "Notes:"] + [f"- {note}" for note in splits.notes]
-    lines += ["", "## Data checks (before splitting and subsets)", "", "```", format_report(report), "```", ""]
-    return "\n".join(lines)
+class Classification:
+    """The classification task of the run lifecycle (`afinar.lifecycle`): checked splits, a sequence classifier,
+    padded batches, accuracy / macro-F1 / per-class scores."""
+
+    name = "classification"
+    lora_task_type = "SEQ_CLS"
+    compute_metrics = staticmethod(trainer_metrics)
+    preprocess_logits_for_metrics = staticmethod(logits_to_predictions)
+
+    def configure(self, config: Config) -> list[str]:
+        return []
+
+    def prepare(self, config: Config, model_path: str, tokenizer, with_test: bool) -> TaskData:
+        splits, report = checked_splits(config, tokenizer, with_test)
+        log.info("data checks:\n%s", format_report(report))
+        tokenized = {name: data_lib.tokenize(ds, tokenizer, config.data.max_length) for name, ds in splits.items()}
+        manifest = {"data": {"sources": splits.sources, "sha256": splits.fingerprints,
+                             "rows": {name: len(ds) for name, ds in splits.items()}, "labels": splits.label_names,
+                             "digests": {name: dataset_digest(ds) for name, ds in splits.items()}}}
+        return TaskData(tokenized["train"], tokenized["validation"], tokenized.get("test"), manifest,
+                        list(splits.notes), report.to_dict(), (splits, report))
+
+    def load_model(self, config: Config, model_path: str, tokenizer, data: TaskData):
+        splits, _ = data.extra
+        return load_classifier(config.model, splits.label_names, tokenizer, model_path)
+
+    def collator(self, tokenizer):
+        return DataCollatorWithPadding(tokenizer)
+
+    def score(self, trainer, data: TaskData) -> dict[str, dict]:
+        label_names = data.extra[0].label_names
+        scores = {"validation": _score(trainer, data.validation, label_names)}
+        if data.test is not None:
+            scores["test"] = _score(trainer, data.test, label_names)
+        return scores
+
+    def after_training(self, run: Run, config: Config, model_path: str, data: TaskData, metrics: dict) -> None:
+        return None
+
+    def summary(self, config: Config, data: TaskData, metrics: dict) -> str:
+        splits, report = data.extra
+        lines = [f"# {config.model.name} on {config.data.source}", "",
+                 f"- task: {config.task}; labels: {', '.join(splits.label_names)}",
+                 f"- rows: train {len(splits.train):,}, validation {len(splits.validation):,}, "
+                 f"test {len(splits.test) if splits.test is not None else 0:,}",
+                 f"- training: {metrics['train']['seconds']:.0f} s, {metrics['train']['steps']} steps, "
+                 f"{metrics['train']['samples_per_second']:.1f} samples/s, "
+                 f"{metrics['train']['trainable_parameters']:,} trainable parameters"
+                 + (" (LoRA)" if config.lora.enabled else ""), ""]
+        lines += ["| split | accuracy | macro-F1 | majority baseline | n |", "|---|---|---|---|---|"]
+        for split in ("validation", "test"):
+            if split in metrics:
+                m = metrics[split]
+                lines.append(f"| {split} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['majority_baseline']:.4f} "
+                             f"| {m['n']:,} |")
+        lines += ["", "Notes:"] + [f"- {note}" for note in splits.notes]
+        lines += ["", "## Data checks (before splitting and subsets)", "", "```", format_report(report), "```", ""]
+        return "\n".join(lines)
 
 
 def train(config: Config, callbacks: list | None = None, with_test: bool = True) -> TrainResult:
@@ -75,53 +101,7 @@ def train(config: Config, callbacks: list | None = None, with_test: bool = True)
 
     `with_test=False` never reads the test split (hyperparameter-search trials); `callbacks` are extra
     `TrainerCallback`s (e.g. a pruning hook)."""
-    config.validate()
-    set_seed(config.train.seed)
-    model_path = resolve(config.model)
-    tokenizer = load_tokenizer(config.model, model_path)
-    preparing = time.perf_counter()
-    splits, report = checked_splits(config, tokenizer, with_test)
-    log.info("data checks:\n%s", format_report(report))
-    run = Run.create(config)
-    with run.recording(config.train.keep_checkpoints):
-        run.write("data_report.json", report.to_dict())
-        run.update_manifest({
-            "versions": versions(), "machine": machine(), "model": {"name": config.model.name, "path": model_path},
-            "data": {"sources": splits.sources, "sha256": splits.fingerprints,
-                     "rows": {name: len(ds) for name, ds in splits.items()}, "labels": splits.label_names},
-            "notes": splits.notes})
-        tokenized = {name: data_lib.tokenize(ds, tokenizer, config.data.max_length) for name, ds in splits.items()}
-        data_seconds = time.perf_counter() - preparing
-        log.info("data read, checked and tokenized in %.1f s", data_seconds)
-        model = load_classifier(config.model, splits.label_names, tokenizer, model_path)
-        freeze_lower_layers(model, config.train.freeze_layers)
-        if config.lora.enabled:
-            model = apply_lora(model, config.lora, "SEQ_CLS")
-        trainable, total = trainable_parameters(model)
-        trainer = build_trainer(run, config.train, model, tokenizer, tokenized["train"], tokenized["validation"],
-                                DataCollatorWithPadding(tokenizer), trainer_metrics, logits_to_predictions,
-                                callbacks)
-        started = time.perf_counter()
-        checkpoint = last_checkpoint(run) if config.train.resume else None
-        if config.train.resume:
-            log.info("resuming from %s", checkpoint or "the start: no complete checkpoint yet")
-        output = fit(trainer, run, checkpoint)
-        seconds = time.perf_counter() - started
-        metrics = {"train": {"seconds": seconds, "data_seconds": data_seconds, "steps": trainer.state.global_step,
-                             "samples_per_second": output.metrics.get("train_samples_per_second", 0.0),
-                             "loss": output.metrics.get("train_loss"), "best_checkpoint":
-                             trainer.state.best_model_checkpoint, "trainable_parameters": trainable,
-                             "total_parameters": total},
-                   "validation": _score(trainer, tokenized["validation"], splits.label_names)}
-        if "test" in tokenized:
-            metrics["test"] = _score(trainer, tokenized["test"], splits.label_names)
-        save_best(run, trainer, tokenizer, config.lora.enabled)
-        run.write_log(trainer.state.log_history)
-        run.write("metrics.json", metrics)
-        run.write("summary.md", _summary(config, splits, metrics, report))
-    if is_main_process():
-        log.info("report: %s", write_run_report(run.path))
-    return TrainResult(run.path, metrics)
+    return run_task(config, Classification(), callbacks, with_test)
 
 
 def load_run_classifier(run_dir: str | Path, backend: str = "torch") -> tuple[Run, Predictor]:

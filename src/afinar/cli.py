@@ -65,12 +65,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run folder: {result.run_dir}")
     for split in ("validation", "test"):
         m = result.metrics.get(split)
-        if m and "accuracy" in m:
+        if m and result.task == "causal_lm":
+            print(f"{split}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}")
+        elif m:
             print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
                   f"(majority baseline {m['majority_baseline']:.4f}, n={m['n']:,})")
-        elif m:
-            print(f"{split}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}")
-    if "forgetting" in result.metrics:
+    if result.task == "causal_lm":
         _print_forgetting(result.metrics["forgetting"])
     print(f"trained {result.metrics['train']['seconds']:.0f} s")
     return 0
@@ -204,10 +204,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from afinar.serve import serve
+    from afinar.serve import serve, token_from_file
 
-    serve(args.run, host=args.host, port=args.port, token=args.token, max_batch=args.max_batch,
-          max_texts=args.max_texts, max_text_chars=args.max_text_chars, backend=args.backend)
+    token = args.token
+    if token is not None:
+        print("afinar: warning: --token is visible to every user of this machine (ps); prefer "
+              "AFINAR_SERVE_TOKEN or --token-file", file=sys.stderr)
+    if args.token_file:
+        token = token_from_file(args.token_file)
+    serve(args.run, host=args.host, port=args.port, token=token, max_batch=args.max_batch,
+          max_texts=args.max_texts, max_text_chars=args.max_text_chars, backend=args.backend,
+          max_queue=args.max_queue, limit_concurrency=args.limit_concurrency)
     return 0
 
 
@@ -283,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("run", help="run folder")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--token", help="require `Authorization: Bearer TOKEN` (or set AFINAR_SERVE_TOKEN)")
+    serve.add_argument("--token", help="require `Authorization: Bearer TOKEN` (visible in ps: prefer "
+                                       "AFINAR_SERVE_TOKEN or --token-file)")
+    serve.add_argument("--token-file", help="read the bearer token from this file (first line)")
+    serve.add_argument("--max-queue", type=int, default=1024, help="requests waiting to be scored (503 above)")
+    serve.add_argument("--limit-concurrency", type=int, default=512, help="open connections (503 above)")
     serve.add_argument("--max-batch", type=int, default=64, help="texts per micro-batch")
     serve.add_argument("--max-texts", type=int, default=256, help="texts per request (413 above)")
     serve.add_argument("--max-text-chars", type=int, default=10_000, help="characters per text (413 above)")

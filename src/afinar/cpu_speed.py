@@ -26,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
+from transformers.activations import GELUTanh, NewGELUActivation
 
 ATTENTION = "afinar_sdpa"  # `sdpa` for inference and dropout-free layers, `FastDropout` on attention weights otherwise
 _INT16_MIN = -(2**15)
@@ -138,17 +139,20 @@ def _replace(model: nn.Module, kind: type, make: Callable[[nn.Module], nn.Module
     return count
 
 
+class FusedGELUNew(GELUTanh):
+    """torch's fused tanh-approximate gelu standing in for GPT-2's `NewGELUActivation` (the same function); its own
+    type so that `restore` finds it (a model may use `GELUTanh` natively, which stays)."""
+
+
 def apply(model: nn.Module) -> list[str]:
     """Switch `model` (trained on the CPU) to fast dropout masks, its attention to `attention` where it uses SDPA
     with dropout, its LoRA layers to `lora_addmm_forward`, and the allocator to keeping freed memory; returns what
     was done, for the log. Call it after wrapping the model in LoRA."""
-    from transformers.activations import GELUTanh, NewGELUActivation
-
     done = []
-    replaced = _replace(model, nn.Dropout, lambda layer: FastDropout(layer.p))
+    replaced = _replace(model, nn.Dropout, lambda layer: FastDropout(layer.p, layer.inplace))
     if replaced:
         done.append(f"{replaced} dropout layers draw masks with numpy's SFC64")
-    fused = _replace(model, NewGELUActivation, lambda _: GELUTanh())
+    fused = _replace(model, NewGELUActivation, lambda _: FusedGELUNew())
     if fused:
         done.append(f"{fused} gelu_new activations computed by torch's fused tanh-approximate gelu")
     base = getattr(model, "get_base_model", lambda: model)()
@@ -169,8 +173,11 @@ def apply(model: nn.Module) -> list[str]:
 
 
 def restore(model: nn.Module) -> None:
-    """Back to transformers' `sdpa` attention and peft's LoRA forward, so a saved, merged or exported model carries
-    nothing of afinar's."""
+    """Everything `apply` changed in the model, undone: stock `nn.Dropout` and `NewGELUActivation` modules,
+    transformers' `sdpa` attention and peft's LoRA forward, so a saved, merged or exported model carries nothing of
+    afinar's. (The allocator setting is process-wide and stays.)"""
+    _replace(model, FastDropout, lambda layer: nn.Dropout(layer.p, layer.inplace))
+    _replace(model, FusedGELUNew, lambda _: NewGELUActivation())
     for layer in _lora_layers(model):
         layer.__dict__.pop("forward", None)
     base = getattr(model, "get_base_model", lambda: model)()

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ LABEL_COLUMNS = ("label", "labels", "label_text", "sentiment", "class", "categor
                  "condition_label", "y")
 NAME_COLUMNS = ("label_text", "label_name", "sentiment")  # names beside an integer `label` column
 MAX_CLASSES = 1000
+MISSING_LABELS = ("", "nan", "null", "n/a", "#n/a")  # what spreadsheets and pandas write for no value
+URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
+MENTION = re.compile(r"(?<!\w)@\w+")
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,12 @@ class Splits:
     def items(self) -> list[tuple[str, Dataset]]:
         return [(name, ds) for name, ds in (("train", self.train), ("validation", self.validation),
                                             ("test", self.test)) if ds is not None]
+
+
+def normalise(text: str) -> str:
+    """The text as duplicate and leakage checks compare it, for every task: lowercase, no URLs or @mentions,
+    spaces collapsed."""
+    return " ".join(MENTION.sub(" ", URL.sub(" ", text)).lower().split())
 
 
 # ---------------------------------------------------------------- reading files
@@ -91,6 +101,8 @@ def read_text_file(path: Path, encoding: str) -> str:
             raise AfinarError(f"{path}: not a valid gzip file ({exc})") from None
     if not raw.strip():
         raise AfinarError(f"{path}: file is empty")
+    if raw.startswith(b"\xef\xbb\xbf") and encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
+        raw = raw[3:]  # a byte-order mark (Excel writes one) would stay glued to the first column's name
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
@@ -168,7 +180,7 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
 # ---------------------------------------------------------------- finding the splits
 
 
-def _find_split_files(folder: Path) -> dict[str, Path]:
+def find_split_files(folder: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for file in sorted(folder.iterdir()):
         stem = file.name.split(".")[0].lower()
@@ -181,7 +193,7 @@ def _find_split_files(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _hub_splits(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]], dict[str, str]]:
+def hub_splits(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]], dict[str, str]]:
     """A hub dataset id through `datasets.load_dataset`; raises a clear error when it cannot be reached."""
     from datasets import load_dataset
 
@@ -212,14 +224,14 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _split_files(args: DataArgs, with_test: bool) -> dict[str, Path] | None:
+def split_files(args: DataArgs, with_test: bool) -> dict[str, Path] | None:
     """The local file of each split, or None when `args.source` names a hub dataset. Without `with_test` the
     test split is not listed (hyperparameter search must not see it)."""
     source = Path(args.source).expanduser()
     if args.source in assets.DATASETS:
         files = assets.dataset_files(args.source)
     elif source.is_dir():
-        files = _find_split_files(source)
+        files = find_split_files(source)
     elif source.exists() or source.suffix:  # anything that looks like a file is not a hub id
         files = {"train": source}
     else:
@@ -232,11 +244,11 @@ def _split_files(args: DataArgs, with_test: bool) -> dict[str, Path] | None:
     return files
 
 
-def _hub_splits_and_files(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]],
+def hub_splits_and_files(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]],
                                                                    dict[str, str], dict[str, str]]:
     """DataFrames per split from the hub (plus any local validation/test file), ClassLabel names, source
     descriptions and fingerprints."""
-    frames, class_names, fingerprints = _hub_splits(args, with_test)
+    frames, class_names, fingerprints = hub_splits(args, with_test)
     if "train" not in frames:
         raise AfinarError(f"hub dataset {args.source!r} has no train split (splits: {', '.join(frames)})")
     sources = {split: f"hub:{args.source}" for split in frames}
@@ -250,7 +262,7 @@ def _hub_splits_and_files(args: DataArgs, with_test: bool) -> tuple[dict[str, pd
 # ---------------------------------------------------------------- columns and labels
 
 
-def _pick_column(frame: pd.DataFrame, wanted: str | None, candidates: tuple[str, ...], what: str,
+def pick_column(frame: pd.DataFrame, wanted: str | None, candidates: tuple[str, ...], what: str,
                  where: str, key: str) -> str:
     columns = [str(c) for c in frame.columns]
     if wanted is not None:
@@ -279,10 +291,21 @@ def _label_names(frame: pd.DataFrame, label_column: str, class_names: dict[str, 
     values = frame[label_column]
     if label_column in class_names:
         names = class_names[label_column]
-        return names, values.map(lambda i: names[int(i)])
-    if values.isna().any() or (values.astype(str).str.strip() == "").any():
-        row = int((values.isna() | (values.astype(str).str.strip() == "")).to_numpy().argmax())
-        raise AfinarError(f"{where}: row {row + 1} has an empty label in column {label_column!r}")
+        ids = values.astype(int)
+        outside = (ids < 0) | (ids >= len(names))
+        if outside.any():  # GLUE-style splits mark hidden labels -1: names[-1] would invent the last class
+            raise AfinarError(f"{where}: {int(outside.sum()):,} of {len(ids):,} rows have label id "
+                              f"{int(ids[outside].iloc[0])} in column {label_column!r}, outside the {len(names)} "
+                              f"classes (-1 marks an unlabelled row); give labelled data for this split, e.g. "
+                              f"--set data.test=FILE")
+        return names, ids.map(dict(enumerate(names)))
+    missing = values.isna() | values.astype(str).str.strip().str.lower().isin(MISSING_LABELS)
+    if missing.any():
+        row = int(missing.to_numpy().argmax())
+        value = values.iloc[row]
+        kind = "an empty label" if pd.isna(value) or not str(value).strip() else f"a missing label ({value!r})"
+        raise AfinarError(f"{where}: row {row + 1} has {kind} in column {label_column!r}; label the row or "
+                          f"remove it")
     if _is_integer_like(values):
         ids = pd.to_numeric(values).astype(int)
         companion = next((c for c in frame.columns if c in NAME_COLUMNS and c != label_column), None)
@@ -303,8 +326,8 @@ def _label_names(frame: pd.DataFrame, label_column: str, class_names: dict[str, 
 
 def _normalise(frame: pd.DataFrame, args: DataArgs, where: str, class_names: dict[str, list[str]],
                label_names: list[str] | None) -> tuple[pd.DataFrame, list[str]]:
-    text_column = _pick_column(frame, args.text_column, TEXT_COLUMNS, "text", where, "data.text_column")
-    label_column = _pick_column(frame, args.label_column,
+    text_column = pick_column(frame, args.text_column, TEXT_COLUMNS, "text", where, "data.text_column")
+    label_column = pick_column(frame, args.label_column,
                                 tuple(c for c in LABEL_COLUMNS if c != text_column), "label", where,
                                 "data.label_column")
     if label_column == text_column:
@@ -342,39 +365,56 @@ def _to_dataset(frame: pd.DataFrame, label_names: list[str]) -> Dataset:
 def select_rows(ds: Dataset, rows: list[int]) -> Dataset:
     """`ds.select(rows)` with a fingerprint from a hash of the row numbers: `datasets` would otherwise pickle
     the whole list to fingerprint it, a second per 25k rows."""
-    digest = hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
-    return ds.select(rows, new_fingerprint=f"{ds._fingerprint}-{digest}")
+    digest = hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes())
+    digest.update(ds._fingerprint.encode())  # a selection of a selection: still one short fingerprint
+    return ds.select(rows, new_fingerprint=digest.hexdigest()[:32])
+
+
+def carve_rows(n: int, fraction: float, seed: int, labels: Sequence | None = None
+               ) -> tuple[list[int], list[int], str]:
+    """Row numbers kept in train and held out as validation (a seeded `fraction`), stratified by `labels` when
+    given and every class can be; and how it was done, for the notes. Every task carves through here."""
+    from sklearn.model_selection import train_test_split
+
+    rows = list(range(n))
+    if labels is not None:
+        try:
+            kept, held = train_test_split(rows, test_size=fraction, random_state=seed, stratify=labels)
+            return kept, held, "stratified"
+        except ValueError:  # a class too small to stratify
+            pass
+    kept, held = train_test_split(rows, test_size=fraction, random_state=seed)
+    return kept, held, "random" if labels is None else "random (a class is too small to stratify)"
+
+
+def subset_rows(n: int, limit: int | None, seed: int) -> list[int] | None:
+    """The rows of a seeded subset of `limit` out of `n`, in the order the tutorial's
+    `ds.shuffle(seed).select(range(limit))` takes them; None when nothing needs dropping. Every task subsets here."""
+    if limit is None or limit >= n:
+        return None
+    return np.random.default_rng(seed).permutation(n)[:limit].tolist()
 
 
 def _carve_validation(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset, str]:
-    from sklearn.model_selection import train_test_split
-
-    rows = list(range(len(train)))
-    try:
-        labels = train.select_columns("label")[:]["label"]  # one slice: row-by-row column access is slow
-        kept, held = train_test_split(rows, test_size=fraction, random_state=seed, stratify=labels)
-        how = "stratified"
-    except ValueError:  # a class too small to stratify
-        kept, held = train_test_split(rows, test_size=fraction, random_state=seed)
-        how = "random (a class is too small to stratify)"
+    labels = train.select_columns("label")[:]["label"]  # one slice: row-by-row column access is slow
+    kept, held, how = carve_rows(len(train), fraction, seed, labels)
     note = f"validation carved from train: {len(held):,} rows ({fraction:.0%}, {how}, seed {seed})"
     return select_rows(train, kept), select_rows(train, held), note
 
 
 def _subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
-    """The tutorial's `shuffle(seed).select(range(n))`; the whole split when it is already small enough."""
-    if limit is None or limit >= len(ds):
-        return ds
-    return ds.shuffle(seed=seed).select(range(limit))
+    """A seeded subset (`subset_rows`); the whole split when it is already small enough."""
+    rows = subset_rows(len(ds), limit, seed)
+    return ds if rows is None else select_rows(ds, rows)
 
 
 def read_splits(args: DataArgs, with_test: bool = True) -> Splits:
     """The splits as the source has them, normalised; `validation` is None when the source has none. Local
     files are read once: the normalised splits are cached under the hash of the files' bytes and the reading
     settings (`afinar.cache`)."""
-    files = _split_files(args, with_test)
+    files = split_files(args, with_test)
     if files is None:
-        frames, class_names, sources, fingerprints = _hub_splits_and_files(args, with_test)
+        frames, class_names, sources, fingerprints = hub_splits_and_files(args, with_test)
         datasets, label_names = _normalise_splits(frames, class_names, sources, args)
     else:
         for path in files.values():
@@ -444,8 +484,97 @@ def read_texts(path: str | Path, args: DataArgs) -> list[str]:
     if file_format(path) == "txt":
         return [line for line in read_text_file(path, args.encoding).splitlines() if line.strip()]
     frame = read_table(path, args.encoding)
-    column = _pick_column(frame, args.text_column, TEXT_COLUMNS, "text", str(path), "data.text_column")
+    column = pick_column(frame, args.text_column, TEXT_COLUMNS, "text", str(path), "data.text_column")
     return frame[column].fillna("").astype(str).tolist()
+
+
+# ---------------------------------------------------------------- raw text (causal-LM documents)
+
+
+def split_documents(text: str) -> list[str]:
+    """Blank-line separated blocks when some block spans several lines (paragraphs), else one per line."""
+    blocks = [b.strip() for b in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n")) if b.strip()]
+    if len(blocks) > 1 and any("\n" in block for block in blocks):
+        return blocks
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _documents(frame: pd.DataFrame, text_column: str | None, where: str) -> list[str]:
+    column = pick_column(frame, text_column, TEXT_COLUMNS, "text", where, "data.text_column")
+    return [t.strip() for t in frame[column].fillna("").astype(str) if t.strip()]
+
+
+def read_documents(path: str | Path, encoding: str = "utf-8", text_column: str | None = None) -> list[str]:
+    """Documents from a .txt file (see `split_documents`) or from the text column of a CSV/JSONL/... table."""
+    path = Path(path).expanduser()
+    if file_format(path) == "txt":
+        documents = split_documents(read_text_file(path, encoding))
+    else:
+        documents = _documents(read_table(path, encoding), text_column, str(path))
+    if not documents:
+        raise AfinarError(f"{path}: no text in it")
+    return documents
+
+
+@dataclass
+class TextSplits:
+    """Documents per split and where they came from (sources, sha256 fingerprints, notes on changes)."""
+
+    train: list[str]
+    validation: list[str]
+    test: list[str] | None
+    sources: dict[str, str] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def items(self) -> list[tuple[str, list[str]]]:
+        return [(n, d) for n, d in (("train", self.train), ("validation", self.validation), ("test", self.test))
+                if d is not None]
+
+
+def load_texts(args: DataArgs, seed: int = 42, with_test: bool = True) -> TextSplits:
+    """Train / validation (/ test) documents from the same sources as labelled data (a file, a folder of split
+    files, an embedded name, a hub dataset), carved and subset by the same seeded rules (`carve_rows`,
+    `subset_rows`); train documents equal to a held-out one after `normalise` are dropped (leakage)."""
+    files = split_files(args, with_test)
+    if files is None:
+        frames, _, sources, fingerprints = hub_splits_and_files(args, with_test)
+        documents = {split: _documents(frame, args.text_column, f"{sources[split]} ({split})")
+                     for split, frame in frames.items()}
+    else:
+        for path in files.values():
+            if not path.is_file():
+                raise AfinarError(f"{path}: file not found")
+        documents = {split: read_documents(path, args.encoding, args.text_column) for split, path in files.items()}
+        sources = {split: str(path) for split, path in files.items()}
+        fingerprints = {split: sha256_file(path) for split, path in files.items()}
+    splits = TextSplits(documents["train"], documents.get("validation"), documents.get("test"), sources,
+                        fingerprints)
+    if splits.validation is None:
+        if len(splits.train) < 2:
+            raise AfinarError(f"{sources['train']}: one document cannot be split into train and validation; "
+                              f"add documents or give data.validation")
+        kept, held, how = carve_rows(len(splits.train), args.validation_fraction, seed)
+        splits.train, splits.validation = ([splits.train[i] for i in sorted(rows)] for rows in (kept, held))
+        splits.sources["validation"] = f"{sources['train']} (carved)"
+        splits.notes.append(f"validation carved from train: {len(held):,} documents ({args.validation_fraction:.0%}, "
+                            f"{how}, seed {seed})")
+    held_out = {normalise(d) for _, docs in splits.items()[1:] for d in docs}
+    kept_docs = [d for d in splits.train if normalise(d) not in held_out]
+    if len(kept_docs) < len(splits.train):
+        splits.notes.append(f"train: dropped {len(splits.train) - len(kept_docs):,} documents that also occur in "
+                            f"validation/test (leakage)")
+        splits.train = kept_docs
+    if not splits.train:
+        raise AfinarError(f"{sources['train']}: no training documents left after removing validation/test copies")
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples),
+                         ("test", args.max_test_samples)):
+        docs = getattr(splits, split)
+        rows = subset_rows(len(docs), limit, seed) if docs is not None else None
+        if rows is not None:
+            setattr(splits, split, [docs[i] for i in sorted(rows)])  # the documents stay in file order
+            splits.notes.append(f"{split}: seeded subset of {limit:,} of {len(docs):,} documents")
+    return splits
 
 
 # ---------------------------------------------------------------- tokenization

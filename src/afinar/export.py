@@ -42,6 +42,8 @@ import numpy as np
 import torch
 
 from afinar import data as data_lib
+from afinar.cache import dataset_digest
+from afinar.checks import checked_splits
 from afinar.errors import AfinarError
 from afinar.inference import ONNX_DIR, ONNX_FILES, Classifier, OnnxClassifier
 from afinar.runs import Run, write_json
@@ -143,14 +145,20 @@ def quantize_int8(source: Path, target: Path) -> None:
         raise AfinarError(f"cannot quantize {source} to int8: {_first_line(exc)}") from None
 
 
-def _check_texts(run: Run, labels: list[str], limit: int) -> tuple[list[str], np.ndarray]:
-    """The first `limit` validation texts of the run (its seeded split) and their label ids in model order."""
+def _check_texts(run: Run, tokenizer, labels: list[str], limit: int) -> tuple[list[str], np.ndarray]:
+    """The first `limit` validation texts of the run and their label ids in model order: the very rows training
+    validated on (read, checked and carved as training did, and verified against the digest in the manifest)."""
     config = run.config()
+    recorded = run.manifest().get("data", {})
     try:
-        splits = data_lib.load_splits(config.data, config.train.seed)
+        splits, _ = checked_splits(config, tokenizer, with_test="test" in recorded.get("rows", {"test": 0}))
     except AfinarError as exc:
         raise AfinarError(f"the export is checked on the run's validation texts, which cannot be loaded: {exc}") \
             from None
+    expected = recorded.get("digests", {}).get("validation")
+    if expected is not None and dataset_digest(splits.validation) != expected:
+        raise AfinarError(f"the validation rows of {run.path} differ from the ones it was trained with (the data "
+                          f"files or the code that reads them changed); the export cannot be checked against them")
     ds = splits.validation.select(range(min(limit, len(splits.validation))))
     index = {name: i for i, name in enumerate(labels)}
     return list(ds["text"]), np.array([index[splits.label_names[y]] for y in ds["label"]])
@@ -176,7 +184,7 @@ def export_run(run_dir: str | Path, int8: bool = False, out: str | Path | None =
     config = run.config()
     out_dir = Path(out) if out is not None else run.path / ONNX_DIR
     classifier = Classifier(run.model_dir, config.data.max_length, config.model.allow_pickle)
-    texts, gold = _check_texts(run, classifier.labels, check_texts)
+    texts, gold = _check_texts(run, classifier.tokenizer, classifier.labels, check_texts)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*ONNX_FILES.values(), "export.json"]:  # nothing from an earlier export may outlive this one
         (out_dir / stale).unlink(missing_ok=True)

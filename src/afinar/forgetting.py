@@ -25,6 +25,7 @@ import numpy as np
 from afinar import assets
 from afinar.config import LMArgs, ModelArgs
 from afinar.errors import AfinarError
+from afinar.models import max_positions
 from afinar.runs import Run, write_json
 
 __all__ = ["Corpus", "forgetting_for_run", "general_corpus", "general_text", "measure_forgetting", "mix_replay",
@@ -98,7 +99,7 @@ def replay_corpus(lm: LMArgs, encoding: str = "utf-8") -> Corpus:
     if not _uses_wikitext(lm.general_text) and path.resolve() == Path(lm.general_text).expanduser().resolve():
         raise AfinarError(f"lm.replay_source and lm.general_text are the same file ({path}): the forgetting "
                           f"check would measure text the model was trained on; use two different files")
-    from afinar.causal_lm import read_documents
+    from afinar.data import read_documents
 
     return Corpus(read_documents(path, encoding), str(path))
 
@@ -139,11 +140,6 @@ def _windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int
     return windows
 
 
-def _max_positions(model) -> int | None:
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def perplexity_stats(model, tokenizer, text: str, block_size: int, stride: int, max_tokens: int | None = None,
                      batch_size: int = 4) -> dict:
     """Perplexity and the number of tokens it scored; see `perplexity`."""
@@ -153,7 +149,7 @@ def perplexity_stats(model, tokenizer, text: str, block_size: int, stride: int, 
     if not 0 < stride <= block_size:
         raise AfinarError(f"lm.stride must be between 1 and lm.block_size={block_size} (got {stride}); a larger "
                           f"stride would skip tokens")
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is not None and block_size > limit:
         raise AfinarError(f"lm.block_size={block_size} exceeds the model's {limit} positions; lower it")
     ids = tokenizer(text, return_tensors="pt", verbose=False)["input_ids"][0]
@@ -201,8 +197,7 @@ def perplexity(model, tokenizer, text: str, block_size: int, stride: int, max_to
 
 
 def _measure(model_dir, model_args: ModelArgs, texts: dict[str, str], lm: LMArgs, batch_size: int) -> dict:
-    from afinar.causal_lm import load_causal_lm
-    from afinar.models import load_tokenizer, resolve
+    from afinar.models import load_causal_lm, load_tokenizer, resolve
 
     path = resolve(model_args) if model_dir is None else str(model_dir)
     tokenizer = load_tokenizer(model_args, path)
@@ -237,7 +232,7 @@ def measure_forgetting(base_model_dir, tuned_model_dir, domain_text: str, genera
 
 def forgetting_for_run(run_dir: str | Path) -> dict:
     """Re-measure a finished causal-LM run against its base model; writes `forgetting.json` into the run."""
-    from afinar.causal_lm import load_texts
+    from afinar.data import load_texts
 
     run = Run.open(run_dir)
     run.require_finished()

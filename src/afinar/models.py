@@ -28,7 +28,7 @@ def resolve(args: ModelArgs) -> str:
     return args.name
 
 
-def _hub_error(args: ModelArgs, exc: Exception) -> AfinarError:
+def hub_error(args: ModelArgs, exc: Exception) -> AfinarError:
     import os
 
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -38,7 +38,7 @@ def _hub_error(args: ModelArgs, exc: Exception) -> AfinarError:
                        f"{'(offline: HF_HUB_OFFLINE=1)' if offline else ''}: {first}")
 
 
-def _common(args: ModelArgs) -> dict:
+def loading_options(args: ModelArgs) -> dict:
     return {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
 
 
@@ -47,9 +47,9 @@ def load_tokenizer(args: ModelArgs, path: str | None = None):
 
     path = path or resolve(args)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_common(args))
+        tokenizer = AutoTokenizer.from_pretrained(path, **loading_options(args))
     except (OSError, ValueError) as exc:
-        raise _hub_error(args, exc) from None
+        raise hub_error(args, exc) from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise AfinarError(f"tokenizer of {args.name!r} has neither a pad nor an eos token to pad with")
@@ -57,7 +57,7 @@ def load_tokenizer(args: ModelArgs, path: str | None = None):
     return tokenizer
 
 
-def _check_safetensors(path: str, args: ModelArgs) -> None:
+def check_safetensors(path: str, args: ModelArgs) -> None:
     folder = Path(path)
     if not folder.is_dir() or args.allow_pickle:
         return
@@ -71,17 +71,41 @@ def load_classifier(args: ModelArgs, label_names: list[str], tokenizer, path: st
     from transformers import AutoModelForSequenceClassification
 
     path = path or resolve(args)
-    _check_safetensors(path, args)
+    check_safetensors(path, args)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(label_names),
             id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
-            use_safetensors=None if args.allow_pickle else True, **_common(args))
+            use_safetensors=None if args.allow_pickle else True, **loading_options(args))
     except (OSError, ValueError) as exc:
-        raise _hub_error(args, exc) from None
+        raise hub_error(args, exc) from None
     model.config.pad_token_id = tokenizer.pad_token_id
     # Its loss is the batch mean and ignores `num_items_in_batch`, yet its forward takes **kwargs, so `Trainer`
     # would treat it as normalised already: it skips dividing by gradient accumulation and multiplies by the
     # number of DDP processes (2 processes: twice the loss and gradients, in training and evaluation).
     model.accepts_loss_kwargs = False
     return model
+
+
+def load_causal_lm(args: ModelArgs, path: str | None = None, tokenizer=None):
+    """`AutoModelForCausalLM` in fp32 (training keeps fp32 weights; autocast does the rest), safetensors only
+    (unless `model.allow_pickle`), and a pad token id."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = path or resolve(args)
+    check_safetensors(path, args)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=None if args.allow_pickle else True,
+                                                     dtype=torch.float32, **loading_options(args))
+    except (OSError, ValueError) as exc:
+        raise hub_error(args, exc) from None
+    if tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def max_positions(model_or_config) -> int | None:
+    """How many token positions a model's (or a model config's) position embeddings cover; None: no fixed limit."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -23,10 +23,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from afinar.causal_lm import load_causal_lm
-from afinar.config import CALIBRATIONS, ModelArgs, PromptArgs
+from afinar.config import ModelArgs, PromptArgs
 from afinar.errors import AfinarError
-from afinar.models import load_tokenizer, resolve
+from afinar.models import load_causal_lm, load_tokenizer, resolve
 
 CONTENT_FREE = ("N/A", "", "[MASK]")
 SENTINEL = "\u2063"  # an invisible character that marks where the first variable text enters the prompt

@@ -275,9 +275,9 @@ def data_report_html(report: dict | None) -> str:
             + (f"<p>Actions before training:</p><ul>{actions}</ul>" if actions else ""))
 
 
-def _metrics_table(metrics: dict) -> str:
+def _metrics_table(metrics: dict, task: str) -> str:
     scored = {split: m for split in ("validation", "test") if (m := metrics.get(split))}
-    if all("perplexity" in m for m in scored.values()):  # a causal-LM run
+    if task == "causal_lm":
         table = _table(["split", "loss", "perplexity"],
                        [[split, f"{m['loss']:.4f}", f"{m['perplexity']:.2f}"] for split, m in scored.items()])
         if metrics.get("perplexity"):
@@ -305,17 +305,18 @@ def write_run_report(run_dir: str | Path) -> Path:
     if not metrics:
         raise AfinarError(f"{run.path} has no metrics.json yet (status: {run.status()}); report a finished run")
     history = run.read_log()
+    task = run.config().task
     scored = metrics.get("test") or metrics.get("validation")
     split = "test" if metrics.get("test") else "validation"
     majority = (metrics.get("validation") or {}).get("majority_baseline")
     diagnosis = diagnose(history, majority)
     data_report = read_json(run.path / "data_report.json") if (run.path / "data_report.json").is_file() else None
     sections = [f"<p class='muted'>{_e(run.path)} — status {_e(run.status())}</p>", "<h2>Metrics</h2>",
-                _metrics_table(metrics),
+                _metrics_table(metrics, task),
                 "<h2>Diagnosis</h2>", f"<p class='verdict'>{_e(diagnosis.verdict)}</p>",
                 "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in diagnosis.reasons) + "</ul>",
                 "<h2>Learning curves</h2>", _img(plot_learning_curves(history, majority), "learning curves")]
-    if scored and "confusion_matrix" in scored:  # classification; a causal-LM run has loss and perplexity
+    if scored and task == "classification":  # a causal-LM run has loss and perplexity
         sections += [f"<h2>Errors and per-class scores ({split})</h2>",
                      _img(plot_confusion(scored, f"confusion matrix ({split})"), "confusion matrix"),
                      _img(plot_per_class(scored, f"per-class scores ({split})"), "per-class scores")]

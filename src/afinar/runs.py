@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from afinar.config import Config, load_config, to_yaml
+from afinar.config import Config, load_config, to_dict, to_yaml
 from afinar.errors import AfinarError
 
 PACKAGES = ("afinar", "torch", "transformers", "datasets", "peft", "accelerate", "tokenizers", "scikit-learn",
@@ -91,6 +92,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name or text).strip("-")[:40] or "run"
 
 
+def world_size() -> int:
+    """Processes in this run (torchrun sets WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def is_main_process() -> bool:
     """Under torchrun only rank 0 writes the run folder."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -99,7 +105,7 @@ def is_main_process() -> bool:
 def same_on_every_rank(value: Any) -> Any:
     """Rank 0's value on all ranks (their clocks may disagree on the timestamp in a run name, their timings on
     a measured choice)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size() <= 1:
         return value
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
@@ -112,19 +118,40 @@ def same_on_every_rank(value: Any) -> Any:
     return broadcast_object_list([value])[0]
 
 
-def _latest_unfinished(output_dir: Path, config: Config) -> str | None:
-    """The newest unfinished run in `output_dir` whose config equals this one (resume and name aside)."""
+def _comparable(config: Config) -> Config:
+    """The settings that decide what a run computes. Aside: resume, the run's name and output folder, what is kept
+    on disk, the evaluation batch, and how the effective batch (`batch_size` x `gradient_accumulation_steps`) is
+    split into accumulation steps, which a resumed run may change to fit in memory (same rows per step)."""
     import dataclasses
 
-    def comparable(c: Config) -> Config:
-        return dataclasses.replace(c, train=dataclasses.replace(c.train, resume=False, run_name=None))
+    train = config.train
+    return dataclasses.replace(config, train=dataclasses.replace(
+        train, resume=False, run_name=None, output_dir="", keep_checkpoints=False, save_total_limit=0,
+        eval_batch_size=None, batch_size=train.batch_size * train.gradient_accumulation_steps,
+        gradient_accumulation_steps=1))
 
+
+def _settings(config: Config) -> dict[str, Any]:
+    """`_comparable(config)` as dotted keys and values."""
+    flat = {}
+    for key, value in to_dict(_comparable(config)).items():
+        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def _differences(saved: Config, wanted: Config) -> list[str]:
+    before, after = _settings(saved), _settings(wanted)
+    return [f"{key}: {before.get(key)!r} -> {value!r}" for key, value in after.items() if before.get(key) != value]
+
+
+def _latest_unfinished(output_dir: Path, config: Config) -> str | None:
+    """The newest unfinished run in `output_dir` whose config equals this one (resume and name aside)."""
     if not output_dir.is_dir():
         return None
     for folder in sorted((p for p in output_dir.iterdir() if (p / "config.yaml").is_file()),
                          key=lambda p: p.stat().st_mtime, reverse=True):
         run = Run(folder)
-        if run.status() != "finished" and comparable(run.config()) == comparable(config):
+        if run.status() != "finished" and _comparable(run.config()) == _comparable(config):
             return folder.name
     return None
 
@@ -137,32 +164,63 @@ class Run:
 
     @classmethod
     def create(cls, config: Config) -> Run:
-        """A new run folder, or with `train.resume` the folder to continue. The resolved name is written into
-        the saved config, so `afinar train <run>/config.yaml --resume` finds the same folder."""
+        """A new run folder, or with `train.resume` the folder to continue. The output folder is made absolute
+        and the resolved name written into the saved config, so `afinar train <run>/config.yaml --resume` finds
+        the same folder from anywhere. A generated name is claimed atomically: two runs started in the same
+        second get two folders."""
+        config.train.output_dir = str(Path(config.train.output_dir).expanduser().resolve())
+        output_dir = Path(config.train.output_dir)
         name = config.train.run_name
         if name is None and config.train.resume:
-            name = _latest_unfinished(Path(config.train.output_dir), config)
-        name = name or f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(config.model.name)}-{_slug(config.data.source)}"
-        # rank 0 judges the folder before anyone creates it, and every rank follows its verdict
-        name, problem = same_on_every_rank((name, cls(Path(config.train.output_dir) / name)._conflict(config)))
+            name = _latest_unfinished(output_dir, config)
+        # rank 0 claims or judges the folder, and every rank follows its verdict
+        name, problem = same_on_every_rank(cls._claim(output_dir, name, config) if is_main_process() else None)
         if problem:
             raise AfinarError(problem)
         config.train.run_name = name
-        run = cls(Path(config.train.output_dir) / name)
+        run = cls(output_dir / name)
         if is_main_process():
-            run.path.mkdir(parents=True, exist_ok=True)
             write_atomic(run.path / "config.yaml", to_yaml(config))
         run.set_status("running")
         return run
 
-    def _conflict(self, config: Config) -> str | None:
-        """Why this folder cannot be (re)used for `config`, if it cannot."""
+    @classmethod
+    def _claim(cls, output_dir: Path, name: str | None, config: Config) -> tuple[str, str | None]:
+        """(folder name, why it cannot be used or None), the folder made. A generated name that is taken gets a
+        suffix (-2, -3, ...); `mkdir` without `exist_ok` makes the claim atomic between processes."""
+        if name is None:
+            stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(config.model.name)}-{_slug(config.data.source)}"
+            output_dir.mkdir(parents=True, exist_ok=True)
+            for number in itertools.count(1):
+                candidate = stem if number == 1 else f"{stem}-{number}"
+                try:
+                    (output_dir / candidate).mkdir()
+                    return candidate, None
+                except FileExistsError:
+                    continue
+        run = cls(output_dir / name)
+        problem = run.conflict(config)
+        if problem is None:
+            run.path.mkdir(parents=True, exist_ok=True)
+        return name, problem
+
+    def conflict(self, config: Config) -> str | None:
+        """Why this folder cannot be (re)used for `config`, if it cannot. A resumed run must be a run, unfinished,
+        and resumed with the settings it started with: anything else would leave a record of something that
+        never ran."""
         if not (self.path.exists() and any(self.path.iterdir())):
             return None
         if not config.train.resume:
             return f"run folder {self.path} already exists; pick another train.run_name or pass --resume"
+        if not (self.path / "config.yaml").is_file():
+            return (f"{self.path} is not an afinar run folder (no config.yaml), so there is nothing to resume; pick "
+                    f"another train.run_name")
         if self.status() == "finished":
             return f"run {self.path} has already finished; nothing to resume"
+        changed = _differences(self.config(), config)
+        if changed:
+            return (f"run {self.path} was started with other settings ({'; '.join(changed)}); resuming would "
+                    f"train on a mix of both: restore them, or start a new run without --resume")
         return None
 
     @classmethod
@@ -190,7 +248,10 @@ class Run:
         try:
             yield self
         except BaseException as exc:
-            self.set_status("failed", f"{type(exc).__name__}: {exc}")
+            try:
+                self.set_status("failed", f"{type(exc).__name__}: {exc}")
+            except OSError:  # a full disk cannot take status.json either: the error itself must still be seen
+                pass
             raise
         self.set_status("finished")
         if not keep_checkpoints and is_main_process():

@@ -6,8 +6,13 @@ thread so the event loop keeps accepting requests, and hands each request its ow
 over 64 tweets costs little more than one over a single tweet, so under load this multiplies throughput;
 with one client it adds at most `batch_wait_ms` of latency.
 
-Bad input is the client's error, never the server's: oversized requests get 413, malformed ones 422, each
-with a one-line `{"detail": "..."}`. Request data is only ever held in memory and never names a file.
+Bad input is the client's error, never the server's: oversized requests get 413, malformed ones (bodies that
+are not UTF-8 JSON included) 422, a missing token 401 before the body is read, each with a one-line
+`{"detail": "..."}`; an unexpected failure is a JSON 500 for the request that caused it alone. Exposed, the server
+holds: a bounded queue sheds load with 503, scoring has a deadline (503), a body must arrive within
+`read_timeout_s` (408), a new connection must send its request headers within the same time or is closed
+(slowloris), and uvicorn caps concurrent connections (`limit_concurrency`, 503 above). `/health` answers 503 when
+the scoring worker has died or stalled. Request data is only ever held in memory and never names a file.
 Nothing here runs at import time; `create_app` loads the model, `serve` runs uvicorn.
 """
 
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
+import logging
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,7 +42,10 @@ from afinar.classify import load_run_classifier
 from afinar.errors import AfinarError
 from afinar.runs import Run
 
+log = logging.getLogger(__name__)
+
 TOKEN_ENV = "AFINAR_SERVE_TOKEN"
+GUARDED_PATHS = ("/predict", "/info")
 # 256 texts of 10,000 ASCII characters fit; anything bigger is refused before it is parsed.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -76,7 +86,7 @@ class PredictResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str
+    status: str = Field(description="ok, or why the server cannot score: stopped, stalled")
 
 
 class Limits(BaseModel):
@@ -85,13 +95,17 @@ class Limits(BaseModel):
     max_text_chars: int = Field(description="Most characters in one text.")
     max_body_bytes: int = Field(description="Largest request body.")
     batch_wait_ms: float = Field(description="How long the first request of a batch waits for company.")
+    max_queue: int = Field(description="Most requests waiting to be scored; more get 503.")
+    score_timeout_s: float = Field(description="Longest a request waits for its scores; then 503.")
+    read_timeout_s: float = Field(description="Longest a client may take to send its headers or its body.")
 
 
 class InfoResponse(BaseModel):
     run: str | None = Field(description="The run folder's name.")
     model: str | None = Field(description="The base model the run fine-tuned.")
     labels: list[str]
-    backend: str | None = Field(default=None, description="What computes predictions: torch, onnx or onnx-int8.")
+    backend: str | None = Field(default=None, description="What computes predictions: torch, torch-bf16, onnx or "
+                                                           "onnx-int8.")
     metrics: dict[str, Any] = Field(description="The run's validation and test metrics, as in metrics.json.")
     limits: Limits
 
@@ -117,12 +131,24 @@ class MicroBatcher:
     scorer: Scorer
     max_batch: int
     wait_seconds: float
+    max_queue: int = 1024
+    stall_seconds: float = 60.0
     _queue: asyncio.Queue[_Job] | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _busy_since: float | None = field(default=None, init=False)  # when the batch being scored started
 
     def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
         self._task = asyncio.get_running_loop().create_task(self._work(), name="afinar-micro-batcher")
+
+    def state(self) -> str:
+        """ok; stopped when the worker is not running; stalled when one batch has been scoring for longer than
+        `stall_seconds` (a hung model)."""
+        if self._task is None or self._task.done():
+            return "stopped"
+        if self._busy_since is not None and asyncio.get_running_loop().time() - self._busy_since > self.stall_seconds:
+            return "stalled"
+        return "ok"
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -136,7 +162,11 @@ class MicroBatcher:
             raise RuntimeError("the micro-batching worker is not running: serve the app with its lifespan "
                                "(uvicorn does; in tests use `with TestClient(app)`)")
         job = _Job(texts, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(job)
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise HTTPException(503, f"the server is busy: {self.max_queue:,} requests are waiting; retry later",
+                                headers={"Retry-After": "1"}) from None
         return await job.future
 
     async def _work(self) -> None:
@@ -185,13 +215,18 @@ class MicroBatcher:
         if not jobs:
             return
         texts = [text for job in jobs for text in job.texts]
+        self._busy_since = asyncio.get_running_loop().time()
         try:
             rows = await asyncio.to_thread(self.scorer.scores, texts, self.max_batch)
-        except Exception as exc:  # the requests in this batch fail (500); the worker goes on with the next
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+        except Exception as exc:
+            if len(jobs) == 1:  # the request that caused it fails (500); the worker goes on with the next
+                jobs[0].future.set_exception(exc)
+            else:  # one bad request must not fail the others that shared its batch: score each alone
+                for job in jobs:
+                    await self._run([job])
             return
+        finally:
+            self._busy_since = None
         start = 0
         for job in jobs:
             if not job.future.done():
@@ -199,27 +234,40 @@ class MicroBatcher:
             start += len(job.texts)
 
 
-class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` gets 413 before anything parses it.
-
-    A declared Content-Length over the limit is refused without reading; otherwise (chunked uploads too) the
-    body is read into memory up to the limit and replayed to the app.
+class RequestGuard:
+    """ASGI middleware, before anything parses a request: a guarded path without the bearer token gets 401
+    without its body being read; a body over `max_bytes` gets 413 (a declared Content-Length over the limit
+    without reading; otherwise, chunked uploads too, read into memory up to the limit and replayed to the app);
+    a body that does not arrive within `read_timeout` seconds gets 408; a JSON body that is not UTF-8 gets 422.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float, token: str | None):
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
+        self.expected = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        if self.expected is not None and scope["path"] in GUARDED_PATHS \
+                and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+            await JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                               headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        declared = headers.get(b"content-length", b"")
         too_large = declared.isdigit() and int(declared) > self.max_bytes
         body = bytearray()
         more = True
         while more and not too_large:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except asyncio.TimeoutError:
+                await JSONResponse({"detail": f"the request body did not arrive within {self.read_timeout:g} s"},
+                                   status_code=408)(scope, receive, send)
+                return
             if message["type"] != "http.request":  # the client went away
                 return
             body += message.get("body", b"")
@@ -228,6 +276,12 @@ class BodyLimit:
         if too_large:
             await JSONResponse({"detail": f"request body is larger than max_body_bytes={self.max_bytes:,}"},
                                status_code=413)(scope, receive, send)
+            return
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            await JSONResponse({"detail": f"body: not valid UTF-8 (byte {exc.start}); send UTF-8 JSON"},
+                               status_code=422)(scope, receive, send)
             return
         replayed = False
 
@@ -267,6 +321,17 @@ def _resolve_token(token: str | None) -> str | None:
     return token
 
 
+def token_from_file(path: str | Path) -> str:
+    """The first line of a file that holds the serve token (kept out of the process list)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AfinarError(f"cannot read the token file {path}: {exc}") from None
+    if not lines or not lines[0].strip():
+        raise AfinarError(f"the token file {path} is empty")
+    return lines[0].strip()
+
+
 def _bearer_check(token: str) -> Callable[..., Awaitable[None]]:
     """A dependency that lets a request through only with `Authorization: Bearer <token>`."""
     expected = token.encode()
@@ -282,7 +347,8 @@ def _bearer_check(token: str) -> Callable[..., Awaitable[None]]:
 
 def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: int = 64, max_texts: int = 256,
                max_text_chars: int = 10_000, batch_wait_ms: float = 5.0, classifier: Scorer | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend: str = "auto") -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend: str = "auto", max_queue: int = 1024,
+               score_timeout_s: float = 30.0, read_timeout_s: float = 10.0) -> FastAPI:
     """The API for the finished run in `run_dir`; its model is loaded now, so a bad run fails before serving.
 
     `classifier` replaces the run's model (tests pass a wrapper; `run_dir` may then be None and /info reports no
@@ -291,9 +357,12 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
     within tolerance (its activation scales are per batch, so a score can shift slightly with batch company).
     """
     for name, value in (("max_batch", max_batch), ("max_texts", max_texts), ("max_text_chars", max_text_chars),
-                        ("max_body_bytes", max_body_bytes)):
+                        ("max_body_bytes", max_body_bytes), ("max_queue", max_queue)):
         if value < 1:
             raise AfinarError(f"{name} must be at least 1, got {value}")
+    for name, seconds in (("score_timeout_s", score_timeout_s), ("read_timeout_s", read_timeout_s)):
+        if not seconds > 0:
+            raise AfinarError(f"{name} must be greater than 0, got {seconds}")
     if batch_wait_ms < 0:
         raise AfinarError(f"batch_wait_ms must not be negative, got {batch_wait_ms}")
     token = _resolve_token(token)
@@ -310,8 +379,10 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
     info = InfoResponse(run=run.path.name if run else None, model=run.config().model.name if run else None,
                         labels=labels, metrics=metrics, backend=getattr(classifier, "backend", None),
                         limits=Limits(max_batch=max_batch, max_texts=max_texts, max_text_chars=max_text_chars,
-                                      max_body_bytes=max_body_bytes, batch_wait_ms=batch_wait_ms))
-    batcher = MicroBatcher(classifier, max_batch, batch_wait_ms / 1000)
+                                      max_body_bytes=max_body_bytes, batch_wait_ms=batch_wait_ms,
+                                      max_queue=max_queue, score_timeout_s=score_timeout_s,
+                                      read_timeout_s=read_timeout_s))
+    batcher = MicroBatcher(classifier, max_batch, batch_wait_ms / 1000, max_queue, stall_seconds=2 * score_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -321,13 +392,19 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
         finally:
             await batcher.stop()
 
-    app = FastAPI(title="afinar", summary=f"Text classification with {info.run or 'a fine-tuned model'}",
-                  lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    # the schema is public (as /health is): it names no run, model or path
+    app = FastAPI(title="afinar", summary="Text classification with a fine-tuned model", lifespan=lifespan)
+    app.add_middleware(RequestGuard, max_bytes=max_body_bytes, read_timeout=read_timeout_s, token=token)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _validation_detail(exc)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        log.error("a request failed: %s: %s", type(exc).__name__, exc)
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"},
+                            status_code=500)
 
     guarded = [Depends(_bearer_check(token))] if token else []
     errors: dict[int | str, dict[str, Any]] = {
@@ -335,10 +412,12 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
     if token:
         errors[401] = {"model": ErrorResponse, "description": "Missing or wrong bearer token"}
 
-    @app.get("/health", response_model=HealthResponse)
-    async def health() -> HealthResponse:
-        """Liveness; open even when a token is set, so load balancers need no secret."""
-        return HealthResponse(status="ok")
+    @app.get("/health", response_model=HealthResponse, responses={
+        503: {"model": HealthResponse, "description": "The scoring worker has stopped or stalled"}})
+    async def health() -> HealthResponse | JSONResponse:
+        """Whether requests can be scored; open even when a token is set, so load balancers need no secret."""
+        state = batcher.state()
+        return HealthResponse(status=state) if state == "ok" else JSONResponse({"status": state}, status_code=503)
 
     @app.get("/info", response_model=InfoResponse, dependencies=guarded, responses=errors)
     async def get_info() -> InfoResponse:
@@ -346,7 +425,9 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
         return info
 
     @app.post("/predict", response_model=PredictResponse, dependencies=guarded, responses={
-        **errors, 413: {"model": ErrorResponse, "description": "Too many texts, a text or the body too long"}})
+        **errors, 413: {"model": ErrorResponse, "description": "Too many texts, a text or the body too long"},
+        408: {"model": ErrorResponse, "description": "The body did not arrive in time"},
+        503: {"model": ErrorResponse, "description": "Too many requests waiting, or scoring took too long"}})
     async def predict(request: PredictRequest) -> PredictResponse:
         """The most probable label and every label's probability for each text, in input order."""
         if len(request.texts) > max_texts:
@@ -356,20 +437,72 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
             if len(text) > max_text_chars:
                 raise HTTPException(413, f"text {i} has {len(text):,} characters; the limit is "
                                          f"max_text_chars={max_text_chars:,}")
-        rows = await batcher.scores(request.texts)
+        try:
+            rows = await asyncio.wait_for(batcher.scores(request.texts), score_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, f"scoring took longer than score_timeout_s={score_timeout_s:g}; retry later",
+                                headers={"Retry-After": "1"}) from None
         return PredictResponse(predictions=[
             ScoredLabel(label=labels[int(row.argmax())], scores=dict(zip(labels, row.tolist()))) for row in rows])
 
     return app
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          log_level: str = "info", **limits: Any) -> None:
+          log_level: str = "info", limit_concurrency: int = 512, **limits: Any) -> None:
     """Serve the run over HTTP until interrupted; loopback only unless `host` says otherwise.
 
     `limits` are `create_app`'s keyword arguments (max_batch, max_texts, max_text_chars, batch_wait_ms,
-    max_body_bytes).
+    max_body_bytes, max_queue, score_timeout_s, read_timeout_s).
     """
+    app = create_app(run_dir, token=token, **limits)
+    server(app, host, port, token, limit_concurrency, limits.get("read_timeout_s", 10.0), log_level).run()
+
+
+def server(app: FastAPI, host: str, port: int, token: str | None, limit_concurrency: int = 512,
+           read_timeout_s: float = 10.0, log_level: str = "info"):
+    """The uvicorn server for `app`: 503 above `limit_concurrency` connections, and a connection that has not sent
+    its request headers within `read_timeout_s` is closed. Warns when it would be reachable without a token."""
     import uvicorn
 
-    uvicorn.run(create_app(run_dir, token=token, **limits), host=host, port=port, log_level=log_level)
+    if not _loopback(host) and not _resolve_token(token):
+        log.warning("serving on %s without a token: anyone who can reach it can use the model; set %s",
+                    host, TOKEN_ENV)
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                         limit_concurrency=limit_concurrency,
+                                         timeout_keep_alive=max(1, round(read_timeout_s)),
+                                         http=header_deadline_protocol()))
+
+
+def header_deadline_protocol() -> type:
+    """uvicorn's h11 protocol with a deadline (`timeout_keep_alive` seconds) for a new connection's first request
+    headers: a client that opens a socket and trickles or never finishes its headers (slowloris) is closed instead
+    of held forever. uvicorn's own keep-alive timer cannot do it: any received byte cancels it."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11(H11Protocol):
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.header_deadline = self.loop.call_later(self.timeout_keep_alive, self._headers_too_late)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None:  # the first request's headers are complete
+                self.header_deadline.cancel()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.header_deadline.cancel()
+            super().connection_lost(exc)
+
+        def _headers_too_late(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadlineH11

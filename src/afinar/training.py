@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 
 from afinar import cpu_speed
 from afinar import precision as precision_lib
-from afinar.config import LoraArgs, TrainArgs
+from afinar.config import Config, LoraArgs, TrainArgs
 from afinar.errors import AfinarError
-from afinar.runs import Run, is_main_process, same_on_every_rank
+from afinar.runs import Run, is_main_process, same_on_every_rank, world_size
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ def training_arguments(args: TrainArgs, output_dir: Path, precision: str, has_ev
     decided `precision` (fp32 | bf16 | fp16; `decide_precision` resolves `auto`)."""
     strategy = "steps" if args.eval_every else "epoch"
     metric = args.metric_for_best_model
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    world = world_size()
     if args.batch_size % world:
         raise AfinarError(f"train.batch_size={args.batch_size} is the global batch and must divide evenly over "
                           f"{world} processes")
@@ -98,6 +97,15 @@ def freeze_lower_layers(model, n: int) -> None:
             parameter.requires_grad_(False)
 
 
+def adapt_model(model, config: Config, lora_task_type: str):
+    """The one order for every task: LoRA adapters first, then the lowest `train.freeze_layers` blocks frozen,
+    adapters included, so "freeze N layers" means nothing in them trains, with or without LoRA."""
+    if config.lora.enabled:
+        model = apply_lora(model, config.lora, lora_task_type)
+    freeze_lower_layers(model, config.train.freeze_layers)
+    return model
+
+
 def trainable_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
@@ -158,8 +166,10 @@ class LengthBucketSampler(torch.utils.data.Sampler[int]):
 
 
 class LengthBucketTrainer(Trainer):
-    """`Trainer` whose `group_by_length` batches come from `LengthBucketSampler`, one group per optimizer
-    micro-step across all processes (Accelerate deals each process its slice of the group)."""
+    """`Trainer` whose `group_by_length` batches come from `LengthBucketSampler`, one group per optimizer step:
+    all processes' batches of all accumulation micro-steps (Accelerate deals each process its slice). The group is
+    the effective batch, so halving the per-device batch and doubling accumulation (the out-of-memory retry) keeps
+    every step's rows and the order of the whole epoch."""
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset  # with the `length` column that `data.tokenize` adds and `Trainer` drops
@@ -168,7 +178,8 @@ class LengthBucketTrainer(Trainer):
         lengths = (dataset.select_columns(["length"]).with_format("numpy")[:]["length"]  # one Arrow read
                    if "length" in dataset.column_names else [len(ids) for ids in dataset["input_ids"]])
         seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
-        return LengthBucketSampler(lengths, self._train_batch_size * self.args.world_size, seed)
+        unit = self._train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return LengthBucketSampler(lengths, unit, seed)
 
 
 def typical_length(dataset) -> int:
@@ -186,7 +197,7 @@ def decide_precision(run: Run, args: TrainArgs, model, train_ds) -> precision_li
         choice = precision_lib.PrecisionChoice.from_dict(recorded)
         log.info("precision %s, as decided when the run started: %s", choice.precision, choice.reason)
         return choice
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     choice = (precision_lib.choose(args.precision, model, args.batch_size // world, typical_length(train_ds))
               if is_main_process() else None)
     choice = precision_lib.PrecisionChoice.from_dict(same_on_every_rank(choice and choice.to_dict()))
@@ -245,6 +256,13 @@ def fit(trainer: Trainer, run: Run, checkpoint: str | None):
             return trainer.train(resume_from_checkpoint=checkpoint)
         except torch.OutOfMemoryError:
             args, step = trainer.args, trainer.state.global_step
+            if world_size() > 1:  # the other ranks wait in an all-reduce this rank will never join
+                raise AfinarError(f"out of memory at step {step} in one of {world_size()} processes, which cannot "
+                                  f"retry alone; resume with a smaller batch per step and the same effective batch: "
+                                  f"`afinar train {run.path / 'config.yaml'} --resume --set "
+                                  f"train.batch_size={max(1, args.per_device_train_batch_size * world_size() // 2)} "
+                                  f"--set train.gradient_accumulation_steps={args.gradient_accumulation_steps * 2}`"
+                                  ) from None
             checkpoint = last_checkpoint(run)
             if args.per_device_train_batch_size == 1:
                 raise AfinarError("out of memory with a batch of 1 per device; lower data.max_length, use LoRA "
@@ -261,28 +279,67 @@ def fit(trainer: Trainer, run: Run, checkpoint: str | None):
             log.warning("out of memory at step %d: retrying with %d per device x %d accumulation steps (the same "
                         "effective batch) from %s", step, args.per_device_train_batch_size,
                         args.gradient_accumulation_steps, checkpoint or "the start")
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
+        except Exception as exc:
+            if not disk_full(exc):
                 raise
-            raise AfinarError(f"disk full while writing {exc.filename or run.path}; the last complete checkpoint is "
-                              f"{last_checkpoint(run) or 'none yet'}: free space, then `afinar train "
+            where = getattr(exc, "filename", None) or run.path
+            raise AfinarError(f"disk full while writing {where} ({_first_line(exc)}); the last complete checkpoint "
+                              f"is {last_checkpoint(run) or 'none yet'}: free space, then `afinar train "
                               f"{run.path / 'config.yaml'} --resume`") from None
 
 
-def last_checkpoint(run: Run) -> str | None:
-    """The newest complete checkpoint. `Trainer` writes trainer_state.json last, so a checkpoint killed
-    while being written has none (or a truncated one) and is skipped in favour of the one before."""
+def _readable_archive(path: Path) -> bool:
+    """`torch.save` writes a zip archive whose directory comes last: a truncated or empty file has none."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def checkpoint_is_complete(checkpoint: Path, world_size: int = 1) -> bool:
+    """A checkpoint every file of which was written to the end: the trainer state (`Trainer` writes it last),
+    the optimizer and scheduler archives, the weights, and one RNG state per process (ranks write theirs without
+    waiting for each other)."""
     import json
 
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    rng = ["rng_state.pth"] if world_size == 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
+    archives = [checkpoint / "optimizer.pt", *(checkpoint / name for name in rng)]
+    if (checkpoint / "scheduler.pt").exists():
+        archives.append(checkpoint / "scheduler.pt")
+    weights = [p for p in checkpoint.glob("*.safetensors") if p.stat().st_size > 0]
+    return bool(weights) and all(_readable_archive(path) for path in archives)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """ENOSPC as Python raises it, and as torch.save (a RuntimeError, "file write failed") and safetensors (their
+    own error type) report it."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    text = str(exc)
+    return "No space left on device" in text or "file write failed" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def last_checkpoint(run: Run) -> str | None:
+    """The newest complete checkpoint (`checkpoint_is_complete`); one killed or cut short while being written is
+    skipped in favour of the one before."""
     folder = run.checkpoint_dir
     if not folder.is_dir():
         return None
+    world = world_size()
     candidates = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     for checkpoint in sorted(candidates, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        try:
-            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if (checkpoint / "optimizer.pt").is_file() and any(checkpoint.glob("rng_state*.pth")):
+        if checkpoint_is_complete(checkpoint, world):
             return str(checkpoint)
+        log.warning("skipping %s: not completely written", checkpoint)
     return None
