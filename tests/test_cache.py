@@ -128,3 +128,52 @@ def test_a_damaged_entry_is_recomputed(own_cache):
     assert cache.cached_json("demo", "k", compute) == ({"value": 1}, True)
     (own_cache / "data" / "demo" / "k.json").write_text("{not json", encoding="utf-8")
     assert cache.cached_json("demo", "k", compute) == ({"value": 2}, False)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "emptied"])
+def test_a_cut_short_tokenized_entry_is_computed_again_with_every_row(splits, tiny_bert, own_cache, caplog, damage):
+    """After a power cut an entry may be empty or end early; reused, it would fail every run or lose rows."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    first = tokenize(splits.train, tokenizer, 16)[:]  # read into memory: the file is damaged below
+    (entry,) = (own_cache / "data" / "tokenized").glob("*.arrow")
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2] if damage == "truncated" else b"")
+    with caplog.at_level(logging.WARNING, logger="afinar"):
+        again = tokenize(splits.train, tokenizer, 16)
+    assert "is damaged; computing it again" in caplog.text
+    assert len(again) == len(splits.train) and again[:] == first
+
+
+def test_the_cache_evicts_least_recently_used_and_clears_what_killed_processes_left(own_cache):
+    import os
+    import time
+
+    folder = own_cache / "data" / "demo"
+    folder.mkdir(parents=True)
+    for age, name in ((300, "old.json"), (200, "used.json"), (100, "new.json")):
+        (folder / name).write_bytes(b"x" * 1000)
+        os.utime(folder / name, (time.time() - age, time.time() - age))
+    os.utime(folder / "used.json")  # read a moment ago
+    stale, fresh = folder / ".tmp-from-a-killed-run", folder / ".tmp-being-written"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    removed = cache.prune(max_bytes=2000)
+    assert {p.name for p in removed} == {"old.json", ".tmp-from-a-killed-run"}
+    assert sorted(p.name for p in folder.iterdir()) == [".tmp-being-written", "new.json", "used.json"]
+
+
+def test_an_asset_folder_without_its_weights_is_built_again(own_cache):
+    from afinar import assets
+
+    builds = []
+
+    def build(out):
+        builds.append(out)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights")
+
+    target = assets._build_once("demo", build)
+    assert assets._build_once("demo", build) == target and len(builds) == 1
+    (target / "model.safetensors").write_bytes(b"")  # the rename survived a power cut, the bytes did not
+    assert assets._build_once("demo", build) == target and len(builds) == 2
+    assert (target / "model.safetensors").read_bytes() == b"weights"

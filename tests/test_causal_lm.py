@@ -6,7 +6,8 @@ import pytest
 
 from afinar.causal_lm import generate, pack, pack_documents, train_lm
 from afinar.config import DataArgs, load_config
-from afinar.data import load_texts, split_documents
+from afinar.checks import checked_documents
+from afinar.data import prepare_texts, read_text_splits, split_documents
 from afinar.errors import AfinarError
 from afinar.runs import Run
 
@@ -34,7 +35,10 @@ def lm_config(model, train, valid, out, **extra):
             "train.output_dir": str(out), "train.run_name": "r", "train.max_steps": 30, "train.batch_size": 8,
             "train.learning_rate": 1e-2, "train.warmup_ratio": 0, "train.logging_steps": 10, "train.eval_every": 15,
             "train.early_stopping_patience": None, "train.metric_for_best_model": "loss", "lm.block_size": 32,
-            "lm.stride": 32, "lm.max_eval_tokens": 256, **extra}
+            "lm.stride": 32, "lm.max_eval_tokens": 256,
+            # every line of this corpus is a near-duplicate of every other (the same four sentences): the leakage
+            # check would rightly drop all of train, so here it only reports
+            "checks.on_leakage": "warn", "checks.on_duplicates": "warn", **extra}
     return load_config(overrides=[f"{k}={v}" for k, v in sets.items()])
 
 
@@ -116,24 +120,27 @@ def test_lora_with_replay_and_frozen_layers_saves_a_plain_merged_model(tiny_gpt2
 def test_text_sources_and_bad_inputs(tmp_path):
     paragraphs = tmp_path / "notes.txt"
     paragraphs.write_text("first line\nof one\n\nsecond\nparagraph\n\nthird\nhere\n", encoding="utf-8")
-    splits = load_texts(DataArgs(source=str(paragraphs), validation_fraction=0.34), seed=0)
+    splits = prepare_texts(read_text_splits(DataArgs(source=str(paragraphs))), DataArgs(validation_fraction=0.34), 0)
     # carved as labelled data is (`data.carve_rows`: sklearn rounds the held-out share up)
     assert len(splits.train) == 1 and len(splits.validation) == 2 and "carved" in splits.notes[0]
     jsonl = tmp_path / "docs.jsonl"
-    jsonl.write_text('{"text": "alpha beta"}\n{"text": "gamma"}\n{"text": "Third  here"}\n', encoding="utf-8")
-    splits = load_texts(DataArgs(source=str(jsonl), validation=str(paragraphs)))
-    assert splits.train == ["alpha beta", "gamma"] and len(splits.validation) == 3  # leaked copy dropped
-    assert "dropped 1 documents that also occur in validation" in splits.notes[0]
+    jsonl.write_text('{"text": "alpha beta"}\n{"text": "gamma"}\n{"text": "Third  here"}\n{"text": "gamma"}\n',
+                     encoding="utf-8")
+    config = load_config(overrides=[f"data.source={jsonl}", f"data.validation={paragraphs}", "task=causal_lm"])
+    splits, report = checked_documents(config)  # the checks labelled rows get, on documents
+    assert splits.train == ["alpha beta", "gamma"] and len(splits.validation) == 3
+    assert report.duplicates["train"].count == 1 and report.leakage["train-validation"]["exact"].count == 1
+    assert any("dropped 1 train rows that also occur in validation (exact)" in note for note in splits.notes)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
     for source, message in ((empty, "empty"), (tmp_path / "missing.txt", "not found")):
         with pytest.raises(AfinarError, match=message) as info:
-            load_texts(DataArgs(source=str(source)))
+            read_text_splits(DataArgs(source=str(source)))
         assert "\n" not in str(info.value)
     one = tmp_path / "one.txt"
     one.write_text("just one document\n", encoding="utf-8")
     with pytest.raises(AfinarError, match="data.validation"):
-        load_texts(DataArgs(source=str(one)))
+        prepare_texts(read_text_splits(DataArgs(source=str(one))), DataArgs(), 0)
 
 
 def test_short_text_and_wrong_runs_are_clear_errors(tiny_gpt2, corpus, tmp_path):

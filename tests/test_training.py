@@ -365,3 +365,44 @@ def test_resume_may_split_the_same_effective_batch_differently(tiny_bert, tweets
     other = load_config(run.path / "config.yaml", ["train.batch_size=4", "train.resume=true"])  # 4 x 2: not 16
     with pytest.raises(AfinarError, match=r"train.batch_size: 16 -> 8"):
         Run.create(other)
+
+
+def test_sharded_models_are_saved_by_every_rank_together(tmp_path, monkeypatch):
+    """FSDP and ZeRO-3 gather the shards in a collective: rank 0 saving alone would hang or write placeholders."""
+    from afinar.training import save_best
+
+    class ShardedTrainer:
+        is_fsdp_enabled, is_deepspeed_enabled = True, False
+        model = torch.nn.Linear(2, 2)
+        saved: list[str] = []
+
+        def save_model(self, output_dir):
+            self.saved.append(output_dir)
+
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            raise AssertionError("only the main process writes the tokenizer")
+
+    monkeypatch.setenv("RANK", "1")
+    trainer = ShardedTrainer()
+    save_best(Run(tmp_path), trainer, Tokenizer(), lora=False)
+    assert trainer.saved == [str(tmp_path / "model")]
+    with pytest.raises(AfinarError, match="lora.enabled with train.fsdp or train.deepspeed"):
+        load_config(overrides=["lora=true", "train.fsdp=full_shard"])
+
+
+def test_sigterm_marks_the_run_failed_with_the_cause(tiny_bert, tweets_jsonl, tmp_path):
+    """torchrun stops the other processes with SIGTERM when one dies: the run must not stay `running`."""
+    train_file, test_file = tweets_jsonl
+    process = subprocess.Popen(afinar_cmd("train", *sets(tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
+        "train.max_steps": 10_000, "train.eval_every": 20, "train.batch_size": 8}))),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "r" / "checkpoints" / "checkpoint-20").exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before it could be stopped"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1 and "stopped by SIGTERM" in stderr
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["state"] == "failed" and "stopped by SIGTERM" in status["detail"]

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,15 +52,31 @@ def _package_dir(asset: ModelAsset) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _complete(folder: Path) -> bool:
+    """A built model folder holds its config and non-empty weights; a tokenizer folder its tokenizer config."""
+    if (folder / "config.json").is_file():
+        return any(p.stat().st_size > 0 for p in folder.glob("*.safetensors"))
+    return (folder / "tokenizer_config.json").is_file()
+
+
 def _build_once(name: str, build) -> Path:
     """Build an asset folder atomically: a killed build leaves no half-written folder behind."""
     target = cache_dir() / "models" / name
-    if (target / "config.json").is_file() or (target / "tokenizer_config.json").is_file():
+    if _complete(target):
         return target
+    if target.exists():  # written before a power cut, or by an older afinar: build it again
+        shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{name}-*"):  # what a killed build left (a GGUF conversion: ~0.5 GB)
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         build(tmp)
+        for file in tmp.rglob("*"):  # on the disk before the rename makes the folder count as built
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
         tmp.rename(target)
     except OSError:
         if not target.exists():

@@ -4,8 +4,10 @@ checks' report and the tokenized splits.
 Keys hash what the result depends on and nothing else: the files' bytes (not their names or times) or the texts
 and labels themselves, the tokenizer's full definition, and the settings. So a second run on the same data starts
 training in seconds, and any change that matters (an edited row, another tokenizer, another `max_length`)
-misses. Entries live under `$AFINAR_CACHE/data` (default `~/.cache/afinar/data`) and are written atomically;
-delete the folder to reclaim the space.
+misses. Entries live under `$AFINAR_CACHE/data` (default `~/.cache/afinar/data`), are fsynced and renamed into
+place (a power cut leaves an entry whole or absent), are checked on reuse (an unreadable or short entry is computed
+again), and are evicted least-recently-used first once the folder passes `$AFINAR_CACHE_MAX_GB` (default 20);
+temporary files that a killed process left behind are removed after an hour.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -32,6 +35,7 @@ from afinar.runs import write_atomic
 log = logging.getLogger(__name__)
 
 VERSION = 2  # bump when what is cached, or how it is computed, changes
+STALE_SECONDS = 3600  # a temporary entry this old belongs to a process that is gone
 
 
 def data_cache_dir() -> Path:
@@ -94,22 +98,82 @@ def cached_json(kind: str, key: str, compute: Callable[[], dict], enabled: bool 
     return value, False
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def prune(max_bytes: int | None = None) -> list[Path]:
+    """Remove what a killed process left (temporary entries older than an hour), then the least recently used
+    entries until the data cache is under `max_bytes` (default `$AFINAR_CACHE_MAX_GB`, 20 GB); returns what went."""
+    if max_bytes is None:
+        max_bytes = int(float(os.environ.get("AFINAR_CACHE_MAX_GB", "20")) * 2**30)
+    root = data_cache_dir()
+    entries = [p for kind in root.iterdir() if kind.is_dir() for p in kind.iterdir()] if root.is_dir() else []
+    removed, now = [], time.time()
+    for entry in entries:
+        if entry.name.startswith(".") and now - entry.stat().st_mtime > STALE_SECONDS:
+            _remove(entry)
+            removed.append(entry)
+    kept = sorted((p for p in entries if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
+    sizes = {p: _size(p) for p in kept}
+    total = sum(sizes.values())
+    for entry in kept:
+        if total <= max_bytes:
+            break
+        _remove(entry)
+        total -= sizes[entry]
+        removed.append(entry)
+    if removed:
+        log.info("cache: removed %d entries (stale temporaries or least recently used)", len(removed))
+    return removed
+
+
 def cached_map(ds: Dataset, key: str, function: Callable[[dict], dict], remove_columns: Iterable[str],
                desc: str, enabled: bool = True) -> tuple[Dataset, bool]:
-    """`ds.map(function, batched=True)`, stored as an Arrow file named by `key` and memory-mapped on reuse."""
+    """`ds.map(function, batched=True)`, stored as an Arrow file named by `key` and memory-mapped on reuse. An entry
+    that does not read back with one row per input row (cut short, emptied) is computed again."""
     if not enabled:
         return ds.map(function, batched=True, remove_columns=list(remove_columns), desc=desc), False
     path = data_cache_dir() / "tokenized" / f"{key}.arrow"
     if path.is_file():
-        return Dataset.from_file(str(path)), True
+        try:
+            cached = Dataset.from_file(str(path))
+            if len(cached) == len(ds):
+                os.utime(path)  # recently used: evicted last
+                return cached, True
+        except Exception:  # pyarrow raises several types for a damaged file
+            pass
+        log.warning("cache entry %s is damaged; computing it again", path)
+        path.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")  # several processes may race: last wins
     try:
         ds.map(function, batched=True, remove_columns=list(remove_columns), desc=desc,
                cache_file_name=str(temporary), load_from_cache_file=False)
+        _fsync(temporary)
         os.replace(temporary, path)
+        _fsync(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+    prune()
     return Dataset.from_file(str(path)), False
 
 
@@ -123,8 +187,9 @@ def cached_datasets(key: str, compute: Callable[[], tuple[dict[str, Dataset], di
         try:
             meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
             datasets = {name: load_from_disk(str(folder / name), keep_in_memory=True) for name in meta["datasets"]}
+            os.utime(folder)  # recently used: evicted last
             return datasets, meta["meta"], True
-        except (OSError, ValueError, KeyError):
+        except Exception:  # OSError, JSON, a missing key, or pyarrow's errors for a damaged file
             log.warning("cache entry %s is unreadable; recomputing it", folder)
             shutil.rmtree(folder, ignore_errors=True)
     datasets, meta = compute()
@@ -134,12 +199,16 @@ def cached_datasets(key: str, compute: Callable[[], tuple[dict[str, Dataset], di
     try:
         for name, ds in datasets.items():
             ds.save_to_disk(str(temporary / name))
+            for file in (temporary / name).iterdir():
+                _fsync(file)
         write_atomic(temporary / "meta.json", json.dumps({"datasets": list(datasets), "meta": meta}))
         os.replace(temporary, folder)  # the folder appears complete or not at all
+        _fsync(folder.parent)
     except OSError:  # another process stored the same entry first, or the disk is full: not an error here
         pass
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
         if bars:
             enable_progress_bar()
+    prune()
     return datasets, meta, False

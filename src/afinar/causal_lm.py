@@ -1,9 +1,10 @@
 """Domain-adaptive causal-LM training (`task: causal_lm`) on raw text, and generation.
 
-`CausalLM` is the task the run lifecycle (`afinar.lifecycle`) trains: documents (read, carved and subset by
-`data.load_texts`) -> tokens joined with EOS -> fixed `lm.block_size` blocks (packing: no padding, nothing wasted
-but the last partial block) [+ replayed general blocks]; the best model by validation loss; then perplexity before
-vs after on domain validation text and on general text (the forgetting check, see forgetting.py).
+`CausalLM` is the task the run lifecycle (`afinar.lifecycle`) trains: documents (read, checked, carved and
+subset by `checks.checked_documents`) -> tokens joined with EOS -> fixed `lm.block_size` blocks (packing: no
+padding, nothing wasted but the last partial block) [+ replayed general blocks]; the best model by validation loss;
+then perplexity before vs after on domain validation text and on general text (the forgetting check, see
+forgetting.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from datasets import Dataset
 
 from afinar import forgetting
 from afinar.config import Config, ModelArgs
-from afinar.data import TextSplits, load_texts
+from afinar.checks import checked_documents, format_report
+from afinar.data import TextSplits
 from afinar.errors import AfinarError
 from afinar.lifecycle import TaskData, TrainResult, run_task
 from afinar.models import load_causal_lm, load_tokenizer, max_positions, resolve
@@ -173,7 +175,8 @@ class CausalLM:
         if limit is not None and lm.block_size > limit:
             raise AfinarError(f"lm.block_size={lm.block_size} exceeds the {limit} positions of {config.model.name}; "
                               f"lower it")
-        splits = load_texts(config.data, config.train.seed, with_test)
+        splits, report = checked_documents(config, with_test)
+        log.info("data checks:\n%s", format_report(report))
         notes = list(splits.notes)
         general = forgetting.general_corpus(lm)
         replay = forgetting.replay_corpus(lm, config.data.encoding) if lm.replay_fraction > 0 else None
@@ -185,7 +188,8 @@ class CausalLM:
                     "general_text": general.source, "replay": replay_info}
         datasets = {name: Dataset.from_dict({"input_ids": b.tolist()}) for name, b in blocks.items()}
         return TaskData(datasets["train"], Dataset.from_dict({"input_ids": eval_blocks.tolist()}),
-                        datasets.get("test"), manifest, notes, None, _Prepared(splits, blocks, general, replay_info))
+                        datasets.get("test"), manifest, notes, report.to_dict(),
+                        _Prepared(splits, blocks, general, replay_info))
 
     def load_model(self, config: Config, model_path: str, tokenizer, data: TaskData):
         return load_causal_lm(config.model, model_path, tokenizer)

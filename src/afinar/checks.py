@@ -19,7 +19,8 @@ import numpy as np
 
 from afinar import cache
 from afinar.config import CheckArgs, Config
-from afinar.data import Splits, normalise, prepare_splits, read_splits, select_rows
+from afinar.data import (Splits, TextSplits, normalise, prepare_splits, prepare_texts, read_splits,
+                         read_text_splits, select_rows)
 from afinar.errors import AfinarError
 from afinar.models import load_tokenizer
 
@@ -302,7 +303,7 @@ def run_checks_cached(splits: Splits, check_args: CheckArgs, tokenizer, max_leng
     """`run_checks`, answered from the on-disk cache when the same texts and labels were checked with the same
     settings and tokenizer before."""
     key = cache.digest("checks", {name: cache.dataset_digest(ds) for name, ds in splits.items()}, splits.label_names,
-                       dataclasses.asdict(check_args), cache.tokenizer_digest(tokenizer), max_length)
+                       dataclasses.asdict(check_args), tokenizer and cache.tokenizer_digest(tokenizer), max_length)
     value, hit = cache.cached_json("checks", key, lambda: dataclasses.asdict(
         run_checks(splits, check_args, tokenizer, max_length)))
     if hit:
@@ -316,6 +317,18 @@ def checked_splits(config: Config, tokenizer, with_test: bool = True) -> tuple[S
     raw = read_splits(config.data, with_test)
     report = run_checks_cached(raw, config.checks, tokenizer, config.data.max_length)
     return prepare_splits(apply_policies(raw, report, config.checks), config.data, config.train.seed), report
+
+
+def checked_documents(config: Config, with_test: bool = True) -> tuple[TextSplits, DataReport]:
+    """What causal-LM training sees: the documents read, checked as rows of one class (empty, damaged, duplicated,
+    leaked exactly or nearly into validation/test), the `checks.on_*` policies applied to train, validation carved
+    and the seeded subsets taken; plus the report of the checks."""
+    raw = read_text_splits(config.data, with_test)
+    rows = raw.as_rows()
+    report = run_checks_cached(rows, config.checks, None, None)
+    checked = apply_policies(rows, report, config.checks)
+    kept = dataclasses.replace(raw, train=list(checked.train["text"]), notes=checked.notes)
+    return prepare_texts(kept, config.data, config.train.seed), report
 
 
 def apply_policies(splits: Splits, report: DataReport, check_args: CheckArgs) -> Splits:

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -53,12 +54,19 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(command)
 
 
+def _stopped_by_sigterm(signum, frame) -> None:
+    """SIGTERM (a scheduler, or torchrun when another process died) unwinds like an error, so the run folder
+    records `failed` and why, instead of staying `running` forever."""
+    raise SystemExit("afinar: stopped by SIGTERM (under torchrun: another process failed; see its log)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from afinar import train
     from afinar.runs import is_main_process
 
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc, args.argv)
+    signal.signal(signal.SIGTERM, _stopped_by_sigterm)
     result = train(_config(args))
     if not is_main_process():
         return 0

@@ -181,5 +181,5 @@ def restore(model: nn.Module) -> None:
     for layer in _lora_layers(model):
         layer.__dict__.pop("forward", None)
     base = getattr(model, "get_base_model", lambda: model)()
-    if getattr(base.config, "_attn_implementation", None) == ATTENTION:
+    if getattr(getattr(base, "config", None), "_attn_implementation", None) == ATTENTION:
         base.set_attn_implementation("sdpa")

@@ -531,11 +531,18 @@ class TextSplits:
         return [(n, d) for n, d in (("train", self.train), ("validation", self.validation), ("test", self.test))
                 if d is not None]
 
+    def as_rows(self) -> Splits:
+        """The documents as rows of one class ("document"), for the data checks labelled rows go through."""
+        def rows(docs: list[str] | None) -> Dataset | None:
+            return None if docs is None else _to_dataset(pd.DataFrame({"text": docs, "label": 0}), ["document"])
 
-def load_texts(args: DataArgs, seed: int = 42, with_test: bool = True) -> TextSplits:
-    """Train / validation (/ test) documents from the same sources as labelled data (a file, a folder of split
-    files, an embedded name, a hub dataset), carved and subset by the same seeded rules (`carve_rows`,
-    `subset_rows`); train documents equal to a held-out one after `normalise` are dropped (leakage)."""
+        return Splits(rows(self.train), rows(self.validation), rows(self.test), ["document"], dict(self.sources),
+                      dict(self.fingerprints), list(self.notes))
+
+
+def read_text_splits(args: DataArgs, with_test: bool = True) -> TextSplits:
+    """Train / validation (/ test) documents as the source has them, from the same sources as labelled data (a
+    file, a folder of split files, an embedded name, a hub dataset); validation is None when there is none."""
     files = split_files(args, with_test)
     if files is None:
         frames, _, sources, fingerprints = hub_splits_and_files(args, with_test)
@@ -548,31 +555,30 @@ def load_texts(args: DataArgs, seed: int = 42, with_test: bool = True) -> TextSp
         documents = {split: read_documents(path, args.encoding, args.text_column) for split, path in files.items()}
         sources = {split: str(path) for split, path in files.items()}
         fingerprints = {split: sha256_file(path) for split, path in files.items()}
-    splits = TextSplits(documents["train"], documents.get("validation"), documents.get("test"), sources,
-                        fingerprints)
+    return TextSplits(documents["train"], documents.get("validation"), documents.get("test"), sources, fingerprints)
+
+
+def prepare_texts(splits: TextSplits, args: DataArgs, seed: int) -> TextSplits:
+    """Carve validation from train when there is none and take the seeded subsets, by the rules labelled data
+    follows (`carve_rows`, `subset_rows`); documents stay in file order."""
+    splits = dataclasses.replace(splits, notes=list(splits.notes), sources=dict(splits.sources))
+    if not splits.train:
+        raise AfinarError(f"{splits.sources['train']}: no training documents left after the data checks")
     if splits.validation is None:
         if len(splits.train) < 2:
-            raise AfinarError(f"{sources['train']}: one document cannot be split into train and validation; "
+            raise AfinarError(f"{splits.sources['train']}: one document cannot be split into train and validation; "
                               f"add documents or give data.validation")
         kept, held, how = carve_rows(len(splits.train), args.validation_fraction, seed)
         splits.train, splits.validation = ([splits.train[i] for i in sorted(rows)] for rows in (kept, held))
-        splits.sources["validation"] = f"{sources['train']} (carved)"
+        splits.sources["validation"] = f"{splits.sources['train']} (carved)"
         splits.notes.append(f"validation carved from train: {len(held):,} documents ({args.validation_fraction:.0%}, "
                             f"{how}, seed {seed})")
-    held_out = {normalise(d) for _, docs in splits.items()[1:] for d in docs}
-    kept_docs = [d for d in splits.train if normalise(d) not in held_out]
-    if len(kept_docs) < len(splits.train):
-        splits.notes.append(f"train: dropped {len(splits.train) - len(kept_docs):,} documents that also occur in "
-                            f"validation/test (leakage)")
-        splits.train = kept_docs
-    if not splits.train:
-        raise AfinarError(f"{sources['train']}: no training documents left after removing validation/test copies")
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples),
                          ("test", args.max_test_samples)):
         docs = getattr(splits, split)
         rows = subset_rows(len(docs), limit, seed) if docs is not None else None
         if rows is not None:
-            setattr(splits, split, [docs[i] for i in sorted(rows)])  # the documents stay in file order
+            setattr(splits, split, [docs[i] for i in sorted(rows)])
             splits.notes.append(f"{split}: seeded subset of {limit:,} of {len(docs):,} documents")
     return splits
 

@@ -232,7 +232,7 @@ def measure_forgetting(base_model_dir, tuned_model_dir, domain_text: str, genera
 
 def forgetting_for_run(run_dir: str | Path) -> dict:
     """Re-measure a finished causal-LM run against its base model; writes `forgetting.json` into the run."""
-    from afinar.data import load_texts
+    from afinar.checks import checked_documents
 
     run = Run.open(run_dir)
     run.require_finished()
@@ -240,7 +240,7 @@ def forgetting_for_run(run_dir: str | Path) -> dict:
     if config.task != "causal_lm":
         raise AfinarError(f"{run.path} is a {config.task} run; the forgetting check applies to causal_lm runs "
                           f"(a classification head has no language-model output to score)")
-    validation = load_texts(config.data, config.train.seed).validation
+    validation = checked_documents(config)[0].validation  # the very documents training validated on
     general = general_corpus(config.lm)
     result = measure_forgetting(None, run.model_dir, "\n\n".join(validation), general.text, config.lm,
                                 config.model)

@@ -24,7 +24,7 @@ import torch
 
 from afinar.assets import cache_dir
 from afinar.errors import AfinarError
-from afinar.runs import write_json
+from afinar.runs import on_cpu, write_json
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,6 @@ class PrecisionChoice:
     @classmethod
     def from_dict(cls, record: dict) -> PrecisionChoice:
         return cls(record["precision"], record["reason"], record.get("measured") or {})
-
-
-def on_cpu() -> bool:
-    """True where training runs on the CPU: no CUDA, XPU or Apple GPU."""
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None:
-        return not accelerator.is_available()
-    return not torch.cuda.is_available()
 
 
 def trainer_flags(precision: str) -> dict[str, bool]:

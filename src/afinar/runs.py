@@ -92,6 +92,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name or text).strip("-")[:40] or "run"
 
 
+def on_cpu() -> bool:
+    """True where this process trains on the CPU: no CUDA, XPU or Apple GPU."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return not accelerator.is_available()
+    return not torch.cuda.is_available()
+
+
 def world_size() -> int:
     """Processes in this run (torchrun sets WORLD_SIZE; 1 without it)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -109,8 +119,6 @@ def same_on_every_rank(value: Any) -> Any:
         return value
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
-
-    from afinar.precision import on_cpu
 
     # joins the process group torchrun set up; on a CPU-only machine only `cpu=True` makes it a gloo group
     # (otherwise Accelerate sees no distributed run and the broadcast returns each rank's own value)

@@ -20,7 +20,7 @@ from afinar import cpu_speed
 from afinar import precision as precision_lib
 from afinar.config import Config, LoraArgs, TrainArgs
 from afinar.errors import AfinarError
-from afinar.runs import Run, is_main_process, same_on_every_rank, world_size
+from afinar.runs import Run, is_main_process, on_cpu, same_on_every_rank, world_size
 
 log = logging.getLogger(__name__)
 
@@ -230,17 +230,24 @@ def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds
 def speed_up(model, args: TrainArgs) -> None:
     """What pays on the CPU beyond `Trainer`'s own options (see `cpu_speed`): the same functions, and dropout
     masks with the same distribution from a faster generator."""
-    if args.cpu_speedups and precision_lib.on_cpu():
+    if args.cpu_speedups and on_cpu():
         for change in cpu_speed.apply(model):
             log.info("CPU speed-up: %s", change)
 
 
 def save_best(run: Run, trainer: Trainer, tokenizer, lora: bool) -> None:
     """The model `Trainer` holds (the best, after `load_best_model_at_end`) into `run/model`, LoRA adapters
-    merged so the result is a plain checkpoint; by the main process only."""
+    merged so the result is a plain checkpoint. Sharded (FSDP, DeepSpeed): every rank takes part in
+    `Trainer.save_model`, which gathers the shards and writes from the main process (rank 0 alone would hang on
+    FSDP's collective, or write ZeRO-3's empty placeholders); otherwise the main process saves alone."""
+    cpu_speed.restore(trainer.model)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        trainer.save_model(str(run.model_dir))  # LoRA is refused with sharding (`Config.validate`)
+        if is_main_process():
+            tokenizer.save_pretrained(run.model_dir)
+        return
     if not is_main_process():
         return
-    cpu_speed.restore(trainer.model)
     model = trainer.model.merge_and_unload() if lora else trainer.model
     model.save_pretrained(run.model_dir)
     tokenizer.save_pretrained(run.model_dir)
