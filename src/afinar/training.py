@@ -306,7 +306,7 @@ def _readable_archive(path: Path) -> bool:
         return False
 
 
-def checkpoint_is_complete(checkpoint: Path, world_size: int = 1) -> bool:
+def checkpoint_is_complete(checkpoint: Path, processes: int = 1) -> bool:
     """A checkpoint every file of which was written to the end: the trainer state (`Trainer` writes it last),
     the optimizer and scheduler archives, the weights, and one RNG state per process (ranks write theirs without
     waiting for each other)."""
@@ -316,7 +316,7 @@ def checkpoint_is_complete(checkpoint: Path, world_size: int = 1) -> bool:
         json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    rng = ["rng_state.pth"] if world_size == 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
+    rng = ["rng_state.pth"] if processes == 1 else [f"rng_state_{rank}.pth" for rank in range(processes)]
     archives = [checkpoint / "optimizer.pt", *(checkpoint / name for name in rng)]
     if (checkpoint / "scheduler.pt").exists():
         archives.append(checkpoint / "scheduler.pt")
@@ -343,10 +343,9 @@ def last_checkpoint(run: Run) -> str | None:
     folder = run.checkpoint_dir
     if not folder.is_dir():
         return None
-    world = world_size()
     candidates = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     for checkpoint in sorted(candidates, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        if checkpoint_is_complete(checkpoint, world):
+        if checkpoint_is_complete(checkpoint, world_size()):
             return str(checkpoint)
         log.warning("skipping %s: not completely written", checkpoint)
     return None
