@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     result["load_after"] = os.getloadavg()[0]
     for row in result["rows"]:
         if row["backend"] in PEAK_DTYPE:
-            row["mfu"] = 2 * parameters * row["real_tokens"] / row["seconds"] / (peaks[PEAK_DTYPE[row["backend"]]] * 1e9)
+            peak = peaks[PEAK_DTYPE[row["backend"]]]
+            row["mfu"] = 2 * parameters * row["real_tokens"] / row["seconds"] / (peak * 1e9)
     markdown = table(result)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"inference-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}"

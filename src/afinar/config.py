@@ -63,7 +63,7 @@ class TrainArgs:
     weight_decay: float = 0.01
     lr_scheduler: str = "linear"
     seed: int = 42
-    precision: str = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPUs
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 on GPUs with it, on CPUs where measured faster
     eval_every: int | None = None  # evaluate (and checkpoint) every N optimizer steps; None: every epoch
     logging_steps: int = 50
     early_stopping_patience: int | None = 3  # evaluations without improvement before stopping; None: off
