@@ -20,12 +20,12 @@ import numpy as np
 from datasets import Dataset
 
 from afinar import forgetting
-from afinar.config import Config, ModelArgs
 from afinar.checks import checked_documents, format_report
+from afinar.config import Config, ModelArgs
 from afinar.data import TextSplits
 from afinar.errors import AfinarError
 from afinar.lifecycle import TaskData, TrainResult, run_task
-from afinar.models import load_causal_lm, load_tokenizer, max_positions, resolve
+from afinar.models import load_causal_lm, load_tokenizer, loading_options, max_positions, resolve
 from afinar.runs import Run
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class CausalLM:
         from transformers import AutoConfig
 
         lm = config.lm
-        limit = max_positions(AutoConfig.from_pretrained(model_path, trust_remote_code=config.model.trust_remote_code))
+        limit = max_positions(AutoConfig.from_pretrained(model_path, **loading_options(config.model)))
         if limit is not None and lm.block_size > limit:
             raise AfinarError(f"lm.block_size={lm.block_size} exceeds the {limit} positions of {config.model.name}; "
                               f"lower it")

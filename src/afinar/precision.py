@@ -92,7 +92,7 @@ def _step_seconds(model: torch.nn.Module, batch: dict[str, torch.Tensor], bf16: 
 def measure_cpu_bf16_speedup(model: torch.nn.Module, batch_size: int, length: int, steps: int = 3) -> dict[str, Any]:
     """Seconds per forward/backward step of `model` on a (batch_size x length) batch in fp32 and under bf16
     autocast, on this CPU, in training mode: evaluation takes other kernels (MiniLM's fused SDPA attention gains
-    1.15x from bf16 on an AVX512-BF16 EPYC where its training step gains 1.85x). Leaves no trace: gradients are
+    1.15x from bf16 on an AVX512-BF16 EPYC where its training step gains 1.84x). Leaves no trace: gradients are
     cleared, torch's random state and the model's mode are restored."""
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)

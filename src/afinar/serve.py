@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "AFINAR_SERVE_TOKEN"
 GUARDED_PATHS = ("/predict", "/info")
+READ_TIMEOUT_S = 10.0  # for a new connection's request headers and for a request's body
 # 256 texts of 10,000 ASCII characters fit; anything bigger is refused before it is parsed.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -332,23 +333,10 @@ def token_from_file(path: str | Path) -> str:
     return lines[0].strip()
 
 
-def _bearer_check(token: str) -> Callable[..., Awaitable[None]]:
-    """A dependency that lets a request through only with `Authorization: Bearer <token>`."""
-    expected = token.encode()
-    bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>`")
-
-    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        given = credentials.credentials.encode() if credentials is not None else b""
-        if not hmac.compare_digest(given, expected):  # constant time: the comparison leaks no prefix
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    return check
-
-
 def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: int = 64, max_texts: int = 256,
                max_text_chars: int = 10_000, batch_wait_ms: float = 5.0, classifier: Scorer | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, backend: str = "auto", max_queue: int = 1024,
-               score_timeout_s: float = 30.0, read_timeout_s: float = 10.0) -> FastAPI:
+               score_timeout_s: float = 30.0, read_timeout_s: float = READ_TIMEOUT_S) -> FastAPI:
     """The API for the finished run in `run_dir`; its model is loaded now, so a bad run fails before serving.
 
     `classifier` replaces the run's model (tests pass a wrapper; `run_dir` may then be None and /info reports no
@@ -406,7 +394,8 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
         return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"},
                             status_code=500)
 
-    guarded = [Depends(_bearer_check(token))] if token else []
+    # `RequestGuard` checks the token before the body is read; this only declares the scheme in the schema
+    guarded = [Depends(HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>`"))] if token else []
     errors: dict[int | str, dict[str, Any]] = {
         422: {"model": ErrorResponse, "description": "Malformed JSON, a missing field, a wrong type, no texts"}}
     if token:
@@ -463,11 +452,11 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, token:
     max_body_bytes, max_queue, score_timeout_s, read_timeout_s).
     """
     app = create_app(run_dir, token=token, **limits)
-    server(app, host, port, token, limit_concurrency, limits.get("read_timeout_s", 10.0), log_level).run()
+    server(app, host, port, token, limit_concurrency, limits.get("read_timeout_s", READ_TIMEOUT_S), log_level).run()
 
 
 def server(app: FastAPI, host: str, port: int, token: str | None, limit_concurrency: int = 512,
-           read_timeout_s: float = 10.0, log_level: str = "info"):
+           read_timeout_s: float = READ_TIMEOUT_S, log_level: str = "info"):
     """The uvicorn server for `app`: 503 above `limit_concurrency` connections, and a connection that has not sent
     its request headers within `read_timeout_s` is closed. Warns when it would be reachable without a token."""
     import uvicorn
