@@ -6,7 +6,7 @@ import time
 import pytest
 from datasets import Dataset
 
-from afinar.checks import apply_policies, check, format_report, normalise, run_checks, shingles
+from afinar.checks import apply_policies, check, format_report, normalise, run_checks, shingles, small_data_advice
 from afinar.config import CheckArgs, Config, DataArgs, ModelArgs
 from afinar.data import Splits, load_splits, read_table
 from afinar.errors import AfinarError
@@ -237,3 +237,11 @@ def test_check_loads_the_configured_data_and_tokenizer(tweets_jsonl, tiny_bert):
     assert report.rows == {"train": 240, "test": 60}  # the splits as the source has them: nothing carved yet
     assert report.max_length == 128 and report.lengths["train"]["truncated"] == 0
     assert format_report(report).splitlines()[0].split() == ["train", "test"]
+    assert "small training set" in format_report(report)  # 240 rows for 3 classes
+
+
+def test_a_large_training_set_gets_no_small_data_advice(small):
+    report = run_checks(small, CheckArgs())
+    assert "smallest class" in small_data_advice(report)
+    report.rows["train"], report.balance["train"]["counts"] = 900, {"a": 300, "b": 300, "c": 300}
+    assert small_data_advice(report) is None and "small training set" not in format_report(report)

@@ -8,7 +8,7 @@ def test_defaults_are_valid():
     config = load_config()
     assert config.model.name == "minilm-l6"
     assert config.data.source == "tweets"
-    assert config.train.learning_rate == 5e-5
+    assert config.train.learning_rate is None and config.train.epochs is None  # scaled to the data per run
 
 
 def test_yaml_nested_and_shorthand_keys(tmp_path):

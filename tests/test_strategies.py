@@ -15,7 +15,7 @@ from afinar.prompting import PromptArgs
 from afinar.strategies import (CompareArgs, Encoder, KnnRetrieval, LinearProbe, NeighbourIndex, StrategyResult,
                                compare, parse_strategies, recommend, run_strategy)
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, tweet_rows
 
 LABELS = ["negative", "neutral", "positive"]
 TEMPLATES = ["awful terrible horrible sad day number {}", "the train leaves the station at {}",
@@ -200,3 +200,21 @@ def test_resume_reruns_only_failed_strategies(tiny_bert, tweets_jsonl, tmp_path,
     assert [r.error for r in resumed.results] == [None, None]
     assert resumed.results[0].test == first.results[0].test and resumed.results[1].test["n"] == 60
     assert json.loads((out / "comparison.json").read_text())["results"][1]["details"]["C"] == 1.0
+
+
+def test_setfit_few_shot_fine_tuning_learns_from_48_real_tweets(tmp_path):
+    """16 tweets per class and 320 contrastive pairs lift the packaged MiniLM well above the majority class."""
+    rows = tweet_rows("train", 400)
+    train = [r for c in range(3) for r in [r for r in rows if r["label"] == c][:16]]
+    held_out = tweet_rows("test", 300)
+
+    def dataset(items):
+        return _to_dataset(pd.DataFrame([(r["text"], r["label"]) for r in items], columns=["text", "label"]), LABELS)
+
+    splits = Splits(dataset(train), dataset(held_out[:60]), dataset(held_out[60:]), LABELS)
+    args = CompareArgs(setfit_max_pairs=320)
+    result = run_strategy("setfit", load_config(overrides=["data.max_length=64"]), splits, tmp_path, args)
+    majority = np.bincount([r["label"] for r in held_out[60:]]).max() / 240
+    assert result.test_accuracy >= majority + 0.05, (result.test_accuracy, majority)
+    assert result.details["pairs"] == 320 and result.details["package"] == "setfit"
+    assert result.trainable_params > 22_000_000  # the whole encoder is tuned, then the head

@@ -52,6 +52,16 @@ def compare(config: Config | str | None = None, strategies: str | list[str] = "a
     return run_comparison(config, strategies, out_dir, resume=resume)
 
 
+def curve(config: Config | str | None = None, strategy: str = "full", sizes: list[int] | None = None,
+          out_dir: str | None = None, resume: bool = False):
+    """How much data do I need? `strategy` on growing nested subsets of train (see `afinar.curve.learning_curve`)."""
+    from afinar.curve import learning_curve
+
+    if not isinstance(config, Config):
+        config = load_config(config)
+    return learning_curve(config, strategy, sizes, out_dir, resume=resume)
+
+
 def serve(run_dir: str, **options) -> None:
     """Serve a run over HTTP (see `afinar.serve.serve`); imported lazily so `import afinar` stays light."""
     from afinar.serve import serve as run_server
@@ -59,5 +69,5 @@ def serve(run_dir: str, **options) -> None:
     run_server(run_dir, **options)
 
 
-__all__ = ["AfinarError", "Config", "DataReport", "SearchResult", "TrainResult", "check", "compare", "evaluate",
+__all__ = ["AfinarError", "Config", "DataReport", "SearchResult", "TrainResult", "check", "compare", "curve", "evaluate",
            "generate", "load_config", "predict", "search", "serve", "train"]

@@ -18,7 +18,7 @@ from itertools import combinations
 import numpy as np
 
 from afinar import cache
-from afinar.config import CheckArgs, Config
+from afinar.config import CheckArgs, Config, TrainArgs
 from afinar.data import (Splits, TextSplits, normalise, prepare_splits, prepare_texts, read_splits,
                          read_text_splits, select_rows)
 from afinar.errors import AfinarError
@@ -35,6 +35,7 @@ MOSTLY = 0.5  # a text whose visible characters are at least this share damaged 
 PRIME = (1 << 32) - 5  # MinHash modulus: a*h + b stays below 2**64 for 32-bit h, a and b, so uint64 is exact
 RECALL = 0.99  # LSH banding: chance that a pair exactly at the threshold becomes a candidate
 CLIP = 200  # characters of a text kept in an example
+SMALL_PER_CLASS = 100  # rows per class below which `afinar check` calls a training set small
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +436,22 @@ def format_report(report: DataReport, examples: int = 2) -> str:
         lines += ["", "examples:", *shown]
     if report.actions:
         lines += ["", "actions:", *(f"  {a['note']}" for a in report.actions)]
+    advice = small_data_advice(report)
+    if advice:
+        lines += ["", advice]
     return "\n".join(lines)
+
+
+def small_data_advice(report: DataReport, min_steps: int = TrainArgs.min_steps) -> str | None:
+    """What afinar does about a training set with fewer than `SMALL_PER_CLASS` rows per class, or None."""
+    counts = report.balance.get("train", {}).get("counts", {})
+    if not counts or report.rows["train"] >= SMALL_PER_CLASS * len(counts):
+        return None
+    return (f"small training set: {report.rows['train']:,} rows for {len(counts)} classes (smallest class "
+            f"{min(counts.values()):,}). With train.epochs, train.learning_rate and train.eval_every unset, afinar "
+            f"trains for at least train.min_steps ({min_steps}) optimizer steps, evaluates 8 times and gives LoRA an "
+            f"adapter learning rate; `afinar compare CONFIG --strategies setfit,linear_probe,few_shot,full` weighs "
+            f"few-shot fine-tuning against the rest, and `afinar curve CONFIG` shows what more labels would add.")
 
 
 def check(config: Config) -> DataReport:

@@ -201,12 +201,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curve(args: argparse.Namespace) -> int:
+    from afinar.curve import learning_curve
+    from afinar.report import curve_findings
+
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
+    result = learning_curve(_config(args), args.strategy, sizes, args.out, args.per_class, args.continue_curve)
+    for point in result.points:
+        print(f"{point.rows:>8,} rows: validation accuracy {point.accuracy:.4f}")
+    print("\n".join(curve_findings(result.to_dict())))
+    print(f"curve folder: {result.path}\nreport: {result.path / 'report.html'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from afinar.report import write_comparison_report, write_run_report, write_search_report
+    from afinar.report import write_comparison_report, write_curve_report, write_run_report, write_search_report
 
     folder = Path(args.folder)
     write = (write_comparison_report if (folder / "comparison.json").is_file() else
-             write_search_report if (folder / "search.json").is_file() else write_run_report)
+             write_search_report if (folder / "search.json").is_file() else
+             write_curve_report if (folder / "curve.json").is_file() else write_run_report)
     print(write(folder))
     return 0
 
@@ -284,14 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="prompting, retrieval, linear probe, LoRA and full fine-tuning on the same splits, one table"))
     compare.add_argument("--strategies", default="all",
                          help="comma-separated: zero_shot, few_shot, retrieval_few_shot, knn_retrieval, linear_probe, "
-                              "lora, full (default: all)")
+                              "setfit, lora, full (default: all)")
     compare.add_argument("--out", help="comparison folder (default: <output_dir>/compare-<time>)")
     compare.add_argument("--resume", dest="continue_comparison", action="store_true",
                          help="in an existing --out folder, run only the strategies it lacks or that failed")
     compare.set_defaults(func=cmd_compare)
 
-    report = commands.add_parser("report", help="(re)write report.html for a run, comparison or search folder")
-    report.add_argument("folder", help="run, comparison or search folder")
+    curve = _with_config_args(commands.add_parser(
+        "curve", help="how much data do I need? one strategy on growing nested subsets of train, a fitted curve"))
+    curve.add_argument("--strategy", default="full", help="full (default), lora, setfit, linear_probe, ...")
+    curve.add_argument("--sizes", help="comma-separated training rows (default: 16 per class, then x4 to all)")
+    curve.add_argument("--per-class", type=int, default=16, help="rows per class in the smallest, balanced subset")
+    curve.add_argument("--out", help="curve folder (default: <output_dir>/curve-<time>)")
+    curve.add_argument("--resume", dest="continue_curve", action="store_true",
+                       help="in an existing --out folder, train only the sizes it lacks")
+    curve.set_defaults(func=cmd_curve)
+
+    report = commands.add_parser("report", help="(re)write report.html for a run, comparison, search or curve folder")
+    report.add_argument("folder", help="run, comparison, search or curve folder")
     report.set_defaults(func=cmd_report)
 
     serve = commands.add_parser("serve", help="HTTP JSON API: POST /predict, GET /health, GET /info")

@@ -43,6 +43,7 @@ class DataArgs:
     encoding: str = "utf-8"  # for CSV/TSV/JSONL/TXT files
     validation_fraction: float = 0.1  # carved from train, stratified, when there is no validation split
     max_train_samples: int | None = None  # seeded random subset of train
+    train_per_class: int | None = None  # seeded class-balanced subset of train: this many rows of each class
     max_eval_samples: int | None = None  # seeded random subset of validation
     max_test_samples: int | None = None  # seeded random subset of test
     max_length: int = 128  # tokens; longer texts are truncated (tweets need 64)
@@ -53,18 +54,19 @@ class DataArgs:
 class TrainArgs:
     output_dir: str = "runs"  # run folders are created inside it
     run_name: str | None = None  # default: <time>-<model>-<data>
-    epochs: float = 3.0
+    epochs: float | None = None  # None: 3, or more when a small training set would take fewer than min_steps
     max_steps: int = -1  # > 0 overrides epochs
+    min_steps: int = 300  # when epochs is None: a small training set still gets this many optimizer steps
     batch_size: int = 32
     eval_batch_size: int | None = None  # default: 2x batch_size (no gradients to keep)
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
+    learning_rate: float | None = None  # None: 5e-5 for full fine-tuning, 1e-3 for LoRA adapters (2e-4 for LMs)
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     lr_scheduler: str = "linear"
     seed: int = 42
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto: bf16 on GPUs with it, on CPUs where measured faster
-    eval_every: int | None = None  # evaluate (and checkpoint) every N optimizer steps; None: every epoch
+    eval_every: int | None = None  # evaluate (and checkpoint) every N optimizer steps; None: 8 times per run
     logging_steps: int = 50
     early_stopping_patience: int | None = 3  # evaluations without improvement before stopping; None: off
     metric_for_best_model: str = "accuracy"  # accuracy | macro_f1 | loss
@@ -156,6 +158,9 @@ class CompareArgs:
     lora_overrides: list[str] = field(default_factory=lambda: ["lora.enabled=true", "train.learning_rate=1e-3"])
     full_overrides: list[str] = field(default_factory=lambda: ["lora.enabled=false"])
     encode_batch: int = 64  # texts per encoder forward pass
+    setfit_iterations: int = 20  # setfit: contrastive pairs drawn per train text (each direction)
+    setfit_max_pairs: int = 4000  # setfit: cap on pairs in all, which bounds its fit time on larger sets
+    setfit_batch_size: int = 16  # setfit: pairs per step
     isolate: bool = True  # each strategy in its own process: exact peak memory, nothing shared between them
     tolerance_points: float = 1.0  # recommend the cheapest strategy this close to the best validation accuracy
 
@@ -182,18 +187,20 @@ class Config:
             raise AfinarError("checks.near_duplicate_threshold must be in (0, 1] "
                               f"(got {self.checks.near_duplicate_threshold})")
         _one_of("train.metric_for_best_model", self.train.metric_for_best_model, ("accuracy", "macro_f1", "loss"))
-        for key in ("train.batch_size", "train.gradient_accumulation_steps", "train.learning_rate",
-                    "train.epochs", "data.max_length", "data.max_text_chars", "train.logging_steps", "lora.r",
+        for key in ("train.batch_size", "train.gradient_accumulation_steps", "data.max_length", "data.max_text_chars", "train.logging_steps", "lora.r",
                     "lm.block_size", "lm.stride", "lm.forgetting_ratio"):
             _positive(key, get_value(self, key))
-        for key in ("train.eval_batch_size", "train.eval_every", "data.max_train_samples",
-                    "data.max_eval_samples", "data.max_test_samples"):
+        for key in ("train.eval_batch_size", "train.eval_every", "train.learning_rate", "train.epochs",
+                    "data.max_train_samples", "data.train_per_class", "data.max_eval_samples",
+                    "data.max_test_samples"):
             if get_value(self, key) is not None:
                 _positive(key, get_value(self, key))
         if not 0 < self.data.validation_fraction < 1:
             raise AfinarError(f"data.validation_fraction must be between 0 and 1 (got {self.data.validation_fraction})")
         if not 0 <= self.lm.replay_fraction < 1:
             raise AfinarError(f"lm.replay_fraction must be in [0, 1) (got {self.lm.replay_fraction})")
+        if self.train.min_steps < 0:
+            raise AfinarError(f"train.min_steps must be 0 or more (got {self.train.min_steps})")
         if self.train.freeze_layers < 0:
             raise AfinarError(f"train.freeze_layers must be 0 or more (got {self.train.freeze_layers})")
         if not 0 <= self.train.warmup_ratio < 1:

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,6 +396,18 @@ def subset_rows(n: int, limit: int | None, seed: int) -> list[int] | None:
     return np.random.default_rng(seed).permutation(n)[:limit].tolist()
 
 
+def class_balanced_order(labels: Sequence[int], seed: int, per_class: int) -> tuple[list[int], int]:
+    """Every row, ordered so that the first ones hold `per_class` rows of each class (all of a smaller class) and
+    the rest follow in the seeded shuffle order; and how many rows that balanced head has. Each prefix of the
+    order is a nested seeded subset: `data.train_per_class` takes the head, `afinar curve` growing prefixes."""
+    counts: Counter = Counter()
+    head, tail = [], []
+    for row in np.random.default_rng(seed).permutation(len(labels)).tolist():
+        (head if counts[labels[row]] < per_class else tail).append(row)
+        counts[labels[row]] += 1
+    return head + tail, len(head)
+
+
 def _carve_validation(train: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset, str]:
     labels = train.select_columns("label")[:]["label"]  # one slice: row-by-row column access is slow
     kept, held, how = carve_rows(len(train), fraction, seed, labels)
@@ -456,6 +469,13 @@ def prepare_splits(splits: Splits, args: DataArgs, seed: int) -> Splits:
         splits.train, splits.validation, note = _carve_validation(splits.train, args.validation_fraction, seed)
         splits.sources["validation"] = f"{splits.sources['train']} (carved)"
         splits.notes.append(note)
+    if args.train_per_class:
+        order, balanced = class_balanced_order(splits.train.select_columns("label")[:]["label"], seed,
+                                               args.train_per_class)
+        if balanced < len(splits.train):
+            splits.notes.append(f"train: seeded class-balanced subset of {balanced:,} of {len(splits.train):,} rows "
+                                f"(up to {args.train_per_class} per class)")
+            splits.train = select_rows(splits.train, order[:balanced])
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples, "test": args.max_test_samples}
     for split, ds in splits.items():
         subset = _subset(ds, limits[split], seed)

@@ -1,8 +1,9 @@
 """One run's life, the same for every task:
 
-    copy of the config -> tokenizer -> task data (checked, tokenized) -> run folder and manifest -> model ->
-    LoRA, then frozen layers -> `Trainer` (CPU speed-ups, precision) -> fit, resuming when asked -> best model
-    saved as stock `transformers` modules -> validation and test scored once -> log, metrics, summary, report
+    copy of the config -> tokenizer -> task data (checked, tokenized) -> unset settings scaled to the data
+    (`scaling`) -> run folder and manifest -> model -> LoRA, then frozen layers -> `Trainer` (CPU speed-ups,
+    precision) -> fit, resuming when asked -> best model saved as stock `transformers` modules -> validation
+    and test scored once -> log, metrics, summary, report
 
 A task (`classify.Classification`, `causal_lm.CausalLM`) is a small object that supplies only what differs
 (`Task`); adding one adds a module, not a branch here.
@@ -19,7 +20,8 @@ from typing import Any, Protocol
 
 from afinar.config import Config
 from afinar.models import load_tokenizer, resolve
-from afinar.runs import Run, is_main_process, machine, versions
+from afinar.runs import Run, is_main_process, machine, versions, world_size
+from afinar.scaling import scale_to_data
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,8 @@ def run_task(config: Config, task: Task, callbacks: list | None = None, with_tes
     tokenizer = load_tokenizer(config.model, model_path)
     preparing = time.perf_counter()
     data = task.prepare(config, model_path, tokenizer, with_test)
-    data.notes[:0] = changed  # what the task changed in the config comes first
+    changed += scale_to_data(config, len(data.train), task.lora_task_type, world_size())
+    data.notes[:0] = changed  # what the task and the data size changed in the config come first
     run = Run.create(config)
     with run.recording(config.train.keep_checkpoints):
         if data.report is not None:

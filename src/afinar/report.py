@@ -6,6 +6,8 @@
                                     recommendation, the data checks, links to each fine-tuning run's report
     write_search_report(folder)     <folder>/report.html for `search`: trials, history and importance plots, the
                                     single test score, the best run's diagnosis
+    write_curve_report(folder)      <folder>/report.html for `curve`: accuracy against training rows, the gain
+                                    from doubling, the full size predicted beside the measured one
     diagnose(log_history, majority) over-fitting | under-fitting | good fit | too short to tell, with reasons
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,6 +229,30 @@ def plot_comparison_cost(rows: list[dict]) -> str:
     return _png(fig)
 
 
+def plot_learning_curve(curve: dict) -> str:
+    """Validation accuracy against training rows (log2 axis), the two fitted lines and the full-size test score."""
+    points = curve["points"]
+    fig, ax = _figure(6, 3.4)
+    rows = [p["rows"] for p in points]
+    ax.plot(rows, [p["validation"]["accuracy"] for p in points], "o-", color="C0", label="validation accuracy")
+    for key, color, label in (("extrapolation", "C1", "fit below full size (predicts it)"),
+                              ("gain_from_doubling", "C2", "fit through the largest points")):
+        fit = curve.get(key)
+        if fit:
+            xs = [min(fit["rows"]), rows[-1]]
+            ax.plot(xs, [fit["intercept"] + fit["slope"] * math.log2(x) for x in xs], "--", color=color, label=label)
+    tested = [(p["rows"], p["test"]["accuracy"]) for p in points if p.get("test")]
+    if tested:
+        ax.scatter(*zip(*tested), marker="*", s=120, color="C3", zorder=3, label="test (full size, read once)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(rows, [f"{r:,}" for r in rows], fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel("training rows (log scale)")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
 # ---------------------------------------------------------------- HTML
 
 
@@ -356,6 +383,48 @@ def write_comparison_report(folder: str | Path) -> Path:
     sections.append(data_report_html(read_json(data_report) if data_report.is_file() else None))
     path = folder / "report.html"
     write_atomic(path, _page("afinar strategy comparison", sections))
+    return path
+
+
+def curve_findings(curve: dict) -> list[str]:
+    """The curve's answer in sentences: the gain from doubling and how well the smaller points predicted the
+    full size."""
+    lines = []
+    gain = curve.get("gain_from_doubling")
+    if gain:
+        lines.append(f"Doubling the labelled data is expected to add {100 * gain['slope']:+.1f} points of validation "
+                     f"accuracy (slope of accuracy on log2 rows through {', '.join(f'{r:,}' for r in gain['rows'])} "
+                     "rows).")
+    if curve.get("predicted_full") is not None and curve.get("measured_full") is not None:
+        error = 100 * (curve["predicted_full"] - curve["measured_full"])
+        fit = curve["extrapolation"]
+        lines.append(f"The line through {', '.join(f'{r:,}' for r in fit['rows'])} rows predicted "
+                     f"{curve['predicted_full']:.3f} at the full size; it measured {curve['measured_full']:.3f} "
+                     f"({error:+.1f} points): trust the extrapolation to about that much.")
+    test = next((p["test"] for p in curve["points"] if p.get("test")), None)
+    if test:
+        lines.append(f"Test (read once, full size): accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}.")
+    return lines
+
+
+def write_curve_report(folder: str | Path) -> Path:
+    """`<folder>/report.html` for `curve`: the points, the fitted lines and what they predict."""
+    folder = Path(folder)
+    if not (folder / "curve.json").is_file():
+        raise AfinarError(f"{folder} holds no curve.json; run `afinar curve` first")
+    curve = read_json(folder / "curve.json")
+    rows = [[f"{p['rows']:,}", f"{p['validation']['accuracy']:.4f}", f"{p['validation']['macro_f1']:.4f}",
+             "—" if not p.get("test") else f"{p['test']['accuracy']:.4f}", f"{p['train_seconds']:,.0f} s"]
+            for p in curve["points"]]
+    sections = [f"<p>Strategy <b>{_e(curve['strategy'])}</b> on nested, seeded subsets of the training split; the "
+                f"same {curve['rows'].get('validation', 0):,} validation rows score every point.</p>",
+                "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in curve_findings(curve)) + "</ul>",
+                _img(plot_learning_curve(curve), "learning curve"),
+                _table(["training rows", "val accuracy", "val macro-F1", "test accuracy", "fit time"], rows)]
+    data_report = folder / "data_report.json"
+    sections.append(data_report_html(read_json(data_report) if data_report.is_file() else None))
+    path = folder / "report.html"
+    write_atomic(path, _page("afinar learning curve: how much data do I need?", sections))
     return path
 
 

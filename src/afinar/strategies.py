@@ -5,6 +5,8 @@
     retrieval_few_shot  the same with each text's k nearest train neighbours as its examples
     knn_retrieval       sentence-encoder embeddings in a FAISS inner-product index; similarity-weighted vote
     linear_probe        frozen encoder features + logistic regression
+    setfit              few-shot fine-tuning (the `setfit` package): the encoder tuned contrastively on pairs of
+                        train texts, then a logistic-regression head on its embeddings; for 8-64 rows per class
     lora, full          fine-tuning through `classify.train` (LoRA adapters / all weights)
 
 Every strategy gets the same splits (read, checked and subset once, exactly as `classify.train` does) and
@@ -46,7 +48,7 @@ from afinar.runs import read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("zero_shot", "few_shot", "retrieval_few_shot", "knn_retrieval", "linear_probe", "lora", "full")
+STRATEGIES = ("zero_shot", "few_shot", "retrieval_few_shot", "knn_retrieval", "linear_probe", "setfit", "lora", "full")
 COST_TEXTS = 10_000  # the recommendation's cost: seconds to fit once and then label this many texts
 
 
@@ -260,6 +262,46 @@ class LinearProbe(Strategy):
         return {"probe": self.classifier.predict(self.encoder.encode(texts))}
 
 
+class SetFit(Strategy):
+    """SetFit (Tunstall et al., 2022) through the `setfit` package: pairs of train texts with the same label are
+    pulled together and pairs with different labels pushed apart (cosine-similarity loss on the sentence
+    encoder, `iterations` pairs per text, at most `max_pairs` in all), then a logistic-regression head is fitted
+    on the tuned embeddings. Contrastive pairs multiply a few labelled rows into thousands of training signals,
+    which is why it suits 8-64 examples per class."""
+
+    name = "setfit"
+
+    def __init__(self, args: CompareArgs, max_length: int, seed: int, work_dir: Path):
+        from setfit import SetFitModel
+
+        super().__init__()
+        self.model, self.args, self.max_length, self.seed, self.work_dir = \
+            args.encoder, args, max_length, seed, work_dir
+        self.classifier = SetFitModel.from_pretrained(resolve(ModelArgs(name=args.encoder)))
+
+    def fit(self, splits: data_lib.Splits) -> None:
+        from datasets import Dataset
+        from setfit import Trainer, TrainingArguments
+
+        pairs = min(self.args.setfit_iterations * 2 * len(splits.train), self.args.setfit_max_pairs)
+        steps = max(1, pairs // self.args.setfit_batch_size)
+        arguments = TrainingArguments(output_dir=str(self.work_dir), batch_size=self.args.setfit_batch_size,
+                                      num_epochs=1, num_iterations=self.args.setfit_iterations, max_steps=steps,
+                                      max_length=self.max_length, seed=self.seed, show_progress_bar=False,
+                                      report_to="none", save_strategy="no")
+        train = Dataset.from_dict({"text": list(splits.train["text"]), "label": list(splits.train["label"])})
+        Trainer(model=self.classifier, args=arguments, train_dataset=train).train()
+        head = self.classifier.model_head
+        self.trainable_params = sum(p.numel() for p in self.classifier.model_body.parameters()) + \
+            int(head.coef_.size + head.intercept_.size)
+        self.details.update({"pairs": steps * self.args.setfit_batch_size, "steps": steps,
+                             "iterations": self.args.setfit_iterations, "package": "setfit"})
+
+    def predict(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return {"setfit": np.asarray(self.classifier.predict(texts, batch_size=self.args.encode_batch,
+                                                             as_numpy=True, use_labels=False))}
+
+
 class Prompting(Strategy):
     """zero_shot, few_shot or retrieval_few_shot with `PromptClassifier`; calibration on train texts (or
     content-free inputs), never on held-out ones."""
@@ -305,8 +347,10 @@ class Prompting(Strategy):
 
 
 def build_strategy(name: str, config: Config, args: CompareArgs, prompt: PromptArgs,
-                   label_names: list[str]) -> Strategy:
+                   label_names: list[str], work_dir: Path) -> Strategy:
     """The strategy with its pretrained weights loaded (not part of its fit time)."""
+    if name == "setfit":
+        return SetFit(args, config.data.max_length, config.train.seed, work_dir / "setfit")
     needs_encoder = name in ("knn_retrieval", "linear_probe", "retrieval_few_shot")
     encoder = Encoder(args.encoder, config.data.max_length, args.encode_batch) if needs_encoder else None
     if name == "knn_retrieval":
@@ -389,7 +433,8 @@ def run_strategy(name: str, config: Config, splits: data_lib.Splits, out_dir: Pa
         if name in ("lora", "full"):
             result = _fine_tune(name, config, args, splits, out_dir)
         else:
-            result = _fit_and_predict(build_strategy(name, config, args, prompt, splits.label_names), splits)
+            result = _fit_and_predict(build_strategy(name, config, args, prompt, splits.label_names, out_dir),
+                                      splits)
     result.peak_memory_mb = memory.peak
     return result
 
