@@ -80,3 +80,10 @@ def test_missing_and_malformed_config_files(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(AfinarError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_text_fields_keep_command_line_text_that_yaml_would_read_as_a_mapping():
+    config = load_config(overrides=["sft.template=Sentiment ({labels}): {text}", "train.run_name=2026",
+                                    "sft.system='quoted: yes'"])
+    assert config.sft.template == "Sentiment ({labels}): {text}" and config.train.run_name == "2026"
+    assert config.sft.system == "quoted: yes"

@@ -29,6 +29,10 @@ def train(config: Config | str | None = None, overrides: list[str] | None = None
         from afinar.causal_lm import train_lm
 
         return train_lm(config)
+    if config.task == "sft":
+        from afinar.sft import train_sft
+
+        return train_sft(config)
     from afinar.classify import train as train_classifier
 
     return train_classifier(config)

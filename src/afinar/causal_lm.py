@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
-from afinar import forgetting
+from afinar import chat, forgetting
 from afinar.checks import checked_documents, format_report
 from afinar.config import Config, ModelArgs
 from afinar.data import TextSplits
@@ -30,7 +30,7 @@ from afinar.runs import Run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CausalLM", "generate", "pack", "pack_documents", "train_lm"]
+__all__ = ["CausalLM", "generate", "generation_model", "pack", "pack_documents", "train_lm"]
 
 
 # ---------------------------------------------------------------- tokens and blocks
@@ -238,25 +238,27 @@ def train_lm(config: Config) -> TrainResult:
 # ---------------------------------------------------------------- generation
 
 
-def _generation_model(model: str | Path | ModelArgs) -> tuple[ModelArgs, str]:
-    """A finished causal-LM run folder, an embedded name, a model folder or a hub id."""
+def generation_model(model: str | Path | ModelArgs) -> tuple[ModelArgs, str, bool]:
+    """A finished causal_lm or sft run folder, an embedded name, a model folder or a hub id; and whether prompts
+    go through its chat template (sft runs: the template saved with the model, the one training used)."""
     if isinstance(model, ModelArgs):
-        return model, resolve(model)
+        return model, resolve(model), False
     folder = Path(model).expanduser()
     if (folder / "config.yaml").is_file():
         run = Run.open(folder)
         run.require_finished()
         task = run.config().task
-        if task != "causal_lm":
-            raise AfinarError(f"{folder} is a {task} run; generate needs a causal_lm run or a causal LM model")
-        return ModelArgs(name=str(run.model_dir)), str(run.model_dir)
+        if task not in ("causal_lm", "sft"):
+            raise AfinarError(f"{folder} is a {task} run; generation needs a causal_lm or sft run, or a causal LM")
+        return ModelArgs(name=str(run.model_dir)), str(run.model_dir), task == "sft"
     args = ModelArgs(name=str(model))
-    return args, resolve(args)
+    return args, resolve(args), False
 
 
 def generate(model: str | Path | ModelArgs, prompt: str, max_new_tokens: int = 50, temperature: float = 0.8,
-             top_p: float = 0.95, seed: int = 0) -> str:
-    """Continue `prompt` with a run's tuned model or any causal LM; returns only the new text.
+             top_p: float = 0.95, seed: int = 0, as_chat: bool | None = None) -> str:
+    """Continue `prompt` with a run's tuned model or any causal LM; returns only the new text. An sft run (or
+    `as_chat=True`) answers `prompt` as a user message through the chat template.
     Sampling is seeded (same seed, same text); `temperature=0` decodes greedily."""
     import torch
     from transformers import set_seed
@@ -266,10 +268,14 @@ def generate(model: str | Path | ModelArgs, prompt: str, max_new_tokens: int = 5
     if max_new_tokens <= 0 or temperature < 0 or not 0 < top_p <= 1:
         raise AfinarError(f"need max_new_tokens > 0, temperature >= 0 and 0 < top_p <= 1 (got {max_new_tokens}, "
                           f"{temperature}, {top_p})")
-    args, path = _generation_model(model)
+    args, path, is_chat = generation_model(model)
     tokenizer = load_tokenizer(args, path)
     lm = load_causal_lm(args, path, tokenizer).eval()
-    inputs = tokenizer(prompt, return_tensors="pt")
+    if is_chat if as_chat is None else as_chat:
+        ids = torch.tensor([chat.render_ids(tokenizer, [{"role": "user", "content": prompt}], True)])
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
     limit = max_positions(lm)
     if limit is not None and inputs["input_ids"].shape[1] + max_new_tokens > limit:
         raise AfinarError(f"prompt ({inputs['input_ids'].shape[1]} tokens) plus max_new_tokens={max_new_tokens} "

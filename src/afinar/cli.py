@@ -73,12 +73,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run folder: {result.run_dir}")
     for split in ("validation", "test"):
         m = result.metrics.get(split)
-        if m and result.task == "causal_lm":
-            print(f"{split}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}")
+        if m and result.task in ("causal_lm", "sft"):
+            print(f"{split}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}"
+                  + (f"  accuracy by label continuation {m['accuracy']:.4f}" if "accuracy" in m else ""))
         elif m:
             print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
                   f"(majority baseline {m['majority_baseline']:.4f}, n={m['n']:,})")
-    if result.task == "causal_lm":
+    if result.task in ("causal_lm", "sft"):
         _print_forgetting(result.metrics["forgetting"])
     print(f"trained {result.metrics['train']['seconds']:.0f} s")
     return 0
@@ -105,10 +106,12 @@ def cmd_forgetting(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from afinar.causal_lm import generate
+    from afinar.causal_lm import generate, generation_model
 
-    print(args.prompt + generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+    is_chat = args.chat or generation_model(args.model)[2]
+    text = generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, seed=args.seed, as_chat=is_chat)
+    print(text if is_chat else args.prompt + text)  # a chat answer stands alone; a continuation follows its text
     return 0
 
 
@@ -343,12 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"{' | '.join(BACKENDS)} (default: {default})")
 
     generate = commands.add_parser("generate", help="sample a continuation from a causal LM (base or tuned)")
-    generate.add_argument("model", help="causal_lm run folder, embedded name, model folder or hub id")
+    generate.add_argument("model", help="causal_lm or sft run folder, embedded name, model folder or hub id")
     generate.add_argument("prompt")
     generate.add_argument("--max-new-tokens", type=int, default=50)
     generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--chat", action="store_true",
+                          help="answer the prompt as a user message through the chat template (sft runs always do)")
     generate.set_defaults(func=cmd_generate)
 
     forgetting = commands.add_parser("forgetting", help="perplexity before vs after on domain and general text")

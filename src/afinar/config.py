@@ -19,7 +19,7 @@ import yaml
 
 from afinar.errors import AfinarError
 
-TASKS = ("classification", "causal_lm")
+TASKS = ("classification", "causal_lm", "sft")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POLICIES = ("error", "drop", "warn")
 CALIBRATIONS = ("train", "content_free", "none")
@@ -83,7 +83,7 @@ class TrainArgs:
 
 @dataclass
 class LoraArgs:
-    enabled: bool = False
+    enabled: bool | None = None  # None: on for sft (instruction tuning), off for the other tasks
     r: int = 8
     alpha: int = 16
     dropout: float = 0.1
@@ -102,6 +102,21 @@ class LMArgs:
     stride: int = 256  # sliding-window step for perplexity (window = block_size)
     max_eval_tokens: int | None = None  # cap on tokens per perplexity measurement (speed)
     forgetting_ratio: float = 1.10  # flag forgetting when general perplexity rises by more than this factor
+
+
+@dataclass
+class SFTArgs:
+    """Instruction tuning (`task: sft`): prompt -> response pairs through the model's chat template."""
+
+    template: str | None = None  # labelled classification data as instructions: a prompt with {text} (and
+    #                              {labels}, the names joined); the answer is the label's name
+    system: str | None = None  # a system message put before every conversation that has none
+    chat_template: str | None = None  # Jinja text or a .jinja file; default: the tokenizer's, else a plain one
+    label_set_max: int = 20  # responses with at most this many distinct values are a label set: scored by
+    #                          each label's continuation (accuracy), and free generations checked against it
+    validity_samples: int = 100  # validation prompts generated freely to measure the valid-label rate
+    generation_samples: int = 4  # validation prompts whose generations the report shows
+    max_new_tokens: int = 48  # for those generations
 
 
 @dataclass
@@ -174,6 +189,7 @@ class Config:
     lora: LoraArgs = field(default_factory=LoraArgs)
     checks: CheckArgs = field(default_factory=CheckArgs)
     lm: LMArgs = field(default_factory=LMArgs)
+    sft: SFTArgs = field(default_factory=SFTArgs)
     prompt: PromptArgs = field(default_factory=PromptArgs)
     compare: CompareArgs = field(default_factory=CompareArgs)
 
@@ -213,7 +229,7 @@ class Config:
 
 
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "lora": LoraArgs, "checks": CheckArgs,
-            "lm": LMArgs, "prompt": PromptArgs, "compare": CompareArgs}
+            "lm": LMArgs, "sft": SFTArgs, "prompt": PromptArgs, "compare": CompareArgs}
 MAIN_FIELD = {"model": "name", "data": "source", "lora": "enabled"}
 
 
@@ -296,13 +312,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise AfinarError(f"{key} must be {name} (got {value!r})")
 
 
-def set_value(config: Config, key: str, value: Any) -> None:
+def set_value(config: Config, key: str, value: Any, raw: str | None = None) -> None:
+    """Set `key`; `raw` is the command line's text, kept as it is for text fields (YAML would read
+    `Sentiment: {text}` as a mapping)."""
     full = _resolve_key(key)
     *path, name = full.split(".")
     target: Any = config
     for part in path:
         target = getattr(target, part)
     hint = typing.get_type_hints(type(target))[name]
+    if raw is not None and value is not None and not isinstance(value, str) and str in typing.get_args(hint) + (hint,):
+        value = raw  # YAML read text such as `Sentiment: {text}` (a mapping) or `1e-3` (a number)
     setattr(target, name, _coerce(full, value, hint))
 
 
@@ -347,7 +367,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if isinstance(overrides, dict):
         overrides = [f"{k}={v}" for k, v in overrides.items()]
     for text in overrides or []:
-        set_value(config, *parse_override(text))
+        key, value = parse_override(text)
+        set_value(config, key, value, raw=text.split("=", 1)[1].strip())
     return config.validate()
 
 

@@ -304,13 +304,26 @@ def data_report_html(report: dict | None) -> str:
 
 def _metrics_table(metrics: dict, task: str) -> str:
     scored = {split: m for split in ("validation", "test") if (m := metrics.get(split))}
-    if task == "causal_lm":
-        table = _table(["split", "loss", "perplexity"],
-                       [[split, f"{m['loss']:.4f}", f"{m['perplexity']:.2f}"] for split, m in scored.items()])
-        if metrics.get("perplexity"):
-            table += _table(["perplexity", "base model", "tuned model"],
-                            [[f"{name} text", f"{p['before']:.2f}", f"{p['after']:.2f}"]
-                             for name, p in metrics["perplexity"].items()])
+    if task in ("causal_lm", "sft"):
+        labelled = all("accuracy" in m for m in scored.values())
+        table = _table(["split", "loss", "perplexity"] + (["accuracy (label continuation)", "macro-F1"] if labelled
+                                                           else []),
+                       [[split, f"{m['loss']:.4f}", f"{m['perplexity']:.2f}"]
+                        + ([f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}"] if labelled else [])
+                        for split, m in scored.items()])
+        forgetting = metrics.get("forgetting")
+        if forgetting:
+            table += _table(["perplexity", "base model", "tuned model", "ratio"],
+                            [[f"{name} text", f"{forgetting[name]['base_perplexity']:.2f}",
+                              f"{forgetting[name]['tuned_perplexity']:.2f}", f"{forgetting[name]['ratio']:.3f}"]
+                             for name in ("domain", "general")])
+            table += (f"<p class='verdict'>{'Forgetting' if forgetting['forgetting'] else 'No forgetting'}: general "
+                      f"perplexity x{forgetting['general']['ratio']:.3f} (threshold "
+                      f"x{forgetting['forgetting_ratio']:.2f}).</p>")
+        free = metrics.get("free_generation")
+        if free:
+            table += (f"<p>Free generation on {free['rows']} validation prompts: {free['valid_label_rate']:.1%} "
+                      f"valid labels, {free['accuracy']:.1%} right.</p>")
     else:
         table = _table(["split", "accuracy", "macro-F1", "majority baseline", "loss", "n"],
                        [[split, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['majority_baseline']:.4f}",
@@ -343,10 +356,20 @@ def write_run_report(run_dir: str | Path) -> Path:
                 "<h2>Diagnosis</h2>", f"<p class='verdict'>{_e(diagnosis.verdict)}</p>",
                 "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in diagnosis.reasons) + "</ul>",
                 "<h2>Learning curves</h2>", _img(plot_learning_curves(history, majority), "learning curves")]
-    if scored and task == "classification":  # a causal-LM run has loss and perplexity
+    if scored and "confusion_matrix" in scored:  # classification, or sft answers from a label set
         sections += [f"<h2>Errors and per-class scores ({split})</h2>",
                      _img(plot_confusion(scored, f"confusion matrix ({split})"), "confusion matrix"),
                      _img(plot_per_class(scored, f"per-class scores ({split})"), "per-class scores")]
+    if metrics.get("generations"):
+        sections += ["<h2>Sample generations (validation prompts, greedy)</h2>",
+                     _table(["prompt", "expected", "generated"],
+                            [[g["prompt"][:300], g["expected"][:300], g["generated"][:300]]
+                             for g in metrics["generations"]])]
+    examples = ((data_report or {}).get("sft") or {}).get("examples")
+    if examples:
+        sections += ["<h2>What the loss sees</h2><p class='muted'>Two training conversations as the model reads "
+                     "them; only the tokens between [[ and ]] are trained.</p>",
+                     *[f"<pre>{_e(example)}</pre>" for example in examples]]
     sections.append(data_report_html(data_report))
     path = run.path / "report.html"
     write_atomic(path, _page(f"afinar run {run.path.name}", sections))

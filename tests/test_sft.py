@@ -1,0 +1,184 @@
+"""Instruction tuning: every data format becomes conversations, the loss sees exactly the assistant's tokens,
+inference renders the prompt with the very tokens training saw, and a run trains, scores and saves its template."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+import afinar
+from afinar import chat
+from afinar.assets import model_path
+from afinar.causal_lm import generate
+from afinar.config import load_config
+from afinar.errors import AfinarError
+from afinar.sft import marked_example
+
+from conftest import SHARED, tweet_rows
+
+SEED_TASKS = SHARED / "self_instruct_seed" / "seed_tasks.jsonl"
+CONVERSATION = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "6, of course."}]
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    return AutoTokenizer.from_pretrained(model_path("smollm2-135m"))
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer():
+    return AutoTokenizer.from_pretrained(model_path("gpt2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama with SmolLM2's real tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_path("smollm2-135m"))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def trained_spans(tokenizer, encoded: chat.Encoded) -> list[str]:
+    spans, current = [], []
+    for token, label in zip(encoded.input_ids, encoded.labels):
+        if label != chat.IGNORE:
+            assert label == token  # the model learns to predict the token itself (it shifts by one)
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    return spans + ([tokenizer.decode(current)] if current else [])
+
+
+def test_the_loss_mask_covers_exactly_the_assistant_turns(smol_tokenizer):
+    encoded = chat.encode(smol_tokenizer, CONVERSATION, 512)
+    assert trained_spans(smol_tokenizer, encoded) == ["4<|im_end|>\n", "6, of course.<|im_end|>\n"]
+    assert "What is 2 + 2?" in smol_tokenizer.decode(encoded.input_ids)  # the prompt is read, not trained
+
+
+def test_a_template_without_eos_gets_it_appended_and_still_masks_exactly(gpt2_tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(model_path("gpt2-tokenizer"))
+    assert not tokenizer.chat_template  # GPT-2 has none: afinar's documented default is used
+    encoded = chat.encode(tokenizer, CONVERSATION, 512)
+    assert tokenizer.chat_template == chat.DEFAULT_CHAT_TEMPLATE
+    assert trained_spans(tokenizer, encoded) == ["4<|endoftext|>", "6, of course.<|endoftext|>"]
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    spans = trained_spans(tokenizer, chat.encode(tokenizer, CONVERSATION[:3], 512))
+    assert spans == ["assistant: 4\n<|endoftext|>"]  # EOS appended: the model learns where an answer ends
+
+
+@pytest.mark.parametrize("which", ["smol", "gpt2"])
+def test_prompt_tokens_at_inference_equal_those_at_training(which, smol_tokenizer, gpt2_tokenizer):
+    tokenizer = smol_tokenizer if which == "smol" else gpt2_tokenizer
+    encoded = chat.encode(tokenizer, CONVERSATION, 512)
+    trained = [i for i, label in enumerate(encoded.labels) if label != chat.IGNORE]
+    last_answer_starts = max(i for i in trained if encoded.labels[i - 1] == chat.IGNORE)
+    at_inference = chat.render_ids(tokenizer, chat.prompt_of(CONVERSATION), generation_prompt=True)
+    assert encoded.input_ids[:len(at_inference)] == at_inference
+    assert last_answer_starts == len(at_inference)  # the last answer's loss starts right after the prompt
+
+
+def test_a_template_that_drops_the_answer_is_an_error(gpt2_tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(model_path("gpt2-tokenizer"))
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+                               "{% else %}A:\n{% endif %}{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+    with pytest.raises(AfinarError, match="drops the assistant's answer"):
+        chat.encode(tokenizer, CONVERSATION[1:3], 512)
+
+
+def test_truncation_counts_cut_answers_and_an_empty_answer_is_dropped_not_trained(smol_tokenizer):
+    long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "yes"}]
+    encoded = chat.encode(smol_tokenizer, long_prompt, 64)
+    assert encoded.trained == 0 and encoded.cut and len(encoded.input_ids) == 64
+    from afinar.sft import _encode_split
+
+    dataset, stats = _encode_split(smol_tokenizer, [long_prompt, CONVERSATION], 64, "train")
+    assert len(dataset) == 1 and stats["dropped_empty_answer"] == 1 and stats["answers_cut"] == 1
+    with pytest.raises(AfinarError, match="every answer is cut away"):
+        _encode_split(smol_tokenizer, [long_prompt], 64, "train")
+
+
+def test_every_format_becomes_conversations(tmp_path):
+    frames = {
+        "messages": pd.DataFrame({"messages": [json.dumps(CONVERSATION)]}),
+        "prompt_completion": pd.DataFrame({"prompt": ["Hi"], "completion": ["Hello"]}),
+        "alpaca": pd.DataFrame({"instruction": ["Translate"], "input": ["gato"], "output": ["cat"]}),
+        "self_instruct": pd.read_json(SEED_TASKS, lines=True).head(3),
+    }
+    found = {kind: chat.conversations(frame, kind) for kind, frame in frames.items()}
+    assert {kind: chat.detect_format(list(f.columns)) for kind, f in frames.items()} == {k: k for k in frames}
+    assert found["messages"] == [CONVERSATION]
+    assert found["alpaca"] == [[{"role": "user", "content": "Translate\n\ngato"},
+                                {"role": "assistant", "content": "cat"}]]
+    assert len(found["self_instruct"]) == sum(len(i) for i in frames["self_instruct"]["instances"])
+    with pytest.raises(AfinarError, match="row 0: a conversation has no assistant message"):
+        chat.conversations(pd.DataFrame({"messages": [[{"role": "user", "content": "x"}]]}), "f.jsonl")
+    with pytest.raises(AfinarError, match="no conversation columns"):
+        chat.conversations(pd.DataFrame({"body": ["x"]}), "f.csv")
+
+
+def test_marked_example_shows_what_the_loss_sees(smol_tokenizer):
+    shown = marked_example(smol_tokenizer, CONVERSATION[1:3], 128)
+    assert shown.endswith("<|im_start|>assistant\n[[4<|im_end|>\n]]") and shown.count("[[") == 1
+
+
+def _seed_tasks(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "seed.jsonl"
+    path.write_text("".join(SEED_TASKS.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
+    return path
+
+
+def _sft_overrides(model, data, out, **extra) -> list[str]:
+    sets = {"task": "sft", "model": str(model), "data.source": str(data), "train.output_dir": str(out),
+            "train.run_name": "r", "train.max_steps": 12, "train.batch_size": 8, "train.learning_rate": 3e-3,
+            "train.eval_every": 4, "train.logging_steps": 2, "train.early_stopping_patience": None,
+            "data.max_length": 160, "lm.max_eval_tokens": 256, "lm.block_size": 64, "lm.stride": 64,
+            "sft.validity_samples": 8, "sft.generation_samples": 2, "sft.max_new_tokens": 8, **extra}
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+def test_instruction_tuning_end_to_end_saves_its_template_and_scores(tiny_llama, tmp_path):
+    result = afinar.train(load_config(overrides=_sft_overrides(tiny_llama, _seed_tasks(tmp_path, 80), tmp_path)))
+    run = result.run_dir
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["data"]["format"] == "self_instruct" and "lora.enabled = true" in manifest["notes"][0]
+    saved = AutoTokenizer.from_pretrained(run / "model")
+    assert saved.chat_template == AutoTokenizer.from_pretrained(tiny_llama).chat_template
+    assert chat.template_digest(saved) == manifest["chat_template_sha256"]
+    metrics = result.metrics
+    losses = [e["eval_loss"] for e in afinar.runs.Run(run).read_log() if "eval_loss" in e]
+    assert losses[-1] < losses[0]  # validation loss on responses falls
+    assert metrics["validation"]["perplexity"] > 1 and "accuracy" not in metrics["validation"]  # free text
+    assert len(metrics["generations"]) == 2 and {"domain", "general"} <= set(metrics["forgetting"])
+    page = (run / "report.html").read_text()
+    assert "What the loss sees" in page and "Sample generations" in page
+    answer = generate(run, "Name a colour.", max_new_tokens=4, temperature=0)
+    assert isinstance(answer, str)
+
+
+def test_classification_data_as_instructions_is_scored_by_label_continuation(tiny_gpt2, tmp_path):
+    rows = tweet_rows("train", 160)
+    path = tmp_path / "tweets.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    template = "Sentiment of this tweet ({labels}): {text}"
+    result = afinar.train(load_config(overrides=_sft_overrides(tiny_gpt2, path, tmp_path, **{
+        "sft.template": template, "data.max_length": 96})))
+    validation = result.metrics["validation"]
+    assert validation["n"] == 16 and 0 <= validation["accuracy"] <= 1 and "confusion_matrix" in validation
+    assert 0 <= result.metrics["free_generation"]["valid_label_rate"] <= 1
+    report = json.loads((result.run_dir / "data_report.json").read_text())
+    assert report["sft"]["label_set"] == ["negative", "neutral", "positive"]
+    assert "Sentiment of this tweet (negative, neutral, positive)" in report["sft"]["examples"][0]
