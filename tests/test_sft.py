@@ -14,6 +14,7 @@ from afinar.assets import model_path
 from afinar.causal_lm import generate
 from afinar.config import load_config
 from afinar.errors import AfinarError
+from afinar.runs import Run
 from afinar.sft import marked_example
 
 from conftest import SHARED, tweet_rows
@@ -150,16 +151,22 @@ def _sft_overrides(model, data, out, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in sets.items()]
 
 
-def test_instruction_tuning_end_to_end_saves_its_template_and_scores(tiny_llama, tmp_path):
-    result = afinar.train(load_config(overrides=_sft_overrides(tiny_llama, _seed_tasks(tmp_path, 80), tmp_path)))
-    run = result.run_dir
+@pytest.fixture(scope="module")
+def sft_run(tiny_llama, tmp_path_factory):
+    """One finished sft run of the tiny Llama (SmolLM2's tokenizer and template) on self-instruct seed tasks."""
+    folder = tmp_path_factory.mktemp("sft")
+    return afinar.train(load_config(overrides=_sft_overrides(tiny_llama, _seed_tasks(folder, 80), folder)))
+
+
+def test_instruction_tuning_end_to_end_saves_its_template_and_scores(sft_run, tiny_llama):
+    run = sft_run.run_dir
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["format"] == "self_instruct" and "lora.enabled = true" in manifest["notes"][0]
     saved = AutoTokenizer.from_pretrained(run / "model")
     assert saved.chat_template == AutoTokenizer.from_pretrained(tiny_llama).chat_template
     assert chat.template_digest(saved) == manifest["chat_template_sha256"]
-    metrics = result.metrics
-    losses = [e["eval_loss"] for e in afinar.runs.Run(run).read_log() if "eval_loss" in e]
+    metrics = sft_run.metrics
+    losses = [e["eval_loss"] for e in Run(run).read_log() if "eval_loss" in e]
     assert losses[-1] < losses[0]  # validation loss on responses falls
     assert metrics["validation"]["perplexity"] > 1 and "accuracy" not in metrics["validation"]  # free text
     assert len(metrics["generations"]) == 2 and {"domain", "general"} <= set(metrics["forgetting"])
@@ -167,6 +174,53 @@ def test_instruction_tuning_end_to_end_saves_its_template_and_scores(tiny_llama,
     assert "What the loss sees" in page and "Sample generations" in page
     answer = generate(run, "Name a colour.", max_new_tokens=4, temperature=0)
     assert isinstance(answer, str)
+
+
+@pytest.fixture(scope="module")
+def openai_server(sft_run):
+    """`afinar serve` on the sft run: a real uvicorn on an ephemeral loopback port, with a token."""
+    import socket
+    import threading
+    import time
+
+    from afinar.serve import create_app, server
+
+    app = create_app(sft_run.run_dir, token="s3cret")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    running = server(app, "127.0.0.1", port, "s3cret", log_level="warning")
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not running.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    running.should_exit = True
+    thread.join(10)
+
+
+def test_the_official_openai_client_gets_answers_from_afinar_serve(openai_server, sft_run):
+    import openai
+
+    client = openai.OpenAI(base_url=openai_server, api_key="s3cret", max_retries=0)
+    [model] = client.models.list().data
+    reply = client.chat.completions.create(model=model.id, max_tokens=6, temperature=0,
+                                           messages=[{"role": "user", "content": "Name a colour."}])
+    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens <= 6
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    # the served prompt is the trained one: the same answer as `afinar generate`, greedy
+    assert reply.choices[0].message.content == generate(sft_run.run_dir, "Name a colour.", max_new_tokens=6,
+                                                        temperature=0)
+    completion = client.completions.create(model=model.id, prompt="Name a colour.", max_tokens=6, temperature=0)
+    assert completion.choices[0].text == reply.choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=openai_server, api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "x"}], stream=True)
+    assert "stream=true is not supported" in refused.value.response.json()["detail"]
 
 
 def test_classification_data_as_instructions_is_scored_by_label_continuation(tiny_gpt2, tmp_path):

@@ -45,7 +45,7 @@ from afinar.runs import Run
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "AFINAR_SERVE_TOKEN"
-GUARDED_PATHS = ("/predict", "/info")
+GUARDED_PATHS = ("/predict", "/info", "/v1/models", "/v1/chat/completions", "/v1/completions")
 READ_TIMEOUT_S = 10.0  # for a new connection's request headers and for a request's body
 # 256 texts of 10,000 ASCII characters fit; anything bigger is refused before it is parsed.
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -296,7 +296,7 @@ class RequestGuard:
         await self.app(scope, replay, send)
 
 
-def _validation_detail(exc: RequestValidationError) -> str:
+def validation_detail(exc: RequestValidationError) -> str:
     """FastAPI's error list as one line, without echoing the input back (it may be megabytes of text)."""
     errors = exc.errors()
     parts = []
@@ -312,7 +312,7 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-def _resolve_token(token: str | None) -> str | None:
+def resolve_token(token: str | None) -> str | None:
     if token is None:
         token = os.environ.get(TOKEN_ENV) or None
     elif not token:
@@ -331,6 +331,51 @@ def token_from_file(path: str | Path) -> str:
     if not lines or not lines[0].strip():
         raise AfinarError(f"the token file {path} is empty")
     return lines[0].strip()
+
+
+def base_app(summary: str, batcher: MicroBatcher, token: str | None, max_body_bytes: int, read_timeout_s: float
+             ) -> tuple[FastAPI, list, dict[int | str, dict[str, Any]]]:
+    """What every afinar server shares: the batcher's lifespan, `RequestGuard`, one-line JSON errors (422 without
+    echoing the input, 500 per request) and `/health`; plus the dependencies and error responses a guarded
+    endpoint declares in the schema."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    # the schema is public (as /health is): it names no run, model or path
+    app = FastAPI(title="afinar", summary=summary, lifespan=lifespan)
+    app.add_middleware(RequestGuard, max_bytes=max_body_bytes, read_timeout=read_timeout_s, token=token)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_detail(exc)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        log.error("a request failed: %s: %s", type(exc).__name__, exc)
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"},
+                            status_code=500)
+
+    # `RequestGuard` checks the token before the body is read; this only declares the scheme in the schema
+    guarded = [Depends(HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>`"))] if token else []
+    errors: dict[int | str, dict[str, Any]] = {
+        422: {"model": ErrorResponse, "description": "Malformed JSON, a missing field, a wrong type, no texts"}}
+    if token:
+        errors[401] = {"model": ErrorResponse, "description": "Missing or wrong bearer token"}
+
+    @app.get("/health", response_model=HealthResponse, responses={
+        503: {"model": HealthResponse, "description": "The worker has stopped or stalled"}})
+    async def health() -> HealthResponse | JSONResponse:
+        """Whether requests can be served; open even when a token is set, so load balancers need no secret."""
+        state = batcher.state()
+        return HealthResponse(status=state) if state == "ok" else JSONResponse({"status": state}, status_code=503)
+
+    return app, guarded, errors
 
 
 def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: int = 64, max_texts: int = 256,
@@ -353,11 +398,16 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
             raise AfinarError(f"{name} must be greater than 0, got {seconds}")
     if batch_wait_ms < 0:
         raise AfinarError(f"batch_wait_ms must not be negative, got {batch_wait_ms}")
-    token = _resolve_token(token)
+    token = resolve_token(token)
     run = None
     if classifier is None:
         if run_dir is None:
             raise AfinarError("create_app needs a run folder or a classifier")
+        if Run.open(run_dir).config().task in ("causal_lm", "sft"):
+            from afinar.openai_api import create_generation_app
+
+            return create_generation_app(run_dir, token, max_text_chars=max_text_chars, max_body_bytes=max_body_bytes,
+                                         max_queue=max_queue, timeout_s=score_timeout_s, read_timeout_s=read_timeout_s)
         run, classifier = load_run_classifier(run_dir, backend)
     elif run_dir is not None:
         run = Run.open(run_dir)
@@ -371,42 +421,8 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
                                       max_queue=max_queue, score_timeout_s=score_timeout_s,
                                       read_timeout_s=read_timeout_s))
     batcher = MicroBatcher(classifier, max_batch, batch_wait_ms / 1000, max_queue, stall_seconds=2 * score_timeout_s)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
-        try:
-            yield
-        finally:
-            await batcher.stop()
-
-    # the schema is public (as /health is): it names no run, model or path
-    app = FastAPI(title="afinar", summary="Text classification with a fine-tuned model", lifespan=lifespan)
-    app.add_middleware(RequestGuard, max_bytes=max_body_bytes, read_timeout=read_timeout_s, token=token)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_detail(exc)}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-        log.error("a request failed: %s: %s", type(exc).__name__, exc)
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"},
-                            status_code=500)
-
-    # `RequestGuard` checks the token before the body is read; this only declares the scheme in the schema
-    guarded = [Depends(HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>`"))] if token else []
-    errors: dict[int | str, dict[str, Any]] = {
-        422: {"model": ErrorResponse, "description": "Malformed JSON, a missing field, a wrong type, no texts"}}
-    if token:
-        errors[401] = {"model": ErrorResponse, "description": "Missing or wrong bearer token"}
-
-    @app.get("/health", response_model=HealthResponse, responses={
-        503: {"model": HealthResponse, "description": "The scoring worker has stopped or stalled"}})
-    async def health() -> HealthResponse | JSONResponse:
-        """Whether requests can be scored; open even when a token is set, so load balancers need no secret."""
-        state = batcher.state()
-        return HealthResponse(status=state) if state == "ok" else JSONResponse({"status": state}, status_code=503)
+    app, guarded, errors = base_app("Text classification with a fine-tuned model", batcher, token, max_body_bytes,
+                                    read_timeout_s)
 
     @app.get("/info", response_model=InfoResponse, dependencies=guarded, responses=errors)
     async def get_info() -> InfoResponse:
@@ -461,7 +477,7 @@ def server(app: FastAPI, host: str, port: int, token: str | None, limit_concurre
     its request headers within `read_timeout_s` is closed. Warns when it would be reachable without a token."""
     import uvicorn
 
-    if not _loopback(host) and not _resolve_token(token):
+    if not _loopback(host) and not resolve_token(token):
         log.warning("serving on %s without a token: anyone who can reach it can use the model; set %s",
                     host, TOKEN_ENV)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,

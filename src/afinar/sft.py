@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,8 +289,10 @@ class SFT:
             scores[name] = {"loss": loss, "perplexity": math.exp(loss)}
             if prepared.labels:
                 split = getattr(prepared.splits, name)
+                started = time.perf_counter()
                 scores[name].update(_label_report(trainer.model, prepared.tokenizer, split, prepared.labels,
                                                   prepared.max_length, prepared.batch_size))
+                scores[name]["texts_per_second"] = len(split) / max(time.perf_counter() - started, 1e-9)
         return scores
 
     def after_training(self, run: Run, config: Config, model_path: str, data: TaskData, metrics: dict) -> None:

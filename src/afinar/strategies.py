@@ -8,6 +8,8 @@
     setfit              few-shot fine-tuning (the `setfit` package): the encoder tuned contrastively on pairs of
                         train texts, then a logistic-regression head on its embeddings; for 8-64 rows per class
     lora, full          fine-tuning through `classify.train` (LoRA adapters / all weights)
+    sft                 instruction tuning of the prompting model (`sft.train_sft`, LoRA) on the train rows as
+                        instructions (`sft.template`, or the prompt's instruction), scored by label continuation
 
 Every strategy gets the same splits (read, checked and subset once, exactly as `classify.train` does) and
 the same seed. Choices (k of the vote, C of the probe, the best checkpoint) are made on validation; test is
@@ -48,7 +50,8 @@ from afinar.runs import read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("zero_shot", "few_shot", "retrieval_few_shot", "knn_retrieval", "linear_probe", "setfit", "lora", "full")
+STRATEGIES = ("zero_shot", "few_shot", "retrieval_few_shot", "knn_retrieval", "linear_probe", "setfit", "sft", "lora",
+              "full")
 COST_TEXTS = 10_000  # the recommendation's cost: seconds to fit once and then label this many texts
 
 
@@ -422,6 +425,32 @@ def _fine_tune(name: str, config: Config, args: CompareArgs, splits: data_lib.Sp
     return result
 
 
+def _instruction_tune(config: Config, prompt: PromptArgs, splits: data_lib.Splits, out_dir: Path) -> StrategyResult:
+    """LoRA instruction tuning of the prompting model on the same rows, as instructions; its held-out scores are
+    accuracies of label continuations (constrained), so the row is comparable with the head and the prompts."""
+    from afinar.sft import train_sft
+
+    config = copy.deepcopy(config)
+    config.task, config.model = "sft", ModelArgs(name=prompt.model)
+    config.lora.enabled = True
+    if not config.sft.template:
+        config.sft.template = prompt.instruction + "\n\nText: {text}"
+    run_dir = out_dir / "runs" / "sft"
+    config.train.output_dir, config.train.run_name, config.train.resume = str(run_dir.parent), "sft", run_dir.exists()
+    trained = train_sft(config.validate())
+    metrics = trained.metrics
+    result = StrategyResult("sft", prompt.model, validation=metrics["validation"], test=metrics.get("test"),
+                            train_seconds=metrics["train"]["seconds"],
+                            trainable_params=metrics["train"]["trainable_parameters"],
+                            infer_texts_per_s=(metrics.get("test") or metrics["validation"]).get("texts_per_second"))
+    rows = read_json(trained.run_dir / "manifest.json")["data"]["rows"]
+    if rows != {split: len(ds) for split, ds in splits.items()}:
+        result.details["warning"] = f"the run's splits differ from the comparison's: {rows}"
+    result.details.update({"run_dir": str(trained.run_dir), "steps": metrics["train"]["steps"],
+                           "template": config.sft.template, "free_generation": metrics.get("free_generation")})
+    return result
+
+
 def run_strategy(name: str, config: Config, splits: data_lib.Splits, out_dir: Path, args: CompareArgs | None = None,
                  prompt: PromptArgs | None = None) -> StrategyResult:
     """One strategy, in this process, on `splits`; seeded with `train.seed`."""
@@ -432,6 +461,8 @@ def run_strategy(name: str, config: Config, splits: data_lib.Splits, out_dir: Pa
     with PeakRSS() as memory:
         if name in ("lora", "full"):
             result = _fine_tune(name, config, args, splits, out_dir)
+        elif name == "sft":
+            result = _instruction_tune(config, prompt, splits, out_dir)
         else:
             result = _fit_and_predict(build_strategy(name, config, args, prompt, splits.label_names, out_dir),
                                       splits)
