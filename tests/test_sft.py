@@ -236,3 +236,27 @@ def test_classification_data_as_instructions_is_scored_by_label_continuation(tin
     report = json.loads((result.run_dir / "data_report.json").read_text())
     assert report["sft"]["label_set"] == ["negative", "neutral", "positive"]
     assert "Sentiment of this tweet (negative, neutral, positive)" in report["sft"]["examples"][0]
+
+
+def test_label_scores_with_a_shared_prompt_cache_equal_full_sequence_scores(tiny_llama):
+    """The cached path (one prompt pass, short label passes, left padding) against the plain computation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from afinar.sft import label_log_probs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    prompts = [[{"role": "user", "content": text}] for text in ("short", "a much longer prompt than the other one",
+                                                                 "mid length prompt")]
+    labels = ["negative", "neutral", "positive", "not sure at all"]
+    cached = label_log_probs(model, tokenizer, prompts, labels, max_length=128, batch_size=2)
+    for i, prompt in enumerate(prompts):
+        for j, label in enumerate(labels):
+            encoded = chat.encode(tokenizer, [*prompt, {"role": "assistant", "content": label}], 128)
+            ids = torch.tensor([encoded.input_ids])
+            with torch.no_grad():
+                logits = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+            gold = torch.tensor(encoded.labels[1:])
+            plain = sum(logits[k, gold[k]].item() for k in range(len(gold)) if gold[k] != chat.IGNORE)
+            assert cached[i, j] == pytest.approx(plain, abs=1e-3), (prompt, label)

@@ -152,32 +152,54 @@ def marked_example(tokenizer, messages: chat.Messages, max_length: int) -> str:
 def label_log_probs(model, tokenizer, prompts: list[chat.Messages], labels: list[str], max_length: int,
                     batch_size: int = 16) -> np.ndarray:
     """(prompts x labels) summed log-probability of each label's assistant turn (its tokens and end of turn,
-    exactly as training renders them) after each prompt: constrained scoring, no free text."""
+    exactly as training renders them) after each prompt: constrained scoring, no free text.
+
+    Each prompt is run once (left-padded, positions from the mask) and its key/value cache reused for every
+    label's continuation, so scoring C labels costs one prompt pass plus C short ones, not C full passes."""
+    import copy
+
     import torch
 
-    sequences = [chat.encode(tokenizer, [*prompt, {"role": "assistant", "content": label}], max_length)
-                 for prompt in prompts for label in labels]
-    scores = np.zeros(len(sequences))
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i].input_ids))  # little padding
+    rows = []  # per prompt: its rendered ids and each label's continuation ids
+    for prompt in prompts:
+        before = chat.render_ids(tokenizer, prompt, generation_prompt=True)[:max_length - 1]
+        continuations = []
+        for label in labels:
+            encoded = chat.encode(tokenizer, [*prompt, {"role": "assistant", "content": label}], 10**9)
+            continuations.append(encoded.input_ids[len(before):][:max(1, max_length - len(before))])
+        rows.append((before, continuations))
+    scores = np.zeros((len(prompts), len(labels)))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            rows = [sequences[i] for i in order[start:start + batch_size]]
-            width = max(len(r.input_ids) for r in rows)
-            ids = torch.tensor([r.input_ids + [pad] * (width - len(r.input_ids)) for r in rows], device=device)
-            gold = torch.tensor([r.labels + [chat.IGNORE] * (width - len(r.labels)) for r in rows], device=device)
-            mask = torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids)) for r in rows],
+            chosen = order[start:start + batch_size]
+            width = max(len(rows[i][0]) for i in chosen)
+            ids = torch.tensor([[pad] * (width - len(rows[i][0])) + rows[i][0] for i in chosen], device=device)
+            mask = torch.tensor([[0] * (width - len(rows[i][0])) + [1] * len(rows[i][0]) for i in chosen],
                                 device=device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            target = gold[:, 1:]
-            chosen = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            total = (chosen * (target != chat.IGNORE)).sum(-1)
-            scores[order[start:start + batch_size]] = total.cpu().numpy()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            first = torch.log_softmax(out.logits[:, -1].float(), -1)
+            for j in range(len(labels)):
+                tails = [rows[i][1][j] for i in chosen]
+                length = max(len(t) for t in tails)
+                tail_ids = torch.tensor([t + [pad] * (length - len(t)) for t in tails], device=device)
+                tail_mask = torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in tails], device=device)
+                total = first.gather(-1, tail_ids[:, :1]).squeeze(-1)
+                if length > 1:
+                    step = model(input_ids=tail_ids, attention_mask=torch.cat([mask, tail_mask], -1),
+                                 position_ids=positions[:, -1:] + 1 + torch.arange(length, device=device),
+                                 past_key_values=copy.deepcopy(out.past_key_values), use_cache=True)
+                    following = torch.log_softmax(step.logits[:, :-1].float(), -1)
+                    picked = following.gather(-1, tail_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                    total = total + (picked * tail_mask[:, 1:]).sum(-1)
+                scores[chosen, j] = total.cpu().numpy()
     model.train(was_training)
-    return scores.reshape(len(prompts), len(labels))
+    return scores
 
 
 def _label_report(model, tokenizer, ds: Dataset, labels: list[str], max_length: int, batch_size: int) -> dict:
