@@ -98,7 +98,7 @@ def test_recommend_the_cheapest_within_tolerance_of_the_best_validation_accuracy
 
 def test_parse_strategies():
     assert parse_strategies("knn_retrieval, lora,knn_retrieval") == ["knn_retrieval", "lora"]
-    assert len(parse_strategies("all")) == 7
+    assert parse_strategies("all")[-4:] == ["setfit", "sft", "lora", "full"] and len(parse_strategies("all")) == 9
     with pytest.raises(AfinarError, match="unknown strategy knn"):
         parse_strategies("knn,lora")
 

@@ -73,5 +73,5 @@ def serve(run_dir: str, **options) -> None:
     run_server(run_dir, **options)
 
 
-__all__ = ["AfinarError", "Config", "DataReport", "SearchResult", "TrainResult", "check", "compare", "curve", "evaluate",
-           "generate", "load_config", "predict", "search", "serve", "train"]
+__all__ = ["AfinarError", "Config", "DataReport", "SearchResult", "TrainResult", "check", "compare", "curve",
+           "evaluate", "generate", "load_config", "predict", "search", "serve", "train"]

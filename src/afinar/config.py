@@ -172,6 +172,7 @@ class CompareArgs:
     probe_c: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # inverse L2; chosen on val
     lora_overrides: list[str] = field(default_factory=lambda: ["lora.enabled=true", "train.learning_rate=1e-3"])
     full_overrides: list[str] = field(default_factory=lambda: ["lora.enabled=false"])
+    sft_overrides: list[str] = field(default_factory=lambda: ["lora.enabled=true", "train.learning_rate=1e-3"])
     encode_batch: int = 64  # texts per encoder forward pass
     setfit_iterations: int = 20  # setfit: contrastive pairs drawn per train text (each direction)
     setfit_max_pairs: int = 4000  # setfit: cap on pairs in all, which bounds its fit time on larger sets
@@ -203,8 +204,8 @@ class Config:
             raise AfinarError("checks.near_duplicate_threshold must be in (0, 1] "
                               f"(got {self.checks.near_duplicate_threshold})")
         _one_of("train.metric_for_best_model", self.train.metric_for_best_model, ("accuracy", "macro_f1", "loss"))
-        for key in ("train.batch_size", "train.gradient_accumulation_steps", "data.max_length", "data.max_text_chars", "train.logging_steps", "lora.r",
-                    "lm.block_size", "lm.stride", "lm.forgetting_ratio"):
+        for key in ("train.batch_size", "train.gradient_accumulation_steps", "data.max_length", "data.max_text_chars",
+                    "train.logging_steps", "lora.r", "lm.block_size", "lm.stride", "lm.forgetting_ratio"):
             _positive(key, get_value(self, key))
         for key in ("train.eval_batch_size", "train.eval_every", "train.learning_rate", "train.epochs",
                     "data.max_train_samples", "data.train_per_class", "data.max_eval_samples",

@@ -425,14 +425,16 @@ def _fine_tune(name: str, config: Config, args: CompareArgs, splits: data_lib.Sp
     return result
 
 
-def _instruction_tune(config: Config, prompt: PromptArgs, splits: data_lib.Splits, out_dir: Path) -> StrategyResult:
+def _instruction_tune(config: Config, args: CompareArgs, prompt: PromptArgs, splits: data_lib.Splits, out_dir: Path
+                      ) -> StrategyResult:
     """LoRA instruction tuning of the prompting model on the same rows, as instructions; its held-out scores are
     accuracies of label continuations (constrained), so the row is comparable with the head and the prompts."""
     from afinar.sft import train_sft
 
     config = copy.deepcopy(config)
     config.task, config.model = "sft", ModelArgs(name=prompt.model)
-    config.lora.enabled = True
+    for override in args.sft_overrides:
+        set_value(config, *override.split("=", 1))
     if not config.sft.template:
         config.sft.template = prompt.instruction + "\n\nText: {text}"
     run_dir = out_dir / "runs" / "sft"
@@ -447,7 +449,8 @@ def _instruction_tune(config: Config, prompt: PromptArgs, splits: data_lib.Split
     if rows != {split: len(ds) for split, ds in splits.items()}:
         result.details["warning"] = f"the run's splits differ from the comparison's: {rows}"
     result.details.update({"run_dir": str(trained.run_dir), "steps": metrics["train"]["steps"],
-                           "template": config.sft.template, "free_generation": metrics.get("free_generation")})
+                           "template": config.sft.template, "free_generation": metrics.get("free_generation"),
+                           "overrides": args.sft_overrides})
     return result
 
 
@@ -462,7 +465,7 @@ def run_strategy(name: str, config: Config, splits: data_lib.Splits, out_dir: Pa
         if name in ("lora", "full"):
             result = _fine_tune(name, config, args, splits, out_dir)
         elif name == "sft":
-            result = _instruction_tune(config, prompt, splits, out_dir)
+            result = _instruction_tune(config, args, prompt, splits, out_dir)
         else:
             result = _fit_and_predict(build_strategy(name, config, args, prompt, splits.label_names, out_dir),
                                       splits)
