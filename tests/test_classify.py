@@ -3,13 +3,16 @@
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
+import afinar
 from afinar import cli
 from afinar.classify import evaluate, predict, train
 from afinar.config import load_config
+from afinar.errors import AfinarError
 from afinar.runs import Run
 
-from conftest import tiny_overrides
+from conftest import SHARED, tiny_overrides
 
 
 def cli_args(overrides):
@@ -97,8 +100,9 @@ def test_unfinished_run_is_refused(tmp_path, capsys):
 def test_cli_errors_are_one_line_with_exit_2(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("afinar: error: ") and message in err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("afinar: error: ")]
+    assert len(errors) == 1 and message in errors[0] and err.endswith(errors[0] + "\n")  # progress lines may come first
+    assert "Traceback" not in err
 
 
 def test_packaged_minilm_learns_beyond_the_majority_class(tmp_path):
@@ -126,3 +130,46 @@ def test_freeze_layers_trains_only_the_upper_layers(tiny_bert, tweets_jsonl, tmp
                        after.bert.encoder.layer[0].attention.self.query.weight)
     assert not torch.equal(before.bert.encoder.layer[1].attention.self.query.weight,
                            after.bert.encoder.layer[1].attention.self.query.weight)
+
+
+RTE = SHARED / "rte"
+
+
+def test_sentence_pairs_are_detected_and_reach_the_model_as_pairs(tiny_bert, tmp_path, capsys):
+    """RTE's sentence1/sentence2 become one pair input: [SEP] between them, token type ids 0 then 1; predict and
+    evaluate take pairs, refuse single texts, and a swapped pair scores differently."""
+    import pandas as pd
+
+    from afinar.config import DataArgs
+    from afinar.data import encode, load_splits
+
+    frame = pd.read_csv(RTE / "train.tsv", sep="\t", quoting=3, dtype=str)
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    frame.iloc[:120].to_csv(train, index=False)
+    frame.iloc[120:160].to_csv(test, index=False)
+    splits = load_splits(DataArgs(source=str(train), test=str(test)))
+    assert splits.train.column_names == ["text", "text_pair", "label"]
+    assert splits.label_names == ["entailment", "not_entailment"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    encoded = encode(tokenizer, [("A man sleeps.", "Nobody sleeps.")], 32)
+    assert tokenizer.decode(encoded["input_ids"][0]) == "[CLS] a man sleeps. [SEP] nobody sleeps. [SEP]"
+    assert encoded["token_type_ids"][0] == [0] * 6 + [1] * 4
+    long_pair = encode(tokenizer, [("word " * 100, "short hypothesis")], 32)["input_ids"][0]
+    assert len(long_pair) == 32 and tokenizer.decode(long_pair).endswith("[SEP] short hypothesis [SEP]")
+
+    result = afinar.train(load_config(overrides=[
+        f"model={tiny_bert}", f"data.source={train}", f"data.test={test}", f"train.output_dir={tmp_path}",
+        "train.run_name=pairs", "train.max_steps=6", "train.batch_size=8", "data.max_length=64",
+        "train.learning_rate=1e-3"]))
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["data"]["pairs"] is True and result.metrics["test"]["n"] == 40
+    premise, hypothesis = frame.iloc[0]["sentence1"], frame.iloc[0]["sentence2"]
+    forward, swapped = afinar.predict(result.run_dir, [(premise, hypothesis), (hypothesis, premise)])
+    assert forward.scores != swapped.scores
+    with pytest.raises(AfinarError, match="reads sentence pairs"):
+        afinar.predict(result.run_dir, [premise])
+    capsys.readouterr()
+    assert cli.main(["predict", str(result.run_dir), premise, "--pair", hypothesis, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["scores"] == pytest.approx(forward.scores)
+    assert cli.main(["evaluate", str(result.run_dir), "--data", str(test), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])

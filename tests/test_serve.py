@@ -73,6 +73,16 @@ def test_predictions_are_the_classifiers_in_input_order(run_dir, classifier):
     assert [p["label"] for p in backwards.json()["predictions"]] == [e.label for e in reversed(expected)]
 
 
+def test_a_single_text_model_refuses_pairs_and_both_kinds_at_once(run_dir):
+    with TestClient(create_app(run_dir)) as client:
+        pairs = client.post("/predict", json={"pairs": [["a premise", "a hypothesis"]]})
+        both = client.post("/predict", json={"texts": ["x"], "pairs": [["a", "b"]]})
+        neither = client.post("/predict", json={})
+    assert pairs.status_code == 422 and "reads one text per input" in pairs.json()["detail"]
+    assert both.status_code == 422 and "either texts or pairs" in both.json()["detail"]
+    assert neither.status_code == 422
+
+
 def test_concurrent_requests_share_micro_batches(classifier):
     counting = CountingClassifier(classifier)
     requests = [[f"request {i}: " + TEXTS[i % len(TEXTS)]] + ([f"and more {i}"] if i % 3 == 0 else [])
@@ -111,8 +121,8 @@ def test_oversized_requests_get_413_naming_the_limit(classifier, limits, kwargs,
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"content": b'{"texts": ["unclosed', "headers": {"content-type": "application/json"}}, "invalid JSON"),
-    ({"json": {}}, "texts: Field required"),
-    ({"json": {"text": ["a"]}}, "texts: Field required"),
+    ({"json": {}}, "give either texts or pairs"),
+    ({"json": {"text": ["a"]}}, "text: Extra inputs are not permitted"),
     ({"json": {"texts": "a single string"}}, "texts: Input should be a valid list"),
     ({"json": {"texts": ["fine", 3]}}, "texts.1: Input should be a valid string"),
     ({"json": {"texts": []}}, "texts: List should have at least 1 item"),

@@ -159,9 +159,22 @@ def _balance(labels: list[int], names: list[str], majority: int) -> dict:
             "baseline": float(counts[majority] / counts.sum()) if counts.sum() else None}
 
 
-def _lengths(texts: list[str], tokenizer, max_length: int | None) -> dict:
-    """Counted with special tokens, as `data.encode` truncates them; percentiles are lengths that occur."""
-    lengths = np.array([len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]] if texts else [0])
+def _checked_texts(columns: dict) -> list[str]:
+    """What the checks read per row: the text, or a sentence pair as one text (a pair with an empty side counts
+    as empty), so duplicates and leakage are judged on the pair."""
+    if "text_pair" not in columns:
+        return columns["text"]
+    return [f"{a}\n{b}" if a.strip() and b.strip() else "" for a, b in zip(columns["text"], columns["text_pair"])]
+
+
+def _lengths(texts: list, tokenizer, max_length: int | None) -> dict:
+    """Counted with special tokens, as `data.encode` truncates them (sentence pairs as pairs); percentiles are
+    lengths that occur."""
+    if texts and isinstance(texts[0], tuple):
+        ids = tokenizer([a for a, _ in texts], [b for _, b in texts], verbose=False)["input_ids"]
+    else:
+        ids = tokenizer(texts, verbose=False)["input_ids"] if texts else []
+    lengths = np.array([len(row) for row in ids] or [0])
     return {"p50": int(np.percentile(lengths, 50, method="higher")),
             "p95": int(np.percentile(lengths, 95, method="higher")),
             "max": int(lengths.max()), "truncated": None if max_length is None else int((lengths > max_length).sum())}
@@ -280,7 +293,8 @@ def _leakage(texts: dict[str, list[str]], norm: dict[str, list[str]],
 def run_checks(splits: Splits, check_args: CheckArgs, tokenizer=None, max_length: int | None = None) -> DataReport:
     """Check every split; `tokenizer` adds the token-length profile (and `max_length` its truncation count)."""
     columns = {name: ds[:] for name, ds in splits.items()}  # whole columns: row-by-row access is slow
-    texts = {name: c["text"] for name, c in columns.items()}
+    texts = {name: _checked_texts(c) for name, c in columns.items()}
+    pairs = {name: list(zip(c["text"], c["text_pair"])) if "text_pair" in c else None for name, c in columns.items()}
     labels = {name: c["label"] for name, c in columns.items()}
     norm = {name: [normalise(t) for t in ts] for name, ts in texts.items()}
     n = check_args.examples
@@ -293,7 +307,7 @@ def run_checks(splits: Splits, check_args: CheckArgs, tokenizer=None, max_length
         duplicates={name: _duplicates(ts, norm[name], n) for name, ts in texts.items()},
         conflicts=_conflicts(texts["train"], norm["train"], labels["train"], splits.label_names, n),
         balance={name: _balance(ls, splits.label_names, majority) for name, ls in labels.items()},
-        lengths=None if tokenizer is None else {name: _lengths(ts, tokenizer, max_length)
+        lengths=None if tokenizer is None else {name: _lengths(pairs[name] or ts, tokenizer, max_length)
                                                 for name, ts in texts.items()},
         max_length=max_length,
         leakage=_leakage(texts, norm, check_args),

@@ -54,6 +54,7 @@ class Classification:
         tokenized = {name: data_lib.tokenize(ds, tokenizer, config.data.max_length) for name, ds in splits.items()}
         manifest = {"data": {"sources": splits.sources, "sha256": splits.fingerprints,
                              "rows": {name: len(ds) for name, ds in splits.items()}, "labels": splits.label_names,
+                             "pairs": data_lib.has_pairs(splits.train),
                              "digests": {name: dataset_digest(ds) for name, ds in splits.items()}}}
         return TaskData(tokenized["train"], tokenized["validation"], tokenized.get("test"), manifest,
                         list(splits.notes), report.to_dict(), (splits, report))
@@ -113,6 +114,21 @@ def load_run_classifier(run_dir: str | Path, backend: str = "torch") -> tuple[Ru
     return run, load_predictor(run.path, backend)
 
 
+def reads_pairs(run: Run) -> bool:
+    """Whether the run's model was trained on sentence pairs."""
+    return bool(run.manifest().get("data", {}).get("pairs"))
+
+
+def check_inputs(run: Run, texts: list[data_lib.Input]) -> None:
+    """A pair model given single texts (or the reverse) would score garbage without a word: refuse."""
+    pairs = reads_pairs(run)
+    wrong = next((i for i, t in enumerate(texts) if isinstance(t, tuple) != pairs), None)
+    if wrong is not None:
+        raise AfinarError(f"input {wrong}: the model of {run.path.name} reads "
+                          + ("sentence pairs; give two texts (--pair, or two columns)" if pairs
+                             else "one text, not a pair"))
+
+
 def evaluate(run_dir: str | Path, data: str | Path | None = None, batch_size: int = 64,
              backend: str = "torch") -> dict:
     """Re-score a saved run on a labelled file, or on its own test split when none is given. The default
@@ -121,6 +137,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, batch_size: in
     config = run.config()
     if data is not None:
         ds = data_lib.load_labelled_file(data, DataArgs(text_column=config.data.text_column,
+                                                        text_pair_column=config.data.text_pair_column,
                                                         label_column=config.data.label_column,
                                                         encoding=config.data.encoding,
                                                         max_text_chars=config.data.max_text_chars),
@@ -129,13 +146,18 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, batch_size: in
         ds = data_lib.load_splits(config.data, config.train.seed).test
         if ds is None:
             raise NoTestSplit(f"the data of {run.path} has no test split; pass a labelled file with --data")
-    predictions = classifier.scores(ds["text"], batch_size).argmax(axis=1)
+    texts = data_lib.inputs(ds)
+    check_inputs(run, texts)
+    predictions = classifier.scores(texts, batch_size).argmax(axis=1)
     report = classification_report(np.asarray(ds["label"]), predictions, classifier.labels)
     report["data"] = str(data) if data is not None else "the run's test split"
     report["backend"] = classifier.backend
     return report
 
 
-def predict(run_dir: str | Path, texts: list[str], batch_size: int = 64, backend: str = "auto") -> list[Prediction]:
-    _, classifier = load_run_classifier(run_dir, backend)
+def predict(run_dir: str | Path, texts: list[data_lib.Input], batch_size: int = 64, backend: str = "auto"
+            ) -> list[Prediction]:
+    """Labels and scores for texts, or (text, text_pair) tuples for a model trained on sentence pairs."""
+    run, classifier = load_run_classifier(run_dir, backend)
+    check_inputs(run, texts)
     return classifier.predict(texts, batch_size)

@@ -158,13 +158,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from afinar.classify import predict
+    from afinar.classify import predict, reads_pairs
     from afinar.config import DataArgs
     from afinar.data import read_texts
+    from afinar.runs import Run
 
     texts = list(args.texts)
+    if args.pair:
+        if len(args.pair) != len(texts):
+            raise AfinarError(f"{len(texts)} texts but {len(args.pair)} --pair values; give one --pair per text")
+        texts = list(zip(texts, args.pair))
     if args.file:
-        texts += read_texts(args.file, DataArgs())
+        texts += read_texts(args.file, DataArgs(), pairs=reads_pairs(Run.open(args.run)))
     if not texts:
         raise AfinarError("nothing to predict: give texts as arguments or --file texts.txt/.csv/.jsonl")
     for p in predict(args.run, texts, backend=args.backend):
@@ -286,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", help="texts to label")
     predict.add_argument("--file", help=".txt (one text per line), .csv, .jsonl or .parquet with a text column")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument("--pair", action="append", help="sentence-pair models: the second text of each text, in "
+                                                         "order (repeat once per text)")
     predict.set_defaults(func=cmd_predict)
 
     search = _with_config_args(commands.add_parser(
@@ -372,8 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.getLogger("afinar").addHandler(handler)
-    logging.getLogger("afinar").setLevel(logging.INFO)
+    package = logging.getLogger("afinar")
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        return _run(args)
+    finally:  # called in-process again (tests, notebooks), a command must not leave its stream behind
+        package.removeHandler(handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except AfinarError as exc:

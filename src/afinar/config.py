@@ -39,6 +39,8 @@ class DataArgs:
     validation: str | None = None  # optional file for the validation split
     test: str | None = None  # optional file for the test split
     text_column: str | None = None  # auto-detected when unset
+    text_pair_column: str | None = None  # sentence pairs: the second text (detected for sentence1/sentence2,
+    #                                      premise/hypothesis, question/passage, ... when text_column is unset)
     label_column: str | None = None  # auto-detected when unset
     encoding: str = "utf-8"  # for CSV/TSV/JSONL/TXT files
     validation_fraction: float = 0.1  # carved from train, stratified, when there is no validation split

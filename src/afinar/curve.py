@@ -99,8 +99,10 @@ def fit_line(points: list[CurvePoint]) -> CurveFit | None:
 
 def _write_rows(path: Path, ds, label_names: list[str]) -> Path:
     """A split as JSONL with label names, so a training run can read it like any user file."""
-    lines = [json.dumps({"text": text, "label": label_names[label]}, ensure_ascii=False)
-             for text, label in zip(ds["text"], ds["label"])]
+    columns = ds[:]
+    pairs = columns.get("text_pair")
+    lines = [json.dumps({"text": text, **({"text_pair": pairs[i]} if pairs else {}), "label": label_names[label]},
+                        ensure_ascii=False) for i, (text, label) in enumerate(zip(columns["text"], columns["label"]))]
     write_atomic(path, "\n".join(lines) + "\n")
     return path
 
@@ -111,6 +113,9 @@ def _point_config(config: Config, files: dict[str, Path]) -> Config:
     config.data.source, config.data.validation = str(files["train"]), str(files["validation"])
     config.data.test = str(files["test"]) if "test" in files else None
     config.data.max_train_samples = config.data.train_per_class = None
+    config.data.text_column, config.data.label_column = "text", "label"  # as `_write_rows` names them
+    config.data.text_pair_column = "text_pair" if "text_pair" in json.loads(
+        files["train"].read_text(encoding="utf-8").splitlines()[0]) else None
     config.data.max_eval_samples = config.data.max_test_samples = None
     return config.validate()
 

@@ -37,6 +37,9 @@ TEXT_COLUMNS = ("text", "sentence", "content", "review", "tweet", "document", "b
 LABEL_COLUMNS = ("label", "labels", "label_text", "sentiment", "class", "category", "target",
                  "condition_label", "y")
 NAME_COLUMNS = ("label_text", "label_name", "sentiment")  # names beside an integer `label` column
+PAIR_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question", "passage"),
+                ("question", "context"), ("query", "document"), ("text_a", "text_b"), ("text", "text_pair"))
+Input = str | tuple[str, str]  # one text, or a sentence pair
 MAX_CLASSES = 1000
 MISSING_LABELS = ("", "nan", "null", "n/a", "#n/a")  # what spreadsheets and pandas write for no value
 URL = re.compile(r"(?:https?://|www\.)\S+", re.IGNORECASE)
@@ -327,18 +330,14 @@ def _label_names(frame: pd.DataFrame, label_column: str, class_names: dict[str, 
 
 def _normalise(frame: pd.DataFrame, args: DataArgs, where: str, class_names: dict[str, list[str]],
                label_names: list[str] | None) -> tuple[pd.DataFrame, list[str]]:
-    text_column = pick_column(frame, args.text_column, TEXT_COLUMNS, "text", where, "data.text_column")
+    text_column, pair_column = text_columns(frame, args, where)
     label_column = pick_column(frame, args.label_column,
-                                tuple(c for c in LABEL_COLUMNS if c != text_column), "label", where,
-                                "data.label_column")
-    if label_column == text_column:
-        raise AfinarError(f"{where}: the text and label columns are both {text_column!r}")
-    texts = frame[text_column].map(lambda t: "" if t is None or (isinstance(t, float) and pd.isna(t)) else str(t))
-    too_long = texts.str.len() > args.max_text_chars
-    if too_long.any():
-        row = int(too_long.to_numpy().argmax())
-        raise AfinarError(f"{where}: row {row + 1} has a text of {len(texts.iloc[row]):,} characters "
-                          f"(limit data.max_text_chars={args.max_text_chars:,}); remove it or raise the limit")
+                                tuple(c for c in LABEL_COLUMNS if c not in (text_column, pair_column)), "label",
+                                where, "data.label_column")
+    if label_column in (text_column, pair_column):
+        raise AfinarError(f"{where}: column {label_column!r} is both a text and the label")
+    texts = _text_values(frame[text_column], args, where)
+    pairs = None if pair_column is None else _text_values(frame[pair_column], args, where)
     names, row_names = _label_names(frame, label_column, class_names, where)
     if label_names is None:
         label_names = names
@@ -355,12 +354,56 @@ def _normalise(frame: pd.DataFrame, args: DataArgs, where: str, class_names: dic
         row = int(unknown.to_numpy().argmax())
         raise AfinarError(f"{where}: row {row + 1} has label {row_names.iloc[row]!r}, which train never has "
                           f"(train labels: {', '.join(label_names)})")
-    return pd.DataFrame({"text": texts.to_numpy(), "label": row_names.map(index).to_numpy()}), label_names
+    columns = {"text": texts.to_numpy(), **({} if pairs is None else {"text_pair": pairs.to_numpy()}),
+               "label": row_names.map(index).to_numpy()}
+    return pd.DataFrame(columns), label_names
+
+
+def text_columns(frame: pd.DataFrame, args: DataArgs, where: str) -> tuple[str, str | None]:
+    """The text column and, for sentence pairs, the second text's: `data.text_pair_column`, or a known pair of
+    column names (sentence1/sentence2, premise/hypothesis, question/passage, ...) when no text column is set."""
+    lower = {str(c).lower(): str(c) for c in frame.columns}
+    if args.text_pair_column is not None:
+        if args.text_pair_column not in lower.values():
+            raise AfinarError(f"{where}: no column {args.text_pair_column!r} (data.text_pair_column); columns seen: "
+                              f"{', '.join(map(str, frame.columns))}")
+        first = pick_column(frame, args.text_column, tuple(c for c in TEXT_COLUMNS
+                                                           if c != args.text_pair_column.lower()),
+                            "text", where, "data.text_column")
+        return first, args.text_pair_column
+    if args.text_column is None:
+        for first, second in PAIR_COLUMNS:
+            if first in lower and second in lower:
+                return lower[first], lower[second]
+    return pick_column(frame, args.text_column, TEXT_COLUMNS, "text", where, "data.text_column"), None
+
+
+def _text_values(column: pd.Series, args: DataArgs, where: str) -> pd.Series:
+    texts = column.map(lambda t: "" if t is None or (isinstance(t, float) and pd.isna(t)) else str(t))
+    too_long = texts.str.len() > args.max_text_chars
+    if too_long.any():
+        row = int(too_long.to_numpy().argmax())
+        raise AfinarError(f"{where}: row {row + 1} has a text of {len(texts.iloc[row]):,} characters "
+                          f"(limit data.max_text_chars={args.max_text_chars:,}); remove it or raise the limit")
+    return texts
 
 
 def _to_dataset(frame: pd.DataFrame, label_names: list[str]) -> Dataset:
-    features = Features({"text": Value("string"), "label": ClassLabel(names=label_names)})
-    return Dataset.from_pandas(frame, features=features, preserve_index=False)
+    pair = {"text_pair": Value("string")} if "text_pair" in frame.columns else {}
+    features = Features({"text": Value("string"), **pair, "label": ClassLabel(names=label_names)})
+    return Dataset.from_pandas(frame[list(features)], features=features, preserve_index=False)
+
+
+def inputs(ds: Dataset) -> list[Input]:
+    """What a model reads per row: the text, or the (text, text_pair) sentence pair."""
+    if "text_pair" in ds.column_names:
+        columns = ds.select_columns(["text", "text_pair"])[:]
+        return list(zip(columns["text"], columns["text_pair"]))
+    return list(ds["text"])
+
+
+def has_pairs(ds: Dataset) -> bool:
+    return "text_pair" in ds.column_names
 
 
 def select_rows(ds: Dataset, rows: list[int]) -> Dataset:
@@ -498,14 +541,22 @@ def load_labelled_file(path: str | Path, args: DataArgs, label_names: list[str])
     return _to_dataset(frame, label_names)
 
 
-def read_texts(path: str | Path, args: DataArgs) -> list[str]:
-    """Texts to predict: a .txt file (one per line) or any table with a text column."""
+def read_texts(path: str | Path, args: DataArgs, pairs: bool = False) -> list[Input]:
+    """Inputs to predict: a .txt file (one per line) or any table with a text column; with `pairs`, a table's
+    two text columns (`text_columns`) as sentence pairs."""
     path = Path(path)
     if file_format(path) == "txt":
+        if pairs:
+            raise AfinarError(f"{path}: this model reads sentence pairs; give a table with two text columns")
         return [line for line in read_text_file(path, args.encoding).splitlines() if line.strip()]
     frame = read_table(path, args.encoding)
-    column = pick_column(frame, args.text_column, TEXT_COLUMNS, "text", str(path), "data.text_column")
-    return frame[column].fillna("").astype(str).tolist()
+    first, second = text_columns(frame, args, str(path))
+    if pairs != (second is not None):
+        raise AfinarError(f"{path}: " + ("this model reads sentence pairs; the file has one text column "
+                                         "(name the second with data.text_pair_column)" if pairs else
+                                         f"this model reads one text; the file holds pairs ({first}, {second})"))
+    texts = frame[first].fillna("").astype(str).tolist()
+    return list(zip(texts, frame[second].fillna("").astype(str).tolist())) if pairs else texts
 
 
 # ---------------------------------------------------------------- raw text (causal-LM documents)
@@ -606,10 +657,17 @@ def prepare_texts(splits: TextSplits, args: DataArgs, seed: int) -> TextSplits:
 # ---------------------------------------------------------------- tokenization
 
 
-def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, list]:
-    """Truncate but never pad (the collator pads each batch to its own longest row). An empty text becomes
-    one pad/eos token, because tokenizers without special tokens (GPT-2) would give a zero-length row."""
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+def encode(tokenizer, texts: Sequence[Input], max_length: int) -> dict[str, list]:
+    """Truncate but never pad (the collator pads each batch to its own longest row). Sentence pairs go to the
+    tokenizer as pairs, the longer side truncated first (token type ids and [SEP] for encoders); a tokenizer
+    without a separator token (decoders) gets its EOS token between the two. An empty text becomes one pad/eos
+    token, because tokenizers without special tokens (GPT-2) would give a zero-length row."""
+    if texts and isinstance(texts[0], tuple):
+        joiner = "" if tokenizer.sep_token is not None else tokenizer.eos_token or ""
+        encoded = tokenizer([a for a, _ in texts], [joiner + b for _, b in texts], truncation="longest_first",
+                            max_length=max_length)
+    else:
+        encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
     filler = tokenizer.pad_token_id
     for row, ids in enumerate(encoded["input_ids"]):
         if not ids:
@@ -620,11 +678,12 @@ def encode(tokenizer, texts: list[str], max_length: int) -> dict[str, list]:
     return dict(encoded)
 
 
-def padded_batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int, return_tensors: str
+def padded_batches(tokenizer, texts: Sequence[Input], batch_size: int, max_length: int, return_tensors: str
                    ) -> Iterator[tuple[list[int], Any]]:
-    """Texts in batches of similar length (little padding), each tokenized and padded to its own longest row,
-    with the input positions it holds, so callers write results back in input order."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    """Texts (or sentence pairs) in batches of similar length (little padding), each tokenized and padded to its
+    own longest row, with the input positions it holds, so callers write results back in input order."""
+    order = sorted(range(len(texts)), key=lambda i: sum(map(len, texts[i])) if isinstance(texts[i], tuple)
+                   else len(texts[i]))
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
         yield index, tokenizer.pad(encode(tokenizer, [texts[i] for i in index], max_length),
@@ -635,12 +694,14 @@ def tokenize(ds: Dataset, tokenizer, max_length: int, use_cache: bool = True) ->
     """`datasets.map(batched=True)` over `encode`, plus a `length` column for length-grouped batches; kept in the
     on-disk cache (`afinar.cache`), so the same rows with the same tokenizer are tokenized once."""
     def encode_batch(batch: dict) -> dict:
-        encoded = encode(tokenizer, batch["text"], max_length)
+        texts = list(zip(batch["text"], batch["text_pair"])) if "text_pair" in batch else batch["text"]
+        encoded = encode(tokenizer, texts, max_length)
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]
         return encoded
 
     key = cache.digest("tokenized", cache.dataset_digest(ds), cache.tokenizer_digest(tokenizer), max_length)
-    tokenized, hit = cache.cached_map(ds, key, encode_batch, ["text"], "tokenizing", use_cache)
+    text_columns = [c for c in ("text", "text_pair") if c in ds.column_names]
+    tokenized, hit = cache.cached_map(ds, key, encode_batch, text_columns, "tokenizing", use_cache)
     if hit:
         log.info("tokenized %s rows: from the cache", f"{len(ds):,}")
     return tokenized

@@ -161,7 +161,7 @@ def _check_texts(run: Run, tokenizer, labels: list[str], limit: int) -> tuple[li
                           f"files or the code that reads them changed); the export cannot be checked against them")
     ds = splits.validation.select(range(min(limit, len(splits.validation))))
     index = {name: i for i, name in enumerate(labels)}
-    return list(ds["text"]), np.array([index[splits.label_names[y]] for y in ds["label"]])
+    return data_lib.inputs(ds), np.array([index[splits.label_names[y]] for y in ds["label"]])
 
 
 def _score(predictor, texts: list[str], gold: np.ndarray) -> tuple[np.ndarray, dict]:

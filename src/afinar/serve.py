@@ -35,10 +35,10 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from afinar.classify import load_run_classifier
+from afinar.classify import load_run_classifier, reads_pairs
 from afinar.errors import AfinarError
 from afinar.runs import Run
 
@@ -62,19 +62,32 @@ class Scorer(Protocol):
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[str] = Field(min_length=1, description="Texts to classify; predictions come back in this order.")
+    texts: list[str] | None = Field(default=None, min_length=1,
+                                    description="Texts to classify; predictions come back in this order.")
+    pairs: list[tuple[str, str]] | None = Field(default=None, min_length=1,
+                                                description="Sentence pairs, for a model trained on pairs.")
 
-    @field_validator("texts")
+    @field_validator("texts", "pairs")
     @classmethod
-    def _encodable(cls, texts: list[str]) -> list[str]:
+    def _encodable(cls, items: list | None) -> list | None:
         """JSON can carry lone surrogates (`"\\ud800"`); the tokenizer would fail on them mid-batch and take the
         other requests sharing that batch down with it, so they are refused here, per request."""
-        for i, text in enumerate(texts):
+        for i, item in enumerate(items or []):
             try:
-                text.encode("utf-8")
+                for text in item if isinstance(item, tuple) else (item,):
+                    text.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError(f"text {i} is not valid Unicode (it holds a lone surrogate)") from None
-        return texts
+        return items
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.texts is None) == (self.pairs is None):
+            raise ValueError("give either texts or pairs")
+        return self
+
+    def inputs(self) -> list[str] | list[tuple[str, str]]:
+        return self.texts if self.texts is not None else [tuple(p) for p in self.pairs]
 
 
 class ScoredLabel(BaseModel):
@@ -412,6 +425,7 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
     elif run_dir is not None:
         run = Run.open(run_dir)
     labels = list(classifier.labels)
+    pairs = reads_pairs(run) if run else None  # None: a classifier given without a run, either kind accepted
     metrics = {split: scores for split, scores in (run.metrics() if run else {}).items()
                if split in ("validation", "test")}
     info = InfoResponse(run=run.path.name if run else None, model=run.config().model.name if run else None,
@@ -434,16 +448,21 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
         408: {"model": ErrorResponse, "description": "The body did not arrive in time"},
         503: {"model": ErrorResponse, "description": "Too many requests waiting, or scoring took too long"}})
     async def predict(request: PredictRequest) -> PredictResponse:
-        """The most probable label and every label's probability for each text, in input order."""
-        if len(request.texts) > max_texts:
-            raise HTTPException(413, f"{len(request.texts):,} texts in one request; the limit is "
-                                     f"max_texts={max_texts:,}")
-        for i, text in enumerate(request.texts):
-            if len(text) > max_text_chars:
-                raise HTTPException(413, f"text {i} has {len(text):,} characters; the limit is "
+        """The most probable label and every label's probability for each text (or sentence pair), in input
+        order."""
+        inputs = request.inputs()
+        if pairs is not None and (request.pairs is not None) != pairs:
+            raise HTTPException(422, "this model reads sentence pairs: send {\"pairs\": [[a, b], ...]}" if pairs
+                                else "this model reads one text per input: send {\"texts\": [...]}")
+        if len(inputs) > max_texts:
+            raise HTTPException(413, f"{len(inputs):,} texts in one request; the limit is max_texts={max_texts:,}")
+        for i, item in enumerate(inputs):
+            size = sum(map(len, item)) if isinstance(item, tuple) else len(item)
+            if size > max_text_chars:
+                raise HTTPException(413, f"text {i} has {size:,} characters; the limit is "
                                          f"max_text_chars={max_text_chars:,}")
         try:
-            rows = await asyncio.wait_for(batcher.scores(request.texts), score_timeout_s)
+            rows = await asyncio.wait_for(batcher.scores(inputs), score_timeout_s)
         except asyncio.TimeoutError:
             raise HTTPException(503, f"scoring took longer than score_timeout_s={score_timeout_s:g}; retry later",
                                 headers={"Retry-After": "1"}) from None

@@ -414,7 +414,7 @@ def _fine_tune(name: str, config: Config, args: CompareArgs, splits: data_lib.Sp
     rows = read_json(trained.run_dir / "manifest.json")["data"]["rows"]
     if rows != {split: len(ds) for split, ds in splits.items()}:
         result.details["warning"] = f"the run's splits differ from the comparison's: {rows}"
-    texts = list((splits.test or splits.validation)["text"])  # prediction speed of the saved model
+    texts = data_lib.inputs(splits.test or splits.validation)  # prediction speed of the saved model
     classifier = Classifier(trained.run_dir / "model", config.data.max_length)
     started = time.perf_counter()
     classifier.scores(texts)
@@ -460,6 +460,9 @@ def run_strategy(name: str, config: Config, splits: data_lib.Splits, out_dir: Pa
     from transformers import set_seed
 
     args, prompt = args or CompareArgs(), prompt or PromptArgs()
+    if data_lib.has_pairs(splits.train) and name not in ("lora", "full"):
+        raise AfinarError(f"strategy {name} reads one text per row; these data are sentence pairs: compare lora "
+                          f"and full")
     set_seed(config.train.seed)
     with PeakRSS() as memory:
         if name in ("lora", "full"):
