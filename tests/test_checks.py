@@ -6,7 +6,8 @@ import time
 import pytest
 from datasets import Dataset
 
-from afinar.checks import apply_policies, check, format_report, normalise, run_checks, shingles, small_data_advice
+from afinar.checks import (apply_policies, check, format_report, imbalance_advice, normalise, run_checks, shingles,
+                           small_data_advice)
 from afinar.config import CheckArgs, Config, DataArgs, ModelArgs
 from afinar.data import Splits, load_splits, read_table
 from afinar.errors import AfinarError
@@ -245,3 +246,11 @@ def test_a_large_training_set_gets_no_small_data_advice(small):
     assert "smallest class" in small_data_advice(report)
     report.rows["train"], report.balance["train"]["counts"] = 900, {"a": 300, "b": 300, "c": 300}
     assert small_data_advice(report) is None and "small training set" not in format_report(report)
+
+
+def test_imbalance_is_reported_with_what_to_do(small):
+    report = run_checks(small, CheckArgs())
+    report.balance["train"]["counts"] = {"a": 400, "b": 300, "c": 30}
+    assert "class_weights=balanced" in format_report(report) and "'c' has 30" in imbalance_advice(report)
+    report.balance["train"]["counts"] = {"a": 400, "b": 300, "c": 41}
+    assert imbalance_advice(report) is None

@@ -173,3 +173,31 @@ def test_sentence_pairs_are_detected_and_reach_the_model_as_pairs(tiny_bert, tmp
     assert json.loads(capsys.readouterr().out)["scores"] == pytest.approx(forward.scores)
     assert cli.main(["evaluate", str(result.run_dir), "--data", str(test), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
+
+
+def test_class_weights_are_computed_recorded_and_change_the_loss(tiny_bert, tweets_jsonl, tmp_path):
+    import torch
+
+    from afinar.classify import WeightedCrossEntropy, class_weights
+
+    names = ["negative", "neutral", "positive"]
+    assert class_weights("balanced", [0, 0, 0, 1, 2, 2], names) == pytest.approx([2 / 3, 2, 1])
+    assert class_weights("positive=5", [0, 1, 2], names) == [1, 1, 5]
+    with pytest.raises(AfinarError, match="'happy', which is not a label"):
+        class_weights("happy=2", [0, 1, 2], names)
+    logits, labels = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 2.0]]), torch.tensor([0, 1])
+    plain = torch.nn.functional.cross_entropy(logits, labels)
+    assert WeightedCrossEntropy([1, 1, 1])({"logits": logits}, labels) == pytest.approx(plain.item())
+    assert WeightedCrossEntropy([1, 9, 1])({"logits": logits}, labels) > plain  # the misclassified class counts more
+
+    train_file, test_file = tweets_jsonl
+    runs = {}
+    for setting in ("none", "balanced"):
+        runs[setting] = afinar.train(load_config(overrides=tiny_overrides(
+            tiny_bert, train_file, test_file, tmp_path / setting, **{"train.class_weights": setting,
+                                                                     "train.max_steps": 4})))
+    manifest = json.loads((runs["balanced"].run_dir / "manifest.json").read_text())
+    assert set(manifest["class_weights"]) == set(names) and len(set(manifest["class_weights"].values())) == 3
+    assert runs["balanced"].metrics["train"]["loss"] != runs["none"].metrics["train"]["loss"]
+    with pytest.raises(AfinarError, match="train.class_weights must be none, balanced or label=weight"):
+        load_config(overrides=["train.class_weights=heavy"])

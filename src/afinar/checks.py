@@ -36,6 +36,7 @@ PRIME = (1 << 32) - 5  # MinHash modulus: a*h + b stays below 2**64 for 32-bit h
 RECALL = 0.99  # LSH banding: chance that a pair exactly at the threshold becomes a candidate
 CLIP = 200  # characters of a text kept in an example
 SMALL_PER_CLASS = 100  # rows per class below which `afinar check` calls a training set small
+IMBALANCE = 10  # largest / smallest class size above which class weights are recommended
 
 log = logging.getLogger(__name__)
 
@@ -450,10 +451,20 @@ def format_report(report: DataReport, examples: int = 2) -> str:
         lines += ["", "examples:", *shown]
     if report.actions:
         lines += ["", "actions:", *(f"  {a['note']}" for a in report.actions)]
-    advice = small_data_advice(report)
-    if advice:
-        lines += ["", advice]
+    lines += [line for advice in (small_data_advice(report), imbalance_advice(report)) if advice
+              for line in ("", advice)]
     return "\n".join(lines)
+
+
+def imbalance_advice(report: DataReport) -> str | None:
+    """A recommendation when train's smallest class has under a tenth of its largest's rows, or None."""
+    counts = report.balance.get("train", {}).get("counts", {})
+    if len(counts) < 2 or min(counts.values()) * IMBALANCE >= max(counts.values()):
+        return None
+    small, large = min(counts, key=counts.get), max(counts, key=counts.get)
+    return (f"imbalanced classes: {small!r} has {counts[small]:,} training rows, {large!r} {counts[large]:,}; "
+            f"accuracy rewards ignoring the small class: train with --set train.class_weights=balanced and pick "
+            f"the best checkpoint by --set train.metric_for_best_model=macro_f1")
 
 
 def small_data_advice(report: DataReport, min_steps: int = TrainArgs.min_steps) -> str | None:

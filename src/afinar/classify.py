@@ -36,6 +36,41 @@ def _score(trainer, ds, label_names: list[str]) -> dict:
     return report
 
 
+def class_weights(setting: str, labels: list[int], label_names: list[str]) -> list[float] | None:
+    """`train.class_weights` as one weight per class: none -> None; balanced -> rows / (classes x count), as
+    scikit-learn's `compute_class_weight("balanced")`; `name=weight,...` -> those, 1 for classes not named."""
+    if setting == "none":
+        return None
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(label_names))
+    if setting == "balanced":
+        if (counts == 0).any():
+            missing = label_names[int(np.argmin(counts))]
+            raise AfinarError(f"train.class_weights=balanced: class {missing!r} has no training rows")
+        return (len(labels) / (len(label_names) * counts)).tolist()
+    weights = dict.fromkeys(label_names, 1.0)
+    for item in setting.split(","):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in weights:
+            raise AfinarError(f"train.class_weights names {name!r}, which is not a label ({', '.join(label_names)})")
+        weights[name] = float(value)
+    return [weights[name] for name in label_names]
+
+
+class WeightedCrossEntropy:
+    """`Trainer`'s `compute_loss_func`: cross-entropy with a weight per class (a batch mean, like the model's)."""
+
+    def __init__(self, weights: list[float]):
+        self.weights = weights
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        import torch
+
+        logits = outputs["logits"]
+        weight = torch.tensor(self.weights, dtype=torch.float32, device=logits.device)
+        return torch.nn.functional.cross_entropy(logits.float(), labels, weight=weight)
+
+
 class Classification:
     """The classification task of the run lifecycle (`afinar.lifecycle`): checked splits, a sequence classifier,
     padded batches, accuracy / macro-F1 / per-class scores."""
@@ -52,12 +87,15 @@ class Classification:
         splits, report = checked_splits(config, tokenizer, with_test)
         log.info("data checks:\n%s", format_report(report))
         tokenized = {name: data_lib.tokenize(ds, tokenizer, config.data.max_length) for name, ds in splits.items()}
-        manifest = {"data": {"sources": splits.sources, "sha256": splits.fingerprints,
+        weights = class_weights(config.train.class_weights, splits.train["label"], splits.label_names)
+        manifest = {"class_weights": None if weights is None else dict(zip(splits.label_names, weights)),
+                    "data": {"sources": splits.sources, "sha256": splits.fingerprints,
                              "rows": {name: len(ds) for name, ds in splits.items()}, "labels": splits.label_names,
                              "pairs": data_lib.has_pairs(splits.train),
                              "digests": {name: dataset_digest(ds) for name, ds in splits.items()}}}
         return TaskData(tokenized["train"], tokenized["validation"], tokenized.get("test"), manifest,
-                        list(splits.notes), report.to_dict(), (splits, report))
+                        list(splits.notes), report.to_dict(), (splits, report),
+                        None if weights is None else WeightedCrossEntropy(weights))
 
     def load_model(self, config: Config, model_path: str, tokenizer, data: TaskData):
         splits, _ = data.extra

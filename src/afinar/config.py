@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,8 @@ class TrainArgs:
     eval_every: int | None = None  # evaluate (and checkpoint) every N optimizer steps; None: 8 times per run
     logging_steps: int = 50
     early_stopping_patience: int | None = 3  # evaluations without improvement before stopping; None: off
-    metric_for_best_model: str = "accuracy"  # accuracy | macro_f1 | loss
+    metric_for_best_model: str = "accuracy"  # accuracy | macro_f1 | loss (macro_f1 for imbalanced classes)
+    class_weights: str = "none"  # none | balanced (n / (classes x count)) | per label, e.g. "negative=1,positive=5"
     group_by_length: bool = True  # batches of similar length waste little padding
     cpu_speedups: bool = True  # on CPUs: fast dropout masks, fused activations, no per-step page faults (cpu_speed)
     freeze_layers: int = 0  # freeze the embeddings and the lowest N transformer blocks (less forgetting, faster)
@@ -218,6 +220,11 @@ class Config:
             raise AfinarError(f"data.validation_fraction must be between 0 and 1 (got {self.data.validation_fraction})")
         if not 0 <= self.lm.replay_fraction < 1:
             raise AfinarError(f"lm.replay_fraction must be in [0, 1) (got {self.lm.replay_fraction})")
+        weights = self.train.class_weights
+        if weights not in ("none", "balanced") and not re.fullmatch(r"\s*[^=,]+=\s*[0-9.eE+-]+\s*(,\s*[^=,]+=\s*"
+                                                                    r"[0-9.eE+-]+\s*)*", weights):
+            raise AfinarError(f"train.class_weights must be none, balanced or label=weight pairs such as "
+                              f"negative=1,positive=5 (got {weights!r})")
         if self.train.min_steps < 0:
             raise AfinarError(f"train.min_steps must be 0 or more (got {self.train.min_steps})")
         if self.train.freeze_layers < 0:
@@ -282,7 +289,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     optional = type(None) in typing.get_args(hint)
     base = args[0] if optional and len(args) == 1 else hint
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+    spelled_none = isinstance(value, str) and value.lower() in ("none", "null", "~")
+    if value is None or (spelled_none and (optional or base is not str)):
         if optional:
             return None
         raise AfinarError(f"{key} cannot be empty")

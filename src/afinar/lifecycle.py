@@ -50,6 +50,7 @@ class TaskData:
     notes: list[str] = field(default_factory=list)
     report: dict | None = None
     extra: Any = None
+    compute_loss: Any = None  # replaces the model's own loss in `Trainer` (e.g. class weights); None: the model's
 
 
 class Task(Protocol):
@@ -109,7 +110,7 @@ def run_task(config: Config, task: Task, callbacks: list | None = None, with_tes
         trainable, total = trainable_parameters(model)
         trainer = build_trainer(run, config.train, model, tokenizer, data.train, data.validation,
                                 task.collator(tokenizer), task.compute_metrics, task.preprocess_logits_for_metrics,
-                                callbacks)
+                                callbacks, data.compute_loss)
         checkpoint = last_checkpoint(run) if config.train.resume else None
         if config.train.resume:
             log.info("resuming from %s", checkpoint or "the start: no complete checkpoint yet")

@@ -207,7 +207,10 @@ def decide_precision(run: Run, args: TrainArgs, model, train_ds) -> precision_li
 
 
 def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds, data_collator,
-                  compute_metrics=None, preprocess_logits_for_metrics=None, extra_callbacks=None) -> Trainer:
+                  compute_metrics=None, preprocess_logits_for_metrics=None, extra_callbacks=None,
+                  compute_loss=None) -> Trainer:
+    """The one `Trainer` every task trains with; `compute_loss` replaces the model's own loss (`Trainer`'s
+    `compute_loss_func`, e.g. class weights)."""
     callbacks = [RunLogCallback(run), NonFiniteLossCallback(), *(extra_callbacks or [])]
     if eval_ds is not None and args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
@@ -224,6 +227,7 @@ def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         callbacks=callbacks,
+        compute_loss_func=compute_loss,
     )
 
 
