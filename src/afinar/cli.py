@@ -132,11 +132,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     from afinar.checks import check, format_report
     from afinar.runs import write_json
 
-    report = check(_config(args))
+    config = _config(args)
+    report = check(config)
     print(format_report(report, examples=3))
     if args.json:
         write_json(Path(args.json), report.to_dict())
         print(f"report written to {args.json}")
+    if args.suspects:
+        from afinar.suspects import find_suspects, write_suspects
+
+        suspects = find_suspects(config, args.folds)
+        print(f"\n{len(suspects):,} training rows whose label the out-of-fold model disagrees with; the first:")
+        for s in suspects[:10]:
+            print(f"  row {s.row}: {s.given} -> {s.suggested} ({s.confidence:.2f})  {s.text[:70]!r}")
+        print(f"all of them, ranked: {write_suspects(suspects, args.suspects)}")
     return 0
 
 
@@ -278,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = _with_config_args(commands.add_parser(
         "check", help="data quality and leakage report (train runs the same checks first)"))
     check.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    check.add_argument("--suspects", metavar="CSV", nargs="?", const="suspects.csv",
+                       help="also rank training rows whose label a cross-validated model disagrees with, into CSV "
+                            "(default suspects.csv)")
+    check.add_argument("--folds", type=int, default=5, help="folds for --suspects (default 5)")
     check.set_defaults(func=cmd_check)
 
     evaluate = commands.add_parser("evaluate", help="re-score a saved run on its test split or another file")
