@@ -8,7 +8,7 @@ from afinar.config import DataArgs
 from afinar.data import encode, load_labelled_file, load_splits, read_table, read_texts, tokenize
 from afinar.errors import AfinarError
 
-from conftest import TWEETS, tweet_rows
+from conftest import SHARED, TWEETS, tweet_rows
 
 
 def _rows(n=60):
@@ -213,3 +213,10 @@ def test_a_byte_order_mark_does_not_hide_the_first_column(tmp_path):
     path.write_bytes(b"\xef\xbb\xbftext,label\n" + b"".join(f"t{i},{'ab'[i % 2]}\n".encode() for i in range(10)))
     splits = load_splits(DataArgs(source=str(path), text_column="text"))
     assert splits.label_names == ["a", "b"] and len(splits.train) + len(splits.validation) == 10
+
+
+def test_a_tsv_whose_quotes_belong_to_the_texts_is_read_with_quoting_off():
+    """GLUE's RTE TSV has unbalanced quotes inside sentences; every row still has the header's four fields."""
+    frame = read_table(SHARED / "rte" / "train.tsv")
+    assert frame.shape == (1244, 4) and set(frame["label"]) == {"entailment", "not_entailment"}
+    assert frame["sentence1"].str.contains('"').any()

@@ -118,9 +118,25 @@ def read_text_file(path: Path, encoding: str) -> str:
 
 
 def _read_delimited(path: Path, text: str, sep: str) -> pd.DataFrame:
-    """CSV/TSV through the csv module first, so that ragged rows and broken quotes name their line."""
+    """CSV/TSV through the csv module first, so that ragged rows and broken quotes name their line. A TSV whose
+    quotes do not parse as CSV quoting (GLUE's files: quotes are part of the texts) is read with quoting off
+    when every row then has the header's width."""
+    if sep == "\t":
+        try:
+            return _read_delimited_as(path, text, sep, csv.QUOTE_MINIMAL)
+        except AfinarError as quoted:
+            try:
+                frame = _read_delimited_as(path, text, sep, csv.QUOTE_NONE)
+            except AfinarError:
+                raise quoted from None
+            log.info("%s: read with quoting off (its quotes are part of the texts)", path)
+            return frame
+    return _read_delimited_as(path, text, sep, csv.QUOTE_MINIMAL)
+
+
+def _read_delimited_as(path: Path, text: str, sep: str, quoting: int) -> pd.DataFrame:
     csv.field_size_limit(2**31 - 1)  # long texts are judged by data.max_text_chars, not by the csv module
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep, strict=True, quoting=quoting)
     try:
         header = next(reader)
         width = len(header)
@@ -133,7 +149,7 @@ def _read_delimited(path: Path, text: str, sep: str) -> pd.DataFrame:
                           f"check for an unclosed quote") from None
     if len(set(header)) != len(header):
         raise AfinarError(f"{path}: duplicate column names in the header: {', '.join(header)}")
-    return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, quoting=csv.QUOTE_MINIMAL)
+    return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, quoting=quoting)
 
 
 def _read_jsonl(path: Path, text: str) -> pd.DataFrame:
