@@ -260,3 +260,14 @@ def test_label_scores_with_a_shared_prompt_cache_equal_full_sequence_scores(tiny
             gold = torch.tensor(encoded.labels[1:])
             plain = sum(logits[k, gold[k]].item() for k in range(len(gold)) if gold[k] != chat.IGNORE)
             assert cached[i, j] == pytest.approx(plain, abs=1e-3), (prompt, label)
+
+
+def test_afinar_check_on_instruction_data_shows_lengths_and_what_the_loss_sees(tiny_llama, tmp_path, capsys):
+    from afinar import cli
+
+    data = _seed_tasks(tmp_path, 60)
+    assert cli.main(["check", "--set", "task=sft", "--model", str(tiny_llama), "--data", str(data),
+                     "--set", "data.max_length=64"]) == 0
+    out = capsys.readouterr().out
+    assert "data checks (self_instruct" in out and "answers cut by data.max_length" in out
+    assert out.count("what the loss sees") == 2 and "<|im_start|>assistant\n[[" in out

@@ -30,7 +30,7 @@ from afinar.runs import Run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CausalLM", "generate", "generation_model", "pack", "pack_documents", "train_lm"]
+__all__ = ["CausalLM", "drop_logits", "generate", "generation_model", "pack", "pack_documents", "train_lm"]
 
 
 # ---------------------------------------------------------------- tokens and blocks
@@ -78,7 +78,7 @@ def collate_blocks(rows: list[dict]) -> dict:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def _drop_logits(logits, labels):
+def drop_logits(logits, labels):
     """Evaluation keeps only the loss: never accumulate (blocks x block_size x vocab) logits."""
     logits = logits[0] if isinstance(logits, tuple) else logits
     return logits.new_zeros(logits.shape[0])
@@ -153,7 +153,7 @@ class CausalLM:
     name = "causal_lm"
     lora_task_type = "CAUSAL_LM"
     compute_metrics = None
-    preprocess_logits_for_metrics = staticmethod(_drop_logits)
+    preprocess_logits_for_metrics = staticmethod(drop_logits)
 
     def configure(self, config: Config) -> list[str]:
         """The two training settings a language model needs; each change is noted in the manifest."""

@@ -133,6 +133,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     from afinar.runs import write_json
 
     config = _config(args)
+    if config.task == "sft":
+        from afinar.models import load_tokenizer
+        from afinar.sft import checked_conversations, format_checked
+
+        checked = checked_conversations(config, load_tokenizer(config.model))
+        print(format_checked(checked))
+        if args.json:
+            write_json(Path(args.json), checked.report_dict())
+        return 0
     report = check(config)
     print(format_report(report, examples=3))
     if args.json:

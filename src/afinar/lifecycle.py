@@ -5,7 +5,7 @@
     precision) -> fit, resuming when asked -> best model saved as stock `transformers` modules -> validation
     and test scored once -> log, metrics, summary, report
 
-A task (`classify.Classification`, `causal_lm.CausalLM`) is a small object that supplies only what differs
+A task (`classify.Classification`, `causal_lm.CausalLM`, `sft.SFT`) is a small object that supplies only what differs
 (`Task`); adding one adds a module, not a branch here.
 """
 

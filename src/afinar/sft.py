@@ -29,14 +29,15 @@ import numpy as np
 from datasets import Dataset
 
 from afinar import chat, forgetting
-from afinar.checks import apply_policies, format_report, run_checks_cached
-from afinar.config import Config
+from afinar.causal_lm import drop_logits
+from afinar.checks import DataReport, apply_policies, format_report, run_checks_cached
+from afinar.config import Config, ModelArgs
 from afinar.data import Splits, hub_splits_and_files, prepare_splits, read_splits, read_table, sha256_file, \
     split_files
 from afinar.errors import AfinarError
 from afinar.lifecycle import TaskData, TrainResult, run_task
 from afinar.metrics import classification_report
-from afinar.models import load_causal_lm
+from afinar.models import load_causal_lm, load_tokenizer
 from afinar.runs import Run
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,52 @@ def marked_example(tokenizer, messages: chat.Messages, max_length: int) -> str:
     return "".join(pieces)
 
 
+@dataclass
+class CheckedConversations:
+    """What instruction tuning trains on, and what `afinar check` shows of it."""
+
+    splits: Splits  # checked, carved, subset; conversations in the `messages` column
+    report: DataReport  # the usual checks, on the prompts (or the classified texts)
+    kind: str  # the format the data came in
+    labels: list[str] | None  # the answers' label set, if they have one
+    datasets: dict[str, Dataset]  # tokens and masked labels per split
+    stats: dict[str, dict]  # per split: token lengths, answers cut by max_length, rows dropped
+    examples: list[str]  # two training conversations with the trained tokens marked
+
+    def report_dict(self) -> dict:
+        return {**self.report.to_dict(), "sft": {"format": self.kind, "tokens": self.stats,
+                                                 "examples": self.examples, "label_set": self.labels}}
+
+
+def checked_conversations(config: Config, tokenizer, with_test: bool = True) -> CheckedConversations:
+    """Read, check (`checks.on_*` policies on train), carve and subset the conversations, then tokenize them
+    through the chat template with the loss mask."""
+    _chat_template(config, tokenizer)
+    raw, kind = read_conversation_splits(config, with_test)
+    report = run_checks_cached(raw, config.checks, None, None)
+    splits = prepare_splits(apply_policies(raw, report, config.checks), config.data, config.train.seed)
+    datasets, stats = {}, {}
+    for name, ds in splits.items():
+        datasets[name], stats[name] = _encode_split(tokenizer, _messages(ds), config.data.max_length, name)
+    examples = [marked_example(tokenizer, m, config.data.max_length) for m in _messages(splits.train)[:2]]
+    return CheckedConversations(splits, report, kind, detect_label_set(splits, config), datasets, stats, examples)
+
+
+def format_checked(checked: CheckedConversations) -> str:
+    """The checks' table, the token profile per split and the two marked examples, as text."""
+    lines = [f"data checks ({checked.kind}; on the prompts, or the texts of classification data):",
+             format_report(checked.report), "", "tokens per conversation (chat template applied):"]
+    for name, s in checked.stats.items():
+        lines.append(f"  {name}: p50 {s['tokens_p50']}, p95 {s['tokens_p95']}, max {s['tokens_max']}; answers cut "
+                     f"by data.max_length {s['answers_cut']:,}, rows dropped (no answer left) "
+                     f"{s['dropped_empty_answer']:,}")
+    if checked.labels:
+        lines.append(f"answers come from a label set: {', '.join(checked.labels)}")
+    for example in checked.examples:
+        lines += ["", f"what the loss sees (trained tokens between {MARK_OPEN} and {MARK_CLOSE}):", example]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- label continuation scoring
 
 
@@ -248,8 +295,7 @@ class SFT:
     name = "sft"
     lora_task_type = "CAUSAL_LM"
     compute_metrics = None
-    preprocess_logits_for_metrics = staticmethod(lambda logits, labels: (logits[0] if isinstance(logits, tuple)
-                                                                          else logits).new_zeros(logits.shape[0]))
+    preprocess_logits_for_metrics = staticmethod(drop_logits)
 
     def configure(self, config: Config) -> list[str]:
         notes = []
@@ -263,32 +309,23 @@ class SFT:
         return notes
 
     def prepare(self, config: Config, model_path: str, tokenizer, with_test: bool) -> TaskData:
-        _chat_template(config, tokenizer)
-        raw, kind = read_conversation_splits(config, with_test)
-        report = run_checks_cached(raw, config.checks, None, None)
-        splits = prepare_splits(apply_policies(raw, report, config.checks), config.data, config.train.seed)
-        labels = detect_label_set(splits, config)
-        datasets, stats = {}, {}
-        for name, ds in splits.items():
-            datasets[name], stats[name] = _encode_split(tokenizer, _messages(ds), config.data.max_length, name)
+        checked = checked_conversations(config, tokenizer, with_test)
+        splits, stats = checked.splits, checked.stats
         notes = list(splits.notes)
         for name, s in stats.items():
             if s["dropped_empty_answer"] or s["answers_cut"]:
                 notes.append(f"{name}: {s['answers_cut']:,} answers cut at data.max_length={config.data.max_length}"
                              f" tokens, {s['dropped_empty_answer']:,} rows dropped because nothing of the answer "
                              f"remained")
-        examples = [marked_example(tokenizer, m, config.data.max_length) for m in _messages(splits.train)[:2]]
-        report_dict = {**report.to_dict(), "sft": {"format": kind, "tokens": stats, "examples": examples,
-                                                   "label_set": labels}}
-        log.info("data checks (on %s):\n%s", "texts" if config.sft.template else "prompts", format_report(report))
-        for example in examples:
-            log.info("what the loss sees, between %s and %s:\n%s", MARK_OPEN, MARK_CLOSE, example)
-        manifest = {"data": {"sources": splits.sources, "sha256": splits.fingerprints, "format": kind,
-                             "rows": {name: len(ds) for name, ds in datasets.items()}, "label_set": labels},
+        log.info("%s", format_checked(checked))
+        manifest = {"data": {"sources": splits.sources, "sha256": splits.fingerprints, "format": checked.kind,
+                             "rows": {name: len(ds) for name, ds in checked.datasets.items()},
+                             "label_set": checked.labels},
                     "chat_template_sha256": chat.template_digest(tokenizer)}
-        return TaskData(datasets["train"], datasets["validation"], datasets.get("test"), manifest, notes,
-                        report_dict, _Prepared(splits, labels, stats, tokenizer, config.data.max_length,
-                                               config.train.eval_batch_size or config.train.batch_size))
+        return TaskData(checked.datasets["train"], checked.datasets["validation"], checked.datasets.get("test"),
+                        manifest, notes, checked.report_dict(),
+                        _Prepared(splits, checked.labels, stats, tokenizer, config.data.max_length,
+                                  config.train.eval_batch_size or config.train.batch_size))
 
     def load_model(self, config: Config, model_path: str, tokenizer, data: TaskData):
         return load_causal_lm(config.model, model_path, tokenizer)
@@ -318,9 +355,6 @@ class SFT:
         return scores
 
     def after_training(self, run: Run, config: Config, model_path: str, data: TaskData, metrics: dict) -> None:
-        from afinar.config import ModelArgs
-        from afinar.models import load_tokenizer
-
         prepared: _Prepared = data.extra
         args = ModelArgs(name=str(run.model_dir))
         tokenizer = load_tokenizer(args, str(run.model_dir))
