@@ -396,32 +396,46 @@ def _fit_and_predict(strategy: Strategy, splits: data_lib.Splits) -> StrategyRes
 # ---------------------------------------------------------------- strategies that train
 
 
-def _fine_tune(name: str, config: Config, args: CompareArgs, splits: data_lib.Splits, out_dir: Path) -> StrategyResult:
-    """LoRA or full fine-tuning through the core training path; its run folder holds the model and curves."""
-    from afinar.classify import train
-    from afinar.inference import Classifier
-
+def _train_in_comparison(name: str, config: Config, overrides: list[str], out_dir: Path, train
+                         ) -> tuple[Config, object]:
+    """`train(config)` with `overrides`, in `<out_dir>/runs/<name>`: a comparison resumed after a crash continues
+    the run's last checkpoint."""
     config = copy.deepcopy(config)
-    for override in args.lora_overrides if name == "lora" else args.full_overrides:
+    for override in overrides:
         set_value(config, *override.split("=", 1))
-    run_dir = out_dir / "runs" / name  # a comparison resumed after a crash continues the run's last checkpoint
+    run_dir = out_dir / "runs" / name
     config.train.output_dir, config.train.run_name, config.train.resume = str(run_dir.parent), name, run_dir.exists()
-    trained = train(config.validate())
+    return config, train(config.validate())
+
+
+def _trained_result(name: str, model: str, trained, splits: data_lib.Splits, overrides: list[str]) -> StrategyResult:
+    """A fine-tuning strategy's row from its run: held-out scores, fit time, parameters, and a warning when the
+    run's splits are not the comparison's."""
     metrics = trained.metrics
-    result = StrategyResult(name, config.model.name, validation=metrics["validation"], test=metrics.get("test"),
+    result = StrategyResult(name, model, validation=metrics["validation"], test=metrics.get("test"),
                             train_seconds=metrics["train"]["seconds"],
                             trainable_params=metrics["train"]["trainable_parameters"])
     rows = read_json(trained.run_dir / "manifest.json")["data"]["rows"]
     if rows != {split: len(ds) for split, ds in splits.items()}:
         result.details["warning"] = f"the run's splits differ from the comparison's: {rows}"
+    result.details.update({"run_dir": str(trained.run_dir), "steps": metrics["train"]["steps"],
+                           "total_parameters": metrics["train"]["total_parameters"], "overrides": overrides})
+    return result
+
+
+def _fine_tune(name: str, config: Config, args: CompareArgs, splits: data_lib.Splits, out_dir: Path) -> StrategyResult:
+    """LoRA or full fine-tuning through the core training path; its run folder holds the model and curves."""
+    from afinar.classify import train
+    from afinar.inference import Classifier
+
+    overrides = args.lora_overrides if name == "lora" else args.full_overrides
+    config, trained = _train_in_comparison(name, config, overrides, out_dir, train)
+    result = _trained_result(name, config.model.name, trained, splits, overrides)
     texts = data_lib.inputs(splits.test or splits.validation)  # prediction speed of the saved model
     classifier = Classifier(trained.run_dir / "model", config.data.max_length)
     started = time.perf_counter()
     classifier.scores(texts)
     result.infer_texts_per_s = len(texts) / max(time.perf_counter() - started, 1e-9)
-    result.details.update({"run_dir": str(trained.run_dir), "steps": metrics["train"]["steps"],
-                           "total_parameters": metrics["train"]["total_parameters"],
-                           "overrides": args.lora_overrides if name == "lora" else args.full_overrides})
     return result
 
 
@@ -433,24 +447,13 @@ def _instruction_tune(config: Config, args: CompareArgs, prompt: PromptArgs, spl
 
     config = copy.deepcopy(config)
     config.task, config.model = "sft", ModelArgs(name=prompt.model)
-    for override in args.sft_overrides:
-        set_value(config, *override.split("=", 1))
     if not config.sft.template:
         config.sft.template = prompt.instruction + "\n\nText: {text}"
-    run_dir = out_dir / "runs" / "sft"
-    config.train.output_dir, config.train.run_name, config.train.resume = str(run_dir.parent), "sft", run_dir.exists()
-    trained = train_sft(config.validate())
-    metrics = trained.metrics
-    result = StrategyResult("sft", prompt.model, validation=metrics["validation"], test=metrics.get("test"),
-                            train_seconds=metrics["train"]["seconds"],
-                            trainable_params=metrics["train"]["trainable_parameters"],
-                            infer_texts_per_s=(metrics.get("test") or metrics["validation"]).get("texts_per_second"))
-    rows = read_json(trained.run_dir / "manifest.json")["data"]["rows"]
-    if rows != {split: len(ds) for split, ds in splits.items()}:
-        result.details["warning"] = f"the run's splits differ from the comparison's: {rows}"
-    result.details.update({"run_dir": str(trained.run_dir), "steps": metrics["train"]["steps"],
-                           "template": config.sft.template, "free_generation": metrics.get("free_generation"),
-                           "overrides": args.sft_overrides})
+    config, trained = _train_in_comparison("sft", config, args.sft_overrides, out_dir, train_sft)
+    result = _trained_result("sft", prompt.model, trained, splits, args.sft_overrides)
+    scored = trained.metrics.get("test") or trained.metrics["validation"]
+    result.infer_texts_per_s = scored.get("texts_per_second")  # label continuations scored, texts/s
+    result.details.update({"template": config.sft.template, "free_generation": trained.metrics.get("free_generation")})
     return result
 
 
