@@ -33,6 +33,11 @@ def train(config: Config | str | None = None, overrides: list[str] | None = None
         from afinar.sft import train_sft
 
         return train_sft(config)
+    if config.task == "multilabel" or config.data.label_columns:
+        from afinar.multilabel import train_multilabel
+
+        config.task = "multilabel"
+        return train_multilabel(config)
     from afinar.classify import train as train_classifier
 
     return train_classifier(config)

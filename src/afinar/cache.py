@@ -54,12 +54,16 @@ def dataset_digest(ds: Dataset) -> str:
     table = ds.data.table
     if ds._indices is not None:  # a selection or shuffle: gather the rows it stands for
         table = table.take(ds._indices.column(0))
-    texts = table.column("text").cast(pa.large_string()).combine_chunks()
-    _, offsets, data = texts.buffers()
-    ends = np.frombuffer(offsets, dtype=np.int64)[texts.offset:texts.offset + len(texts) + 1]
     sha = hashlib.sha256()
-    sha.update((ends - ends[0]).tobytes())
-    sha.update(memoryview(data)[ends[0]:ends[-1]] if data is not None else b"")
+    for column in ("text", "text_pair"):  # a sentence pair's second text is part of the row
+        if column not in table.column_names:
+            continue
+        texts = table.column(column).cast(pa.large_string()).combine_chunks()
+        _, offsets, data = texts.buffers()
+        ends = np.frombuffer(offsets, dtype=np.int64)[texts.offset:texts.offset + len(texts) + 1]
+        sha.update(column.encode())
+        sha.update((ends - ends[0]).tobytes())
+        sha.update(memoryview(data)[ends[0]:ends[-1]] if data is not None else b"")
     sha.update(table.column("label").to_numpy().astype(np.int64).tobytes())
     return sha.hexdigest()
 

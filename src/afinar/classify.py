@@ -147,8 +147,15 @@ def load_run_classifier(run_dir: str | Path, backend: str = "torch") -> tuple[Ru
     """A finished run's classifier on `backend` (torch | torch-bf16 | onnx | onnx-int8 | auto, see `inference`)."""
     run = Run.open(run_dir)
     run.require_finished()
-    if run.config().task != "classification":
-        raise AfinarError(f"{run.path} is a {run.config().task} run; evaluate and predict need a classification run")
+    task = run.config().task
+    if task == "multilabel":
+        from afinar.multilabel import MultiLabelClassifier
+
+        if backend not in ("torch", "auto"):
+            raise AfinarError(f"backend {backend}: multi-label runs are served by torch only")
+        return run, MultiLabelClassifier(run.model_dir, run.config().data.max_length)
+    if task != "classification":
+        raise AfinarError(f"{run.path} is a {task} run; evaluate and predict need a classification run")
     return run, load_predictor(run.path, backend)
 
 

@@ -192,10 +192,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise AfinarError("nothing to predict: give texts as arguments or --file texts.txt/.csv/.jsonl")
     for p in predict(args.run, texts, backend=args.backend):
         if args.json:
-            print(json.dumps({"text": p.text, "label": p.label, "scores": p.scores}))
+            print(json.dumps({"text": p.text, "label": p.label, "scores": p.scores,
+                              **({"labels": p.labels} if p.labels is not None else {})}))
         else:
             scores = "  ".join(f"{k}={v:.3f}" for k, v in p.scores.items())
-            print(f"{p.label}\t{scores}\t{p.text}")
+            print(f"{p.label if p.labels is None else ','.join(p.labels) or '(none)'}\t{scores}\t{p.text}")
     return 0
 
 

@@ -20,7 +20,7 @@ import yaml
 
 from afinar.errors import AfinarError
 
-TASKS = ("classification", "causal_lm", "sft")
+TASKS = ("classification", "multilabel", "causal_lm", "sft")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POLICIES = ("error", "drop", "warn")
 CALIBRATIONS = ("train", "content_free", "none")
@@ -43,6 +43,8 @@ class DataArgs:
     text_pair_column: str | None = None  # sentence pairs: the second text (detected for sentence1/sentence2,
     #                                      premise/hypothesis, question/passage, ... when text_column is unset)
     label_column: str | None = None  # auto-detected when unset
+    label_columns: list[str] | None = None  # multi-label data as several 0/1 columns (implies task: multilabel)
+    label_names_file: str | None = None  # multi-label ids -> names, one per line (default: labels.txt beside train)
     encoding: str = "utf-8"  # for CSV/TSV/JSONL/TXT files
     validation_fraction: float = 0.1  # carved from train, stratified, when there is no validation split
     max_train_samples: int | None = None  # seeded random subset of train
@@ -73,6 +75,7 @@ class TrainArgs:
     logging_steps: int = 50
     early_stopping_patience: int | None = 3  # evaluations without improvement before stopping; None: off
     metric_for_best_model: str = "accuracy"  # accuracy | macro_f1 | loss (macro_f1 for imbalanced classes)
+    head_learning_rate: float | None = None  # multilabel: the new head's rate (None: 1e-3); the encoder's is above
     class_weights: str = "none"  # none | balanced (n / (classes x count)) | per label, e.g. "negative=1,positive=5"
     group_by_length: bool = True  # batches of similar length waste little padding
     cpu_speedups: bool = True  # on CPUs: fast dropout masks, fused activations, no per-step page faults (cpu_speed)

@@ -356,6 +356,7 @@ def _normalise(frame: pd.DataFrame, args: DataArgs, where: str, class_names: dic
     pairs = None if pair_column is None else _text_values(frame[pair_column], args, where)
     names, row_names = _label_names(frame, label_column, class_names, where)
     if label_names is None:
+        _refuse_label_sets(row_names.astype(str), label_column, where)
         label_names = names
         if len(label_names) < 2:
             raise AfinarError(f"{where}: only one class ({label_names[0]!r}) in column {label_column!r}; "
@@ -373,6 +374,18 @@ def _normalise(frame: pd.DataFrame, args: DataArgs, where: str, class_names: dic
     columns = {"text": texts.to_numpy(), **({} if pairs is None else {"text_pair": pairs.to_numpy()}),
                "label": row_names.map(index).to_numpy()}
     return pd.DataFrame(columns), label_names
+
+
+def _refuse_label_sets(labels: pd.Series, column: str, where: str) -> None:
+    """Labels such as `3,15` whose parts are (mostly) labels of their own are label sets: trained as classes of
+    their own, they would make a silently wrong model."""
+    joined = labels.str.contains(r"[,|]", regex=True)
+    if joined.mean() <= 0.01:
+        return
+    parts = {part.strip() for value in labels[joined] for part in re.split(r"[,|]", value)}
+    if len(parts & set(labels[~joined])) >= 0.8 * len(parts):  # most parts are labels of their own
+        raise AfinarError(f"{where}: {int(joined.sum()):,} rows of column {column!r} hold several labels (e.g. "
+                          f"{labels[joined].iloc[0]!r}): this is multi-label data; set task=multilabel")
 
 
 def text_columns(frame: pd.DataFrame, args: DataArgs, where: str) -> tuple[str, str | None]:

@@ -182,6 +182,8 @@ def export_run(run_dir: str | Path, int8: bool = False, out: str | Path | None =
     run = Run.open(run_dir)
     run.require_finished()
     config = run.config()
+    if config.task != "classification":
+        raise AfinarError(f"{run.path} is a {config.task} run; export covers single-label classification runs")
     out_dir = Path(out) if out is not None else run.path / ONNX_DIR
     classifier = Classifier(run.model_dir, config.data.max_length, config.model.allow_pickle)
     texts, gold = _check_texts(run, classifier.tokenizer, classifier.labels, check_texts)

@@ -41,8 +41,9 @@ AUTO_TOLERANCE_POINTS = 0.5  # largest accuracy drop (percentage points) `auto` 
 @dataclass
 class Prediction:
     text: str
-    label: str
+    label: str  # the most probable label
     scores: dict[str, float]
+    labels: list[str] | None = None  # multi-label models: every label at or above its threshold
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -360,6 +360,12 @@ def write_run_report(run_dir: str | Path) -> Path:
         sections += [f"<h2>Errors and per-class scores ({split})</h2>",
                      _img(plot_confusion(scored, f"confusion matrix ({split})"), "confusion matrix"),
                      _img(plot_per_class(scored, f"per-class scores ({split})"), "per-class scores")]
+    elif scored and "per_class" in scored:  # multi-label: per-label counts and scores instead of a confusion matrix
+        sections += [f"<h2>Per-label scores ({split}, thresholds tuned on validation)</h2>",
+                     _table(["label", "precision", "recall", "F1", "support"],
+                            [[name, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
+                              f"{s['support']:,}"] for name, s in scored["per_class"].items()]),
+                     _img(plot_per_class(scored, f"per-label scores ({split})"), "per-label scores")]
     if metrics.get("generations"):
         sections += ["<h2>Sample generations (validation prompts, greedy)</h2>",
                      _table(["prompt", "expected", "generated"],

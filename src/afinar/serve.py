@@ -92,7 +92,9 @@ class PredictRequest(BaseModel):
 
 class ScoredLabel(BaseModel):
     label: str = Field(description="The most probable label.")
-    scores: dict[str, float] = Field(description="Probability of every label; they sum to 1.")
+    scores: dict[str, float] = Field(description="Probability of every label (single-label models: they sum to 1).")
+    labels: list[str] | None = Field(default=None, description="Multi-label models: every label at or above its "
+                                                               "threshold tuned on validation.")
 
 
 class PredictResponse(BaseModel):
@@ -466,8 +468,11 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
         except asyncio.TimeoutError:
             raise HTTPException(503, f"scoring took longer than score_timeout_s={score_timeout_s:g}; retry later",
                                 headers={"Retry-After": "1"}) from None
+        thresholds = getattr(classifier, "thresholds", None)  # a multi-label model
         return PredictResponse(predictions=[
-            ScoredLabel(label=labels[int(row.argmax())], scores=dict(zip(labels, row.tolist()))) for row in rows])
+            ScoredLabel(label=labels[int(row.argmax())], scores=dict(zip(labels, row.tolist())),
+                        labels=None if thresholds is None else
+                        [name for name, p, t in zip(labels, row, thresholds) if p >= t]) for row in rows])
 
     return app
 

@@ -171,6 +171,25 @@ class LengthBucketTrainer(Trainer):
     the effective batch, so halving the per-device batch and doubling accumulation (the out-of-memory retry) keeps
     every step's rows and the order of the whole epoch."""
 
+    def create_optimizer(self, model=None):
+        """`Trainer`'s optimizer, with the model's `head_learning_rate` (if it has one) for the parameters of its
+        `classifier` head: a new head starts from nothing, the encoder from pretraining."""
+        head_rate = getattr(self.model, "head_learning_rate", None)
+        if head_rate is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups = []
+        for head in (False, True):
+            for decays in (True, False):
+                params = [p for n, p in self.model.named_parameters()
+                          if p.requires_grad and ("classifier" in n) == head and (n in decay) == decays]
+                if params:
+                    groups.append({"params": params, "weight_decay": self.args.weight_decay if decays else 0.0,
+                                   **({"lr": head_rate} if head else {})})
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+        self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset  # with the `length` column that `data.tokenize` adds and `Trainer` drops
         if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "column_names"):

@@ -1,0 +1,79 @@
+"""Multi-label classification on real GoEmotions rows: label sets in every spelling, a mean-pooling sigmoid head,
+thresholds tuned on validation, predictions with every label above its threshold, and single-label training
+refusing label sets."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import afinar
+from afinar import cli
+from afinar.config import load_config
+from afinar.errors import AfinarError
+from afinar.multilabel import _label_set, multilabel_report, tune_thresholds
+
+from conftest import SHARED
+
+GOEMOTIONS = SHARED / "goemotions"
+
+
+def _goemotions(tmp_path, rows: int = 240):
+    """Copies of the first rows of train and test, with labels.txt beside them (ids -> names)."""
+    folder = tmp_path / "goemotions"
+    folder.mkdir()
+    for split, n in (("train", rows), ("test", 60)):
+        frame = pd.read_csv(GOEMOTIONS / f"{split}.tsv", sep="\t", dtype=str, keep_default_na=False).head(n)
+        frame.to_csv(folder / f"{split}.tsv", sep="\t", index=False)
+    (folder / "labels.txt").write_text((GOEMOTIONS / "labels.txt").read_text())
+    return folder
+
+
+def test_label_sets_in_every_spelling():
+    assert _label_set("3,15", "x") == ["3", "15"] and _label_set("joy|love", "x") == ["joy", "love"]
+    assert _label_set('["joy", "love"]', "x") == ["joy", "love"] and _label_set(np.array(["a"]), "x") == ["a"]
+    assert _label_set("", "x") == [] and _label_set(None, "x") == []
+
+
+def test_thresholds_are_tuned_per_label_on_validation():
+    rng = np.random.default_rng(0)
+    targets = (rng.random((400, 3)) < [0.5, 0.1, 0.3]).astype(int)
+    probabilities = np.clip(targets * 0.3 + rng.random((400, 3)) * 0.6, 0, 1)  # label 1 needs a low threshold
+    best_global, per_label = tune_thresholds(targets, probabilities)
+    assert 0.05 <= best_global <= 0.95 and per_label.shape == (3,)
+    tuned = multilabel_report(targets, probabilities, per_label, ["a", "b", "c"])
+    fixed = multilabel_report(targets, probabilities, np.full(3, 0.5), ["a", "b", "c"])
+    assert tuned["macro_f1"] >= fixed["macro_f1"]
+    assert set(tuned) >= {"micro_f1", "macro_f1", "accuracy", "cardinality", "per_class", "n"}
+
+
+def test_multilabel_run_end_to_end_on_goemotions_rows(tiny_bert, tmp_path, capsys):
+    folder = _goemotions(tmp_path)
+    result = afinar.train(load_config(overrides=[
+        "task=multilabel", f"model={tiny_bert}", f"data.source={folder}", f"train.output_dir={tmp_path}",
+        "train.run_name=ml", "train.max_steps=6", "train.batch_size=16", "data.max_length=48",
+        "train.learning_rate=1e-3"]))
+    metrics = result.metrics
+    names = (GOEMOTIONS / "labels.txt").read_text().split()
+    assert list(metrics["test"]["per_class"]) == names and metrics["test"]["n"] == 60
+    assert set(metrics["thresholds"]["per_label"]) == set(names)
+    saved = json.loads((result.run_dir / "model" / "thresholds.json").read_text())
+    assert saved == metrics["thresholds"]
+    report = json.loads((result.run_dir / "data_report.json").read_text())["labels"]
+    assert report["splits"]["train"]["cardinality"] >= 1.0 and "never_in_train" in report
+    capsys.readouterr()
+    assert cli.main(["predict", str(result.run_dir), "I love this, thank you!", "--json"]) == 0
+    prediction = json.loads(capsys.readouterr().out)
+    assert set(prediction["scores"]) == set(names) and isinstance(prediction["labels"], list)
+    above = [n for n in names if prediction["scores"][n] >= saved["per_label"][n]]
+    assert prediction["labels"] == above
+    page = (result.run_dir / "report.html").read_text()
+    assert "Per-label scores" in page
+
+
+def test_single_label_training_refuses_label_sets(tiny_bert, tmp_path):
+    folder = _goemotions(tmp_path)
+    with pytest.raises(AfinarError, match="this is multi-label data; set task=multilabel"):
+        afinar.train(load_config(overrides=[f"model={tiny_bert}", f"data.source={folder}",
+                                            f"train.output_dir={tmp_path}"]))
