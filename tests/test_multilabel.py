@@ -77,3 +77,16 @@ def test_single_label_training_refuses_label_sets(tiny_bert, tmp_path):
     with pytest.raises(AfinarError, match="this is multi-label data; set task=multilabel"):
         afinar.train(load_config(overrides=[f"model={tiny_bert}", f"data.source={folder}",
                                             f"train.output_dir={tmp_path}"]))
+
+
+def test_class_weights_become_bce_positive_weights():
+    import torch
+
+    from afinar.multilabel import WeightedBCE, positive_weights
+
+    assert positive_weights("balanced", [[0], [0, 1], [0], []], ["a", "b"]) == [1 / 3, 3.0]
+    assert positive_weights("b=4", [[0]], ["a", "b"]) == [1.0, 4.0] and positive_weights("none", [[0]], ["a"]) is None
+    logits, labels = torch.tensor([[0.0, -2.0]]), torch.tensor([[1.0, 1.0]])
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    assert WeightedBCE([1.0, 1.0])({"logits": logits}, labels) == pytest.approx(plain.item())
+    assert WeightedBCE([1.0, 5.0])({"logits": logits}, labels) > plain

@@ -47,6 +47,11 @@ def class_weights(setting: str, labels: list[int], label_names: list[str]) -> li
             missing = label_names[int(np.argmin(counts))]
             raise AfinarError(f"train.class_weights=balanced: class {missing!r} has no training rows")
         return (len(labels) / (len(label_names) * counts)).tolist()
+    return named_weights(setting, label_names)
+
+
+def named_weights(setting: str, label_names: list[str]) -> list[float]:
+    """`name=weight,...` as one weight per label, 1 for labels not named."""
     weights = dict.fromkeys(label_names, 1.0)
     for item in setting.split(","):
         name, _, value = item.partition("=")

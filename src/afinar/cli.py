@@ -133,6 +133,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     from afinar.runs import write_json
 
     config = _config(args)
+    if config.task == "multilabel" or config.data.label_columns:
+        from afinar.multilabel import check_multilabel
+
+        print(check_multilabel(config))
+        return 0
     if config.task == "sft":
         from afinar.models import load_tokenizer
         from afinar.sft import checked_conversations, format_checked

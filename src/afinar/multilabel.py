@@ -11,6 +11,7 @@ maximising F1); test is scored once with them. The thresholds travel with the mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -118,6 +119,12 @@ def read_multilabel_splits(config: Config, with_test: bool = True) -> data_lib.S
                            fingerprints, [])
 
 
+def _for_checks(splits: data_lib.Splits) -> data_lib.Splits:
+    """The splits as the text checks see them: one class, so class balance and imbalance advice (which read
+    `label`) stay out of it; the label sets are profiled by `label_profile`."""
+    return dataclasses.replace(splits, label_names=["(label sets)"])
+
+
 def label_profile(splits: data_lib.Splits) -> dict:
     """Per split: rows per label, rows with no label, mean labels per row; and labels train never has."""
     profile = {}
@@ -130,11 +137,58 @@ def label_profile(splits: data_lib.Splits) -> dict:
     return {"splits": profile, "never_in_train": never}
 
 
+def check_multilabel(config: Config) -> str:
+    """`afinar check` for multi-label data: the usual checks on the texts, then the label profile, as text."""
+    from afinar.checks import run_checks
+    from afinar.models import load_tokenizer
+
+    splits = read_multilabel_splits(config)
+    report = run_checks(_for_checks(splits), config.checks, load_tokenizer(config.model), config.data.max_length)
+    apply_policies(splits, report, config.checks)
+    profile = label_profile(splits)
+    lines = [format_report(report), "", "labels (rows per label; no label; mean labels per row):"]
+    for name, split in profile["splits"].items():
+        rare = sorted(split["counts"].items(), key=lambda item: item[1])[:3]
+        lines.append(f"  {name}: {len(split['counts'])} labels, rarest {', '.join(f'{n} {c:,}' for n, c in rare)}; "
+                     f"{split['empty']:,} rows without a label; {split['cardinality']:.2f} labels per row")
+    if profile["never_in_train"]:
+        lines.append(f"  labels never in train: {', '.join(profile['never_in_train'])}")
+    return "\n".join(lines)
+
+
 def _multi_hot(rows: list[list[int]], classes: int) -> list[list[float]]:
     out = np.zeros((len(rows), classes), dtype=np.float32)
     for i, row in enumerate(rows):
         out[i, row] = 1.0
     return out.tolist()
+
+
+def positive_weights(setting: str, rows: list[list[int]], label_names: list[str]) -> list[float] | None:
+    """`train.class_weights` for multi-label data, as BCE's `pos_weight`: balanced -> negatives / positives per
+    label; `name=weight,...` -> those (1 elsewhere); none -> None."""
+    from afinar.classify import named_weights
+
+    if setting == "none":
+        return None
+    if setting != "balanced":
+        return named_weights(setting, label_names)
+    positives = np.bincount([i for row in rows for i in row], minlength=len(label_names))
+    if (positives == 0).any():
+        raise AfinarError(f"train.class_weights=balanced: label {label_names[int(np.argmin(positives))]!r} has no "
+                          f"training rows")
+    return ((len(rows) - positives) / positives).tolist()
+
+
+class WeightedBCE:
+    """`Trainer`'s `compute_loss_func`: binary cross-entropy with a positive-class weight per label."""
+
+    def __init__(self, pos_weight: list[float]):
+        self.pos_weight = pos_weight
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"]
+        weight = torch.tensor(self.pos_weight, dtype=torch.float32, device=logits.device)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=weight)
 
 
 # ---------------------------------------------------------------- the model
@@ -292,7 +346,7 @@ class MultiLabel:
 
     def prepare(self, config: Config, model_path: str, tokenizer, with_test: bool) -> TaskData:
         raw = read_multilabel_splits(config, with_test)
-        report = run_checks_cached(raw, config.checks, tokenizer, config.data.max_length)
+        report = run_checks_cached(_for_checks(raw), config.checks, tokenizer, config.data.max_length)
         splits = data_lib.prepare_splits(apply_policies(raw, report, config.checks), config.data, config.train.seed)
         profile = label_profile(splits)
         log.info("data checks:\n%s", format_report(report))
@@ -308,10 +362,13 @@ class MultiLabel:
             targets = _multi_hot(ds["labels"], classes)
             tokens = data_lib.tokenize(ds.remove_columns(["labels"]), tokenizer, config.data.max_length)
             tokenized[name] = tokens.remove_columns(["label"]).add_column("labels", targets)
+        weights = positive_weights(config.train.class_weights, splits.train["labels"], splits.label_names)
         manifest = {"data": {"sources": splits.sources, "sha256": splits.fingerprints, "labels": splits.label_names,
-                             "rows": {name: len(ds) for name, ds in splits.items()}, "multilabel": True}}
+                             "rows": {name: len(ds) for name, ds in splits.items()}, "multilabel": True},
+                    "class_weights": None if weights is None else dict(zip(splits.label_names, weights))}
         return TaskData(tokenized["train"], tokenized["validation"], tokenized.get("test"), manifest, notes,
-                        {**report.to_dict(), "labels": profile}, _Prepared(splits, profile))
+                        {**report.to_dict(), "labels": profile}, _Prepared(splits, profile),
+                        None if weights is None else WeightedBCE(weights))
 
     def load_model(self, config: Config, model_path: str, tokenizer, data: TaskData):
         model = MeanPoolingClassifier.from_encoder(model_path, data.extra.splits.label_names, tokenizer.pad_token_id)
