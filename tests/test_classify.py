@@ -201,3 +201,22 @@ def test_class_weights_are_computed_recorded_and_change_the_loss(tiny_bert, twee
     assert runs["balanced"].metrics["train"]["loss"] != runs["none"].metrics["train"]["loss"]
     with pytest.raises(AfinarError, match="train.class_weights must be none, balanced or label=weight"):
         load_config(overrides=["train.class_weights=heavy"])
+
+
+def test_bootstrap_intervals_cover_the_point_estimate_and_shrink_with_more_rows():
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    from afinar.metrics import bootstrap_interval, classification_report
+
+    rng = np.random.default_rng(1)
+    gold = rng.integers(0, 3, 4000)
+    predicted = np.where(rng.random(4000) < 0.7, gold, rng.integers(0, 3, 4000))
+    report = classification_report(gold, predicted, ["a", "b", "c"])
+    low, high = report["ci95"]["accuracy"]
+    assert low < report["accuracy"] < high and 0.01 < high - low < 0.04  # about +-1.4 points at n=4000
+    low_f1, high_f1 = report["ci95"]["macro_f1"]
+    assert low_f1 < f1_score(gold, predicted, average="macro") < high_f1
+    small = bootstrap_interval(gold[:400], predicted[:400], 3)
+    assert small["accuracy"][1] - small["accuracy"][0] > high - low  # fewer rows, wider interval
+    assert bootstrap_interval(gold, predicted, 3) == report["ci95"]  # seeded: the same interval every time

@@ -96,6 +96,14 @@ def test_recommend_the_cheapest_within_tolerance_of_the_best_validation_accuracy
     assert recommend([StrategyResult("x", "", error="boom")], 1.0)[0] is None
 
 
+def test_the_recommendation_says_when_the_best_two_overlap():
+    close = [StrategyResult("a", "m", validation={"accuracy": 0.70, "ci95": {"accuracy": [0.66, 0.74]}}),
+             StrategyResult("b", "m", validation={"accuracy": 0.69, "ci95": {"accuracy": [0.65, 0.73]}})]
+    assert "overlapping 95% bootstrap intervals" in recommend(close, tolerance_points=0.5)[1]
+    apart = [close[0], StrategyResult("b", "m", validation={"accuracy": 0.55, "ci95": {"accuracy": [0.51, 0.59]}})]
+    assert "overlapping" not in recommend(apart, tolerance_points=0.5)[1]
+
+
 def test_parse_strategies():
     assert parse_strategies("knn_retrieval, lora,knn_retrieval") == ["knn_retrieval", "lora"]
     assert parse_strategies("all")[-4:] == ["setfit", "sft", "lora", "full"] and len(parse_strategies("all")) == 9
@@ -122,7 +130,7 @@ def test_compare_writes_the_table_and_the_report(tiny_bert, tiny_gpt2, tweets_js
     assert 0 < lora.trainable_params < lora.details["total_parameters"] and lora.train_seconds > 0
     assert comparison.recommended in {"knn_retrieval", "zero_shot", "lora"}
     table = (out / "comparison.md").read_text()
-    assert "| strategy | model | val acc | test acc | test macro-F1 | train time | inference texts/s |" in table
+    assert "| strategy | model | val acc | test acc [95% CI] | test macro-F1 | train time | inference texts/s |" in table
     assert re.search(r"\| zero_shot \| .* \| [01]\.\d{3} \(raw [01]\.\d{3}\) \|", table)
     assert "## Recommendation" in table and f"**{comparison.recommended}**" in table
     saved = json.loads((out / "comparison.json").read_text())

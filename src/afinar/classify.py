@@ -17,7 +17,7 @@ from afinar.config import Config, DataArgs
 from afinar.errors import AfinarError
 from afinar.inference import Prediction, Predictor, load_predictor
 from afinar.lifecycle import TaskData, TrainResult, run_task
-from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics
+from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics, with_interval
 from afinar.models import load_classifier
 from afinar.runs import Run
 
@@ -129,12 +129,12 @@ class Classification:
                  f"{metrics['train']['samples_per_second']:.1f} samples/s, "
                  f"{metrics['train']['trainable_parameters']:,} trainable parameters"
                  + (" (LoRA)" if config.lora.enabled else ""), ""]
-        lines += ["| split | accuracy | macro-F1 | majority baseline | n |", "|---|---|---|---|---|"]
+        lines += ["| split | accuracy [95% CI] | macro-F1 [95% CI] | majority baseline | n |", "|---|---|---|---|---|"]
         for split in ("validation", "test"):
             if split in metrics:
                 m = metrics[split]
-                lines.append(f"| {split} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['majority_baseline']:.4f} "
-                             f"| {m['n']:,} |")
+                lines.append(f"| {split} | {with_interval(m, 'accuracy')} | {with_interval(m, 'macro_f1')} | "
+                             f"{m['majority_baseline']:.4f} | {m['n']:,} |")
         lines += ["", "Notes:"] + [f"- {note}" for note in splits.notes]
         lines += ["", "## Data checks (before splitting and subsets)", "", "```", format_report(report), "```", ""]
         return "\n".join(lines)

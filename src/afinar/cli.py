@@ -77,8 +77,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"{split}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}"
                   + (f"  accuracy by label continuation {m['accuracy']:.4f}" if "accuracy" in m else ""))
         elif m:
-            print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
-                  f"(majority baseline {m['majority_baseline']:.4f}, n={m['n']:,})")
+            from afinar.metrics import with_interval
+
+            print(f"{split}: accuracy {with_interval(m, 'accuracy')}  macro-F1 {with_interval(m, 'macro_f1')}  "
+                  f"(95% bootstrap intervals; majority baseline {m['majority_baseline']:.4f}, n={m['n']:,})")
     if result.task in ("causal_lm", "sft"):
         _print_forgetting(result.metrics["forgetting"])
     print(f"trained {result.metrics['train']['seconds']:.0f} s")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from afinar.errors import AfinarError
+from afinar.metrics import with_interval
 from afinar.runs import Run, read_json, write_atomic
 
 RISES = 2  # consecutive validation-loss rises at the end that count as over-fitting ...
@@ -28,7 +29,7 @@ RISE_MARGIN = 0.02  # ... when the last is also this much (relative) above the m
 FLAT = 0.10  # a loss that fell by less than this share of its first value is flat
 NEAR_MAJORITY = 0.02  # best validation accuracy within this of the majority class: nothing useful learnt
 
-COLUMNS = ["strategy", "model", "val acc", "test acc", "test macro-F1", "train time", "inference texts/s",
+COLUMNS = ["strategy", "model", "val acc", "test acc [95% CI]", "test macro-F1", "train time", "inference texts/s",
            "peak memory", "trainable params"]  # the comparison table
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -325,10 +326,10 @@ def _metrics_table(metrics: dict, task: str) -> str:
             table += (f"<p>Free generation on {free['rows']} validation prompts: {free['valid_label_rate']:.1%} "
                       f"valid labels, {free['accuracy']:.1%} right.</p>")
     else:
-        table = _table(["split", "accuracy", "macro-F1", "majority baseline", "loss", "n"],
-                       [[split, f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['majority_baseline']:.4f}",
-                         f"{m['loss']:.4f}" if m.get("loss") is not None else "", f"{m['n']:,}"]
-                        for split, m in scored.items()])
+        table = _table(["split", "accuracy [95% CI]", "macro-F1 [95% CI]", "majority baseline", "loss", "n"],
+                       [[split, with_interval(m, "accuracy"), with_interval(m, "macro_f1"),
+                         f"{m['majority_baseline']:.4f}", f"{m['loss']:.4f}" if m.get("loss") is not None else "",
+                         f"{m['n']:,}"] for split, m in scored.items()])
     train = metrics.get("train") or {}
     if train:
         table += (f"<p>Training: {train.get('seconds', 0):.0f} s, {train.get('steps', 0):,} steps, "
@@ -500,8 +501,11 @@ def comparison_rows(results: list[dict]) -> list[list[str]]:
         raw = r.get("variants", {}).get("raw", {})
 
         def accuracy(split: str) -> str:
-            value = (r.get(split) or {}).get("accuracy")
-            return "—" if value is None else f"{value:.3f}" + (f" (raw {raw[split]:.3f})" if split in raw else "")
+            scored = r.get(split) or {}
+            if scored.get("accuracy") is None:
+                return "—"
+            shown = with_interval(scored, "accuracy", 3) if split == "test" else f"{scored['accuracy']:.3f}"
+            return shown + (f" (raw {raw[split]:.3f})" if split in raw else "")
 
         f1 = (r.get("test") or {}).get("macro_f1")
         rows.append([r["name"], r["model"], accuracy("validation"), accuracy("test"),

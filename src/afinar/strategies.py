@@ -523,6 +523,12 @@ def recommend(results: list[StrategyResult], tolerance_points: float = 1.0,
                     f"best ({best.name}: {best.val_accuracy:.3f}) and it is the cheapest of those: "
                     f"{choice.train_seconds:.0f} s to fit and {cost(choice):.0f} s to fit and label {COST_TEXTS:,} "
                     f"texts, against {best.train_seconds:.0f} s and {cost(best):.0f} s for {best.name}.")
+    runner_up = max((r for r in done if r is not best), key=lambda r: r.val_accuracy, default=None)
+    intervals = [(r.validation or {}).get("ci95", {}).get("accuracy") for r in (best, runner_up) if r is not None]
+    if len(intervals) == 2 and all(intervals) and intervals[0][0] <= intervals[1][1]:
+        text.append(f"The best two on validation ({best.name} and {runner_up.name}) have overlapping 95% "
+                    f"bootstrap intervals ({intervals[0][0]:.3f}-{intervals[0][1]:.3f} and "
+                    f"{intervals[1][0]:.3f}-{intervals[1][1]:.3f}): the difference between them may be noise.")
     if choice.test_accuracy is not None:
         text.append(f"Its test accuracy is {choice.test_accuracy:.3f}"
                     + (f" (majority class: {majority:.3f})." if majority is not None else "."))
