@@ -130,7 +130,8 @@ def test_compare_writes_the_table_and_the_report(tiny_bert, tiny_gpt2, tweets_js
     assert 0 < lora.trainable_params < lora.details["total_parameters"] and lora.train_seconds > 0
     assert comparison.recommended in {"knn_retrieval", "zero_shot", "lora"}
     table = (out / "comparison.md").read_text()
-    assert "| strategy | model | val acc | test acc [95% CI] | test macro-F1 | train time | inference texts/s |" in table
+    assert ("| strategy | model | val acc | test acc [95% CI] | test macro-F1 | train time | inference texts/s |"
+            in table)
     assert re.search(r"\| zero_shot \| .* \| [01]\.\d{3} \(raw [01]\.\d{3}\) \|", table)
     assert "## Recommendation" in table and f"**{comparison.recommended}**" in table
     saved = json.loads((out / "comparison.json").read_text())

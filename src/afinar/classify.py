@@ -19,7 +19,7 @@ from afinar.inference import Prediction, Predictor, load_predictor
 from afinar.lifecycle import TaskData, TrainResult, run_task
 from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics, with_interval
 from afinar.models import load_classifier
-from afinar.runs import Run
+from afinar.runs import Run, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +202,15 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, batch_size: in
     report = classification_report(np.asarray(ds["label"]), predictions, classifier.labels)
     report["data"] = str(data) if data is not None else "the run's test split"
     report["backend"] = classifier.backend
+    if data is not None:  # a cross-dataset score: kept with the run and shown on its model card
+        from afinar.hub import EVALUATIONS, write_model_card
+
+        earlier = [e for e in (read_json(run.path / EVALUATIONS) if (run.path / EVALUATIONS).is_file() else [])
+                   if e["data"] != str(data)]
+        write_json(run.path / EVALUATIONS, earlier + [{
+            "data": str(data), "sha256": data_lib.sha256_file(Path(data)), "n": report["n"],
+            "accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "ci95": report["ci95"]}])
+        write_model_card(run, config, run.metrics())
     return report
 
 

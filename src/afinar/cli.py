@@ -7,6 +7,7 @@ unless AFINAR_DEBUG=1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -248,6 +249,21 @@ def cmd_curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from afinar.hub import push
+
+    print(push(args.run, args.repo_id, private=args.private))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from afinar.diff import diff_runs, format_diff
+
+    difference = diff_runs(args.run_a, args.run_b)
+    print(json.dumps(dataclasses.asdict(difference), indent=2) if args.json else format_diff(difference))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from afinar.report import write_comparison_report, write_curve_report, write_run_report, write_search_report
 
@@ -353,6 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
     curve.add_argument("--resume", dest="continue_curve", action="store_true",
                        help="in an existing --out folder, train only the sizes it lacks")
     curve.set_defaults(func=cmd_curve)
+
+    push = commands.add_parser("push", help="upload a run's model/ (model card included) to the Hugging Face hub")
+    push.add_argument("run", help="run folder")
+    push.add_argument("--repo-id", required=True, help="user/name of the hub model repository")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.set_defaults(func=cmd_push)
+
+    diff = commands.add_parser("diff", help="why did my result change? what differs between two runs")
+    diff.add_argument("run_a")
+    diff.add_argument("run_b")
+    diff.add_argument("--json", action="store_true")
+    diff.set_defaults(func=cmd_diff)
 
     report = commands.add_parser("report", help="(re)write report.html for a run, comparison, search or curve folder")
     report.add_argument("folder", help="run, comparison, search or curve folder")

@@ -46,6 +46,7 @@ from afinar.cache import dataset_digest
 from afinar.checks import checked_splits
 from afinar.errors import AfinarError
 from afinar.inference import ONNX_DIR, ONNX_FILES, Classifier, OnnxClassifier
+from afinar.models import save_tokenizer
 from afinar.runs import Run, write_json
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def export_run(run_dir: str | Path, int8: bool = False, out: str | Path | None =
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*ONNX_FILES.values(), "export.json"]:  # nothing from an earlier export may outlive this one
         (out_dir / stale).unlink(missing_ok=True)
-    classifier.tokenizer.save_pretrained(out_dir)
+    save_tokenizer(classifier.tokenizer, out_dir)
     write_json(out_dir / "labels.json", classifier.labels)
 
     fp32, started = out_dir / ONNX_FILES["onnx"], time.perf_counter()

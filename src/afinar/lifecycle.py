@@ -3,7 +3,7 @@
     copy of the config -> tokenizer -> task data (checked, tokenized) -> unset settings scaled to the data
     (`scaling`) -> run folder and manifest -> model -> LoRA, then frozen layers -> `Trainer` (CPU speed-ups,
     precision) -> fit, resuming when asked -> best model saved as stock `transformers` modules -> validation
-    and test scored once -> log, metrics, summary, report
+    and test scored once -> log, metrics, summary, model card, report
 
 A task (`classify.Classification`, `causal_lm.CausalLM`, `sft.SFT`) is a small object that supplies only what differs
 (`Task`); adding one adds a module, not a branch here.
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from afinar.config import Config
+from afinar.hub import write_model_card
 from afinar.models import load_tokenizer, resolve
 from afinar.runs import Run, is_main_process, machine, versions, world_size
 from afinar.scaling import scale_to_data
@@ -129,6 +130,8 @@ def run_task(config: Config, task: Task, callbacks: list | None = None, with_tes
         task.after_training(run, config, model_path, data, metrics)
         run.write("metrics.json", metrics)
         run.write("summary.md", task.summary(config, data, metrics))
+        if is_main_process():
+            write_model_card(run, config, metrics)
     if is_main_process():
         log.info("report: %s", write_run_report(run.path))
     return TrainResult(run.path, task.name, metrics)

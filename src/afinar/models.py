@@ -87,6 +87,17 @@ def load_classifier(args: ModelArgs, label_names: list[str], tokenizer, path: st
     return model
 
 
+def save_tokenizer(tokenizer, folder) -> None:
+    """`save_pretrained` without the padding and truncation state the last call left on a fast tokenizer's
+    backend (`tokenizer.json` would otherwise differ between identical runs, and pad everything it later reads
+    to that call's length)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
+    tokenizer.save_pretrained(folder)
+
+
 def load_causal_lm(args: ModelArgs, path: str | None = None, tokenizer=None):
     """`AutoModelForCausalLM` in fp32 (training keeps fp32 weights; autocast does the rest), safetensors only
     (unless `model.allow_pickle`), and a pad token id."""

@@ -20,6 +20,7 @@ from afinar import cpu_speed
 from afinar import precision as precision_lib
 from afinar.config import Config, LoraArgs, TrainArgs
 from afinar.errors import AfinarError
+from afinar.models import save_tokenizer
 from afinar.runs import Run, is_main_process, on_cpu, same_on_every_rank, world_size
 
 log = logging.getLogger(__name__)
@@ -267,13 +268,13 @@ def save_best(run: Run, trainer: Trainer, tokenizer, lora: bool) -> None:
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         trainer.save_model(str(run.model_dir))  # LoRA is refused with sharding (`Config.validate`)
         if is_main_process():
-            tokenizer.save_pretrained(run.model_dir)
+            save_tokenizer(tokenizer, run.model_dir)
         return
     if not is_main_process():
         return
     model = trainer.model.merge_and_unload() if lora else trainer.model
     model.save_pretrained(run.model_dir)
-    tokenizer.save_pretrained(run.model_dir)
+    save_tokenizer(tokenizer, run.model_dir)
 
 
 def fit(trainer: Trainer, run: Run, checkpoint: str | None):
