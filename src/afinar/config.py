@@ -76,6 +76,7 @@ class TrainArgs:
     early_stopping_patience: int | None = 3  # evaluations without improvement before stopping; None: off
     metric_for_best_model: str = "accuracy"  # accuracy | macro_f1 | loss (macro_f1 for imbalanced classes)
     head_learning_rate: float | None = None  # multilabel: the new head's rate (None: 1e-3); the encoder's is above
+    report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, mlflow, trackio, wandb (extras)
     class_weights: str = "none"  # none | balanced (n / (classes x count)) | per label, e.g. "negative=1,positive=5"
     group_by_length: bool = True  # batches of similar length waste little padding
     cpu_speedups: bool = True  # on CPUs: fast dropout masks, fused activations, no per-step page faults (cpu_speed)
@@ -223,6 +224,10 @@ class Config:
             raise AfinarError(f"data.validation_fraction must be between 0 and 1 (got {self.data.validation_fraction})")
         if not 0 <= self.lm.replay_fraction < 1:
             raise AfinarError(f"lm.replay_fraction must be in [0, 1) (got {self.lm.replay_fraction})")
+        unknown = [name for name in self.train.report_to if name not in ("tensorboard", "mlflow", "trackio", "wandb")]
+        if unknown:
+            raise AfinarError(f"train.report_to: unknown tracker {unknown[0]!r}; choose from tensorboard, mlflow, "
+                              f"trackio, wandb")
         weights = self.train.class_weights
         if weights not in ("none", "balanced") and not re.fullmatch(r"\s*[^=,]+=\s*[0-9.eE+-]+\s*(,\s*[^=,]+=\s*"
                                                                     r"[0-9.eE+-]+\s*)*", weights):
@@ -335,7 +340,8 @@ def set_value(config: Config, key: str, value: Any, raw: str | None = None) -> N
     for part in path:
         target = getattr(target, part)
     hint = typing.get_type_hints(type(target))[name]
-    if raw is not None and value is not None and not isinstance(value, str) and str in typing.get_args(hint) + (hint,):
+    text_field = hint is str or (typing.get_origin(hint) is not list and str in typing.get_args(hint))
+    if raw is not None and value is not None and not isinstance(value, str) and text_field:
         value = raw  # YAML read text such as `Sentiment: {text}` (a mapping) or `1e-3` (a number)
     setattr(target, name, _coerce(full, value, hint))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from afinar.hub import write_model_card
 from afinar.models import load_tokenizer, resolve
 from afinar.runs import Run, is_main_process, machine, versions, world_size
 from afinar.scaling import scale_to_data
+from afinar.trackers import log_results
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +120,13 @@ def run_task(config: Config, task: Task, callbacks: list | None = None, with_tes
         started = time.perf_counter()
         output = fit(trainer, run, checkpoint)
         seconds = time.perf_counter() - started
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         metrics = {"train": {"seconds": seconds, "data_seconds": data_seconds, "steps": trainer.state.global_step,
                              "samples_per_second": output.metrics.get("train_samples_per_second", 0.0),
                              "loss": output.metrics.get("train_loss"),
                              "best_checkpoint": trainer.state.best_model_checkpoint,
-                             "trainable_parameters": trainable, "total_parameters": total},
+                             "trainable_parameters": trainable, "total_parameters": total,
+                             "peak_memory_mb": round(peak_mb, 1)},
                    **task.score(trainer, data)}
         save_best(run, trainer, tokenizer, config.lora.enabled)
         run.write_log(trainer.state.log_history)
@@ -134,4 +138,5 @@ def run_task(config: Config, task: Task, callbacks: list | None = None, with_tes
             write_model_card(run, config, metrics)
     if is_main_process():
         log.info("report: %s", write_run_report(run.path))
+        log_results(run.path, config.train.report_to, metrics, data.report)
     return TrainResult(run.path, task.name, metrics)

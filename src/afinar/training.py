@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 
-from afinar import cpu_speed
+from afinar import cpu_speed, trackers
 from afinar import precision as precision_lib
 from afinar.config import Config, LoraArgs, TrainArgs
 from afinar.errors import AfinarError
@@ -25,7 +25,8 @@ from afinar.runs import Run, is_main_process, on_cpu, same_on_every_rank, world_
 
 log = logging.getLogger(__name__)
 
-def training_arguments(args: TrainArgs, output_dir: Path, precision: str, has_eval: bool = True) -> TrainingArguments:
+def training_arguments(args: TrainArgs, output_dir: Path, precision: str, has_eval: bool = True,
+                       report_to: list[str] | None = None, run_name: str | None = None) -> TrainingArguments:
     """Our small `TrainArgs` expanded into `transformers.TrainingArguments` (never re-exposed flag by flag), in the
     decided `precision` (fp32 | bf16 | fp16; `decide_precision` resolves `auto`)."""
     strategy = "steps" if args.eval_every else "epoch"
@@ -59,7 +60,8 @@ def training_arguments(args: TrainArgs, output_dir: Path, precision: str, has_ev
         logging_first_step=True,
         logging_nan_inf_filter=False,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-        report_to="none",
+        report_to=report_to or "none",
+        run_name=run_name,
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         fsdp=args.fsdp or "",
@@ -231,12 +233,15 @@ def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds
                   compute_loss=None) -> Trainer:
     """The one `Trainer` every task trains with; `compute_loss` replaces the model's own loss (`Trainer`'s
     `compute_loss_func`, e.g. class weights)."""
-    callbacks = [RunLogCallback(run), NonFiniteLossCallback(), *(extra_callbacks or [])]
+    trackers.check_trackers(args.report_to)
+    report_to, tracker_callbacks = trackers.trainer_setup(run.path, args.report_to)
+    callbacks = [RunLogCallback(run), NonFiniteLossCallback(), *tracker_callbacks, *(extra_callbacks or [])]
     if eval_ds is not None and args.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
     speed_up(model, args)
     precision = decide_precision(run, args, model, train_ds)
-    arguments = training_arguments(args, run.checkpoint_dir, precision.precision, has_eval=eval_ds is not None)
+    arguments = training_arguments(args, run.checkpoint_dir, precision.precision, has_eval=eval_ds is not None,
+                                   report_to=report_to, run_name=run.path.name)
     return LengthBucketTrainer(
         model=model,
         args=arguments,

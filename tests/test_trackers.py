@@ -1,0 +1,53 @@
+"""Trackers: a run with `train.report_to` read back by the trackers' own readers (MlflowClient, TensorBoard's
+EventAccumulator): the arguments, per-step loss, afinar's test metrics and its report files."""
+
+import pytest
+
+import afinar
+from afinar.config import load_config
+from afinar.errors import AfinarError
+from afinar.trackers import check_trackers
+
+from conftest import tiny_overrides
+
+
+def test_mlflow_run_holds_params_per_step_loss_test_metrics_and_the_report(tiny_bert, tweets_jsonl, tmp_path,
+                                                                            monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "afinar-test")
+    result = afinar.train(load_config(overrides=tiny_overrides(
+        tiny_bert, *tweets_jsonl, tmp_path / "runs", **{"train.report_to": "[mlflow]", "train.max_steps": 6})))
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name("afinar-test").experiment_id])
+    assert run.info.run_name == result.run_dir.name and run.info.status == "FINISHED"
+    assert float(run.data.params["learning_rate"]) == 1e-3
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert len(losses) >= 3 and sorted(m.step for m in losses) == [m.step for m in sorted(losses, key=lambda m: m.step)]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
+    assert "test_accuracy_ci95_low" in run.data.metrics and "data_rows_train" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.html", "metrics.json"} <= artifacts
+
+
+def test_tensorboard_events_hold_the_training_curve_and_afinar_figures(tiny_bert, tweets_jsonl, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = afinar.train(load_config(overrides=tiny_overrides(
+        tiny_bert, *tweets_jsonl, tmp_path, **{"train.report_to": "[tensorboard]", "train.max_steps": 6})))
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert "train/loss" in tags and "afinar/test_accuracy" in tags
+    [test_accuracy] = events.Scalars("afinar/test_accuracy")
+    assert test_accuracy.value == pytest.approx(result.metrics["test"]["accuracy"])
+
+
+def test_a_missing_tracker_is_a_one_line_error_naming_the_extra(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(AfinarError, match=r"pip install 'afinar\[wandb\]'"):
+        check_trackers(["wandb"])
+    with pytest.raises(AfinarError, match="unknown tracker 'neptune'"):
+        load_config(overrides=["train.report_to=[neptune]"])
