@@ -96,3 +96,4 @@ def test_diff_names_the_learning_rate_and_the_package_version_and_nothing_else(t
     assert "accuracy" in difference["metrics"]["test"] and difference["metrics"]["test"]["accuracy"]["ci95_a"]
     assert cli.main(["diff", str(a.run_dir), str(b.run_dir)]) == 0
     assert "train.learning_rate: 0.001 -> 0.002" in capsys.readouterr().out
+

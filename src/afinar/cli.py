@@ -68,6 +68,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(args.nproc, args.argv)
     signal.signal(signal.SIGTERM, _stopped_by_sigterm)
+    if args.seeds > 1:
+        from afinar.seeds import format_seeds, train_seeds
+
+        print(format_seeds(train_seeds(_config(args), args.seeds)))
+        return 0
     result = train(_config(args))
     if not is_main_process():
         return 0
@@ -315,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = _with_config_args(commands.add_parser("train", help="fine-tune a model; writes a run folder"))
     train.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
     train.add_argument("--nproc", type=int, default=1, help="data-parallel processes, launched with torchrun")
+    train.add_argument("--seeds", type=int, default=1, help="train this many seeds (train.seed, +1, ...) and report "
+                                                            "mean ± standard deviation")
     train.set_defaults(func=cmd_train)
 
     check = _with_config_args(commands.add_parser(
