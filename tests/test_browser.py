@@ -68,7 +68,8 @@ def test_every_report_kind_renders_in_a_real_browser(tiny_bert, tweets_jsonl, tm
     space.write_text(yaml.safe_dump({"train.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3}}))
     searched = search(load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path / "search", **{
         "train.max_steps": 6, "train.eval_every": 3, "train.run_name": None})), trials=2, space=space, pruner="none")
-    for kind, report, images in (("run", run.run_dir / "report.html", 3), ("compare", comparison.path / "report.html", 2),
-                                 ("search", searched.path / "report.html", 1)):
+    reports = (("run", run.run_dir / "report.html", 3), ("compare", comparison.path / "report.html", 2),
+               ("search", searched.path / "report.html", 1))
+    for kind, report, images in reports:
         check = open_in_browser(report, tmp_path, kind)
         assert check["broken"] == 0 and check["images"] >= images and check["tables"] >= 1, (kind, check)

@@ -51,3 +51,30 @@ def test_a_missing_tracker_is_a_one_line_error_naming_the_extra(monkeypatch):
         check_trackers(["wandb"])
     with pytest.raises(AfinarError, match="unknown tracker 'neptune'"):
         load_config(overrides=["train.report_to=[neptune]"])
+
+
+def test_search_trials_nest_under_the_study_and_compare_tracks_each_strategy(tiny_bert, tweets_jsonl, tmp_path,
+                                                                             monkeypatch):
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from afinar.search import search
+    from afinar.strategies import CompareArgs, compare
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "afinar-search")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"train.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3}}))
+    config = load_config(overrides=tiny_overrides(tiny_bert, *tweets_jsonl, tmp_path / "search", **{
+        "train.max_steps": 4, "train.eval_every": 2, "train.run_name": None, "train.report_to": "[mlflow]"}))
+    result = search(config, trials=2, space=space, pruner="none")
+    compare(config, "knn_retrieval", tmp_path / "compare", CompareArgs(encoder=str(tiny_bert), isolate=False))
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("afinar-search").experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    study = by_name[result.path.name]
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study.info.run_id]
+    assert sorted(r.info.run_name for r in trials) == ["trial-0", "trial-1"]
+    assert study.data.metrics["best_validation"] == pytest.approx(result.best_validation)
+    assert "validation_accuracy" in by_name["compare-knn_retrieval"].data.metrics

@@ -30,6 +30,7 @@ from afinar.config import Config, get_value, set_value, to_yaml
 from afinar.errors import AfinarError
 from afinar.report import Diagnosis, diagnose, write_search_report
 from afinar.runs import Run, read_json, write_atomic, write_json
+from afinar.trackers import log_study, tracked_run
 
 # Defaults that make sense per strategy: full fine-tuning wants small learning rates, LoRA larger ones.
 FULL_SPACE = {
@@ -200,13 +201,15 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
         set_value(trial_config, "train.run_name", f"trial-{trial.number}")
         trial.set_user_attr("seed", trial_config.train.seed)
         trial.set_user_attr("run_dir", str(folder / "trials" / f"trial-{trial.number}"))
-        result = train(trial_config, callbacks=[_pruning_callback(trial, metric)], with_test=False)
+        with tracked_run(f"trial-{trial.number}", config.train.report_to):
+            result = train(trial_config, callbacks=[_pruning_callback(trial, metric)], with_test=False)
         trial.set_user_attr("seconds", result.metrics["train"]["seconds"])
         return result.metrics["validation"][metric]
 
     remaining = trials - len([t for t in study.trials if t.state.is_finished()])
     if remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(AfinarError,))
+        with tracked_run(folder.name, config.train.report_to):
+            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(AfinarError,))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise AfinarError(f"no trial of {folder} finished (all pruned or failed); widen the space or add trials")
@@ -242,6 +245,7 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
                                         "diagnosis": dataclasses.asdict(diagnosis), "trials": rows, "plots": plots})
     write_atomic(folder / "summary.md", _summary(result, metric, best.number, diagnosis))
     write_search_report(folder)
+    log_study(config.train.report_to, folder.name, best.params, best.value, test, folder)
     return result
 
 

@@ -634,6 +634,10 @@ def compare(config: Config, strategies: Sequence[str] | str, out_dir: str | Path
             log.error("strategy %s failed:\n%s", name, traceback.format_exc())
             result = StrategyResult(name, "", error=f"{type(exc).__name__}: {str(exc).strip()}")
         results.append(result)
+        if config.train.report_to and result.error is None and name not in ("lora", "full", "sft"):
+            from afinar.trackers import log_strategy
+
+            log_strategy(out, config.train.report_to, dataclasses.asdict(result))
         log.info("%s: validation accuracy %s, test accuracy %s", name, _cell(result.val_accuracy),
                  _cell(result.test_accuracy))
         write_json(out / "comparison.json", _summarise(out, results, splits, args).to_dict())  # progress

@@ -8,8 +8,11 @@ artifacts (MLflow) or text (TensorBoard). Browse many runs with the tracker's ow
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from afinar.errors import AfinarError
@@ -18,6 +21,74 @@ log = logging.getLogger(__name__)
 
 TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "trackio": "trackio", "wandb": "wandb"}  # -> module
 TENSORBOARD_DIR = "tensorboard"  # inside the run folder, so it survives the checkpoints' removal
+
+
+def log_strategy(out: Path, report_to: list[str], result: dict) -> None:
+    """One `compare` strategy that trains no run of its own (prompting, retrieval, probe, SetFit): its scores and
+    costs as a tracker run of its own, `compare-<strategy>` (training strategies track their runs themselves)."""
+    figures = {f"{split}_{key}": float(value) for split in ("validation", "test")
+               for key, value in (result.get(split) or {}).items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    figures.update({key: float(result[key]) for key in ("train_seconds", "infer_texts_per_s", "peak_memory_mb")
+                    if isinstance(result.get(key), (int, float))})
+    name = f"compare-{result['name']}"
+    if "mlflow" in report_to:
+        mlflow = _mlflow()
+        with mlflow.start_run(run_name=name, nested=mlflow.active_run() is not None):
+            mlflow.log_params({"strategy": result["name"], "model": result.get("model", "")})
+            mlflow.log_metrics(figures)
+    if "tensorboard" in report_to:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=str(out / TENSORBOARD_DIR / name)) as writer:
+            for key, value in figures.items():
+                writer.add_scalar(f"afinar/{key}", value)
+
+
+@contextlib.contextmanager
+def tracked_run(name: str, report_to: list[str]) -> Iterator[None]:
+    """An MLflow run opened (nested in the active one, if any) for the block and closed after it: `afinar search`
+    opens one for the study and one per trial inside it. `Trainer`'s callback logs into an active run rather than
+    opening its own, so a trial's steps land in the trial's run under the study."""
+    if "mlflow" not in report_to:
+        yield
+        return
+    mlflow = _mlflow()
+    with mlflow.start_run(run_name=name, nested=mlflow.active_run() is not None):
+        yield
+
+
+def log_study(report_to: list[str], name: str, best_params: dict, best_validation: float, test: dict | None,
+              folder: Path) -> None:
+    """The study's outcome on its parent MLflow run: best parameters, best validation score, the one test score."""
+    if "mlflow" not in report_to:
+        return
+    import mlflow
+
+    found = mlflow.search_runs(filter_string=f"tags.mlflow.runName = '{name}'", max_results=1,
+                               order_by=["attributes.start_time DESC"], search_all_experiments=True,
+                               output_format="list")
+    if not found:
+        return
+    client, run_id = mlflow.MlflowClient(), found[0].info.run_id
+    for key, value in best_params.items():
+        client.log_param(run_id, f"best.{key}", value)
+    client.log_metric(run_id, "best_validation", float(best_validation))
+    for key, value in (test or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            client.log_metric(run_id, f"test_{key}", float(value))
+    for file in ("search.json", "report.html"):
+        if (folder / file).is_file():
+            client.log_artifact(run_id, str(folder / file))
+
+
+def _mlflow():
+    """`mlflow`, pointed at `MLFLOW_EXPERIMENT_NAME` when it is set, as `Trainer`'s callback does."""
+    import mlflow
+
+    if os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        mlflow.set_experiment(os.environ["MLFLOW_EXPERIMENT_NAME"])
+    return mlflow
 
 
 def check_trackers(report_to: list[str]) -> None:
@@ -66,14 +137,16 @@ def log_results(run_path: Path, report_to: list[str], metrics: dict, data_report
     if "mlflow" in report_to:
         import mlflow
 
-        tracked = mlflow.active_run() or mlflow.last_active_run()  # `Trainer`'s callback ends the run it started
-        if tracked is not None and tracked.info.run_name == run_path.name:
-            if mlflow.active_run() is None:
-                mlflow.start_run(run_id=tracked.info.run_id)  # reopened: the same run, not a new one
-            mlflow.log_metrics(figures)
+        # the run `Trainer`'s callback opened (and usually ended) for this run folder, nested or not
+        found = mlflow.search_runs(filter_string=f"tags.mlflow.runName = '{run_path.name}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1,
+                                   search_all_experiments=True, output_format="list")
+        if found:
+            client, run_id = mlflow.MlflowClient(), found[0].info.run_id
+            for key, value in figures.items():
+                client.log_metric(run_id, key, value)
             for file in files:
-                mlflow.log_artifact(str(file))
-            mlflow.end_run()
+                client.log_artifact(run_id, str(file))
     if "tensorboard" in report_to:
         from torch.utils.tensorboard import SummaryWriter
 
