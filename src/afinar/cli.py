@@ -235,6 +235,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from afinar.strategies import compare
 
+    if args.seeds > 1:
+        from afinar.seeds import compare_seeds
+
+        table = compare_seeds(_config(args), args.strategies, args.out, args.seeds)
+        print(table.read_text(encoding="utf-8"))
+        return 0
     result = compare(_config(args), args.strategies, args.out, resume=args.continue_comparison)
     print((result.path / "comparison.md").read_text(encoding="utf-8"))
     print(f"comparison folder: {result.path}\nreport: {result.path / 'report.html'}")
@@ -363,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated: zero_shot, few_shot, retrieval_few_shot, knn_retrieval, linear_probe, "
                               "setfit, sft, lora, full (default: all)")
     compare.add_argument("--out", help="comparison folder (default: <output_dir>/compare-<time>)")
+    compare.add_argument("--seeds", type=int, default=1, help="compare this many seeds; mean ± std per strategy")
     compare.add_argument("--resume", dest="continue_comparison", action="store_true",
                          help="in an existing --out folder, run only the strategies it lacks or that failed")
     compare.set_defaults(func=cmd_compare)

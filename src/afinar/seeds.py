@@ -69,3 +69,36 @@ def format_seeds(result: SeedsResult) -> str:
                          f"(each seed: {', '.join(f'{v:.4f}' for v in values)})")
     lines.append(f"summary: {result.path}")
     return "\n".join(lines)
+
+
+def compare_seeds(config: Config, strategies: str | list[str], out_dir: str | Path | None, count: int) -> Path:
+    """`afinar compare` once per seed (into `<out>/seed-<K>`), then each strategy's mean ± standard deviation of
+    validation and test accuracy over the seeds, written to `<out>/seeds.md` and `seeds.json`."""
+    import time
+
+    from afinar.strategies import compare
+
+    if count < 2:
+        raise AfinarError(f"--seeds needs at least 2 seeds to measure a spread (got {count})")
+    out = Path(out_dir or Path(config.train.output_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    scores: dict[str, dict[str, list[float]]] = {}
+    seeds = [config.train.seed + k for k in range(count)]
+    for seed in seeds:
+        seeded = copy.deepcopy(config)
+        seeded.train.seed = seed
+        for result in compare(seeded, strategies, out / f"seed-{seed}").results:
+            for split in ("validation", "test"):
+                value = (getattr(result, split) or {}).get("accuracy")
+                if value is not None and result.error is None:
+                    scores.setdefault(result.name, {}).setdefault(split, []).append(float(value))
+    lines = [f"# Strategies over {count} seeds ({', '.join(map(str, seeds))})", "",
+             "| strategy | val acc, mean ± std | test acc, mean ± std | test acc per seed |", "|---|---|---|---|"]
+    for name, by_split in scores.items():
+        cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "—"
+                 for v in (by_split.get("validation", []), by_split.get("test", []))]
+        each = ", ".join(f"{v:.3f}" for v in by_split.get("test", []))
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {each} |")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "seeds.json", {"seeds": seeds, "accuracy": scores})
+    (out / "seeds.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "seeds.md"
