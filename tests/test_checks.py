@@ -43,10 +43,10 @@ def kaggle() -> tuple[Splits, object, float]:
     return splits, report, time.perf_counter() - start
 
 
-def test_published_tweet_counts_in_seconds(kaggle):
+def test_published_tweet_counts(kaggle):
+    """The counts published for this data; the time is printed, not asserted (speed lives in bench/)."""
     splits, report, seconds = kaggle
     print(f"\nchecks on 27,481 train x 3,534 test rows: {seconds:.2f} s\n{format_report(report)}")
-    assert seconds < 30  # about 1-2 s on an idle laptop core; generous for a loaded CI machine
     assert report.rows == {"train": 27481, "validation": 0, "test": 3534}
     assert report.empty["train"].count == 1 and report.empty["train"].examples[0]["text"] == ""
     assert report.empty["test"].count == 0

@@ -116,6 +116,19 @@ def load_causal_lm(args: ModelArgs, path: str | None = None, tokenizer=None):
     return model
 
 
+def cache_argument(model) -> str:
+    """The forward argument that takes a key/value cache: transformers 5.x renamed `past_key_values` to `cache`
+    (the old name still works, with a warning per call)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The key/value cache a forward pass returned, under either name."""
+    return output["cache"] if "cache" in output else output.get("past_key_values")
+
+
 def max_positions(model_or_config) -> int | None:
     """How many token positions a model's (or a model config's) position embeddings cover; None: no fixed limit."""
     config = getattr(model_or_config, "config", model_or_config)

@@ -16,7 +16,6 @@ Two things make this usable, and affordable on a CPU:
 
 from __future__ import annotations
 
-import inspect
 import random
 from collections.abc import Sequence
 
@@ -25,7 +24,7 @@ import torch
 
 from afinar.config import ModelArgs, PromptArgs
 from afinar.errors import AfinarError
-from afinar.models import load_causal_lm, load_tokenizer, resolve
+from afinar.models import cache_argument, load_causal_lm, load_tokenizer, resolve, returned_cache
 
 CONTENT_FREE = ("N/A", "", "[MASK]")
 SENTINEL = "\u2063"  # an invisible character that marks where the first variable text enters the prompt
@@ -84,9 +83,7 @@ class PromptClassifier:
         if any(not ids for ids in self.verbalizer_ids) or len(set(map(tuple, self.verbalizer_ids))) < len(words):
             raise AfinarError(f"the verbalizers {self.words} must be non-empty and tokenize differently")
         self.single_token = all(len(ids) == 1 for ids in self.verbalizer_ids)
-        # transformers 5.x renamed the forward argument `past_key_values` to `cache` (the old name warns)
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
-            else "past_key_values"
+        self.cache_kwarg = cache_argument(self.model)
         self.per_row_logits = True
         self.bias = np.zeros(len(self.labels))
         self.set_prompt()
@@ -134,7 +131,7 @@ class PromptClassifier:
             with torch.inference_mode():
                 out = self.model(input_ids=torch.tensor([self.prefix_ids], device=self.device), use_cache=True,
                                  logits_to_keep=1)
-            layers = getattr(out["cache"] if "cache" in out else out.get("past_key_values"), "layers", None)
+            layers = getattr(returned_cache(out), "layers", None)
             if layers and not any(getattr(layer, "is_sliding", False) for layer in layers):
                 self._prefix_kv = [(layer.keys, layer.values) for layer in layers]
             # otherwise (sliding-window or legacy caches) every row carries the prefix: slower, same scores

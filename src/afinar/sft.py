@@ -37,7 +37,7 @@ from afinar.data import Splits, hub_splits_and_files, prepare_splits, read_split
 from afinar.errors import AfinarError
 from afinar.lifecycle import TaskData, TrainResult, run_task
 from afinar.metrics import classification_report
-from afinar.models import load_causal_lm, load_tokenizer
+from afinar.models import cache_argument, load_causal_lm, load_tokenizer, returned_cache
 from afinar.runs import Run
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def label_log_probs(model, tokenizer, prompts: list[chat.Messages], labels: list
                 if length > 1:
                     step = model(input_ids=tail_ids, attention_mask=torch.cat([mask, tail_mask], -1),
                                  position_ids=positions[:, -1:] + 1 + torch.arange(length, device=device),
-                                 past_key_values=copy.deepcopy(out.past_key_values), use_cache=True)
+                                 use_cache=True, **{cache_argument(model): copy.deepcopy(returned_cache(out))})
                     following = torch.log_softmax(step.logits[:, :-1].float(), -1)
                     picked = following.gather(-1, tail_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
                     total = total + (picked * tail_mask[:, 1:]).sum(-1)
