@@ -38,7 +38,7 @@ def test_flipped_labels_rise_to_the_top_of_the_suspects(tmp_path, capsys):
 def test_ranking_puts_the_least_probable_given_label_first():
     probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.45, 0.55]])
     ranked = rank_suspects(["a", "b", "c", "d"], np.array([0, 0, 1, 0]), probabilities, ["x", "y"])
-    assert [s.row for s in ranked] == [1, 3, 2]  # p(given) 0.2, 0.45, 0.4 -> 0.2 first; row 2: 0.4 < 0.45
+    assert [s.row for s in ranked] == [1, 2, 3]  # p(given): row 1 0.2, row 2 0.4, row 3 0.45; row 0 agrees
     assert ranked[0].suggested == "y" and ranked[0].confidence == 0.8
 
 
