@@ -16,6 +16,7 @@ def test_mlflow_run_holds_params_per_step_loss_test_metrics_and_the_report(tiny_
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts under ./mlruns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "afinar-test")
     result = afinar.train(load_config(overrides=tiny_overrides(
@@ -62,6 +63,7 @@ def test_search_trials_nest_under_the_study_and_compare_tracks_each_strategy(tin
     from afinar.strategies import CompareArgs, compare
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts under ./mlruns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "afinar-search")
     space = tmp_path / "space.yaml"
