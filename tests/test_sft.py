@@ -271,3 +271,10 @@ def test_afinar_check_on_instruction_data_shows_lengths_and_what_the_loss_sees(t
     out = capsys.readouterr().out
     assert "data checks (self_instruct" in out and "answers cut by data.max_length" in out
     assert out.count("what the loss sees") == 2 and "<|im_start|>assistant\n[[" in out
+
+
+def test_a_multi_turn_conversation_with_a_template_without_eos_ends_only_the_last_answer_with_it(gpt2_tokenizer):
+    tokenizer = AutoTokenizer.from_pretrained(model_path("gpt2-tokenizer"))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    spans = trained_spans(tokenizer, chat.encode(tokenizer, CONVERSATION, 512))
+    assert spans == ["assistant: 4\n", "assistant: 6, of course.\n<|endoftext|>"]

@@ -178,12 +178,14 @@ class Encoded:
 
 
 def encode(tokenizer, messages: Messages, max_length: int) -> Encoded:
-    """The conversation's tokens and labels: the loss sees each assistant turn's tokens (its content, the
-    template's end-of-turn tokens and EOS, appended when the template does not end the turn with it) and
-    nothing else; cut to its first `max_length` tokens."""
+    """The conversation's tokens and labels: the loss sees each assistant turn's tokens (its content and the
+    template's end-of-turn tokens) and nothing else; the last answer gets EOS appended when the template does not
+    end it with one, so the model learns to stop (earlier turns stay exactly as the template renders them, which
+    is how inference will show them as history). Cut to its first `max_length` tokens."""
     ids: list[int] = []
     labels: list[int] = []
     eos = tokenizer.eos_token_id
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -197,7 +199,7 @@ def encode(tokenizer, messages: Messages, max_length: int) -> Encoded:
         if message["content"].strip() not in tokenizer.decode(turn):
             raise AfinarError("the chat template drops the assistant's answer (rendering it adds "
                               f"{tokenizer.decode(turn)!r}); use another template (sft.chat_template)")
-        if eos is not None and eos not in turn:
+        if index == last and eos is not None and eos not in turn:
             turn = turn + [eos]
         labels += [IGNORE] * (len(before) - len(ids)) + turn
         ids = before + turn
