@@ -181,7 +181,8 @@ async def bad_requests(client: httpx.AsyncClient, limits: dict) -> dict[str, dic
 def table(result: dict) -> str:
     timed, bad = result["load"], result["bad_requests"]
     answers = ", ".join(f"{name} {case['status']}" for name, case in bad.items())
-    rows = [("backend", result["backend"]), ("requests", f"{timed['requests']:,}"), ("concurrency", timed["concurrency"]),
+    rows = [("backend", result["backend"]), ("requests", f"{timed['requests']:,}"),
+            ("concurrency", timed["concurrency"]),
             ("throughput (req/s)", timed["throughput_rps"]), ("latency p50 (ms)", timed["latency_ms"]["p50"]),
             ("latency p99 (ms)", timed["latency_ms"]["p99"]), ("transport errors", timed["errors"]),
             ("non-2xx responses", timed["non_2xx"]),
