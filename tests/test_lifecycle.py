@@ -108,7 +108,8 @@ def test_relative_output_dir_is_saved_absolute(tiny_bert, tweets_jsonl, tmp_path
 
 def test_resume_with_other_settings_is_refused_naming_them(tiny_bert, tweets_jsonl, tmp_path):
     train_file, test_file = tweets_jsonl
-    overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{"train.eval_every": 4})
+    overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{"train.eval_every": 4,
+                                                                              "lora.enabled": False})
     run = Run.create(load_config(overrides=overrides))  # a run that was started (settings resolved), then killed
     edited = load_config(run.path / "config.yaml", ["train.learning_rate=0.0123", "train.resume=true"])
     with pytest.raises(AfinarError, match=r"started with other settings \(train.learning_rate: 0.001 -> 0.0123\)"):

@@ -92,6 +92,7 @@ def run_task(config: Config, task: Task, callbacks: list | None = None, with_tes
 
     config = copy.deepcopy(config)
     changed = task.configure(config)
+    config.lora.enabled = bool(config.lora.enabled)  # resolved: a task that wants LoRA by default set it above
     config.validate()
     set_seed(config.train.seed)
     model_path = resolve(config.model)
