@@ -30,7 +30,8 @@ from afinar.runs import Run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CausalLM", "drop_logits", "generate", "generation_model", "pack", "pack_documents", "train_lm"]
+__all__ = ["CausalLM", "drop_logits", "generate", "generation_model", "held_out_losses", "pack", "pack_documents",
+           "train_lm"]
 
 
 # ---------------------------------------------------------------- tokens and blocks
@@ -76,6 +77,18 @@ def collate_blocks(rows: list[dict]) -> dict:
 
     ids = torch.tensor([row["input_ids"] for row in rows], dtype=torch.long)
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def held_out_losses(trainer, validation, test) -> dict[str, dict]:
+    """Loss and perplexity per held-out split of the model `trainer` holds: validation's is the best
+    checkpoint's (evaluated when no evaluation ran), test's is evaluated once, here."""
+    loss = trainer.state.best_metric  # eval loss of the model loaded at the end
+    if loss is None:
+        loss = trainer.evaluate(validation)["eval_loss"]
+    losses = {"validation": loss}
+    if test is not None:
+        losses["test"] = trainer.evaluate(test, metric_key_prefix="test")["test_loss"]
+    return {split: {"loss": value, "perplexity": math.exp(value)} for split, value in losses.items()}
 
 
 def drop_logits(logits, labels):
@@ -198,14 +211,10 @@ class CausalLM:
         return collate_blocks
 
     def score(self, trainer, data: TaskData) -> dict[str, dict]:
-        validation = trainer.state.best_metric  # eval loss of the model loaded at the end
-        if validation is None:
-            validation = trainer.evaluate(data.validation)["eval_loss"]
-        scores = {"validation": {"loss": validation, "perplexity": math.exp(validation),
-                                 "blocks": len(data.validation)}}
-        if data.test is not None:
-            loss = trainer.evaluate(data.test, metric_key_prefix="test")["test_loss"]
-            scores["test"] = {"loss": loss, "perplexity": math.exp(loss), "blocks": len(data.test)}
+        scores = held_out_losses(trainer, data.validation, data.test)
+        for split, blocks in (("validation", data.validation), ("test", data.test)):
+            if split in scores:
+                scores[split]["blocks"] = len(blocks)
         return scores
 
     def after_training(self, run: Run, config: Config, model_path: str, data: TaskData, metrics: dict) -> None:

@@ -383,12 +383,17 @@ def write_run_report(run_dir: str | Path) -> Path:
     return path
 
 
+def _folder_record(folder: Path, name: str, command: str) -> dict:
+    """The JSON record a command wrote into its folder, or a one-line error saying which command writes it."""
+    if not (folder / name).is_file():
+        raise AfinarError(f"{folder} holds no {name}; run `afinar {command}` first")
+    return read_json(folder / name)
+
+
 def write_comparison_report(folder: str | Path) -> Path:
     """`<folder>/report.html` from the comparison.json (and data_report.json) that `compare` wrote."""
     folder = Path(folder)
-    if not (folder / "comparison.json").is_file():
-        raise AfinarError(f"{folder} holds no comparison.json; run `afinar compare` first")
-    comparison = read_json(folder / "comparison.json")
+    comparison = _folder_record(folder, "comparison.json", "compare")
     rows = [r for r in comparison["results"] if not r.get("error")]
     majority = comparison.get("majority_baseline", {}).get("test")
     runs = []
@@ -440,9 +445,7 @@ def curve_findings(curve: dict) -> list[str]:
 def write_curve_report(folder: str | Path) -> Path:
     """`<folder>/report.html` for `curve`: the points, the fitted lines and what they predict."""
     folder = Path(folder)
-    if not (folder / "curve.json").is_file():
-        raise AfinarError(f"{folder} holds no curve.json; run `afinar curve` first")
-    curve = read_json(folder / "curve.json")
+    curve = _folder_record(folder, "curve.json", "curve")
     rows = [[f"{p['rows']:,}", f"{p['validation']['accuracy']:.4f}", f"{p['validation']['macro_f1']:.4f}",
              "—" if not p.get("test") else f"{p['test']['accuracy']:.4f}", f"{p['train_seconds']:,.0f} s"]
             for p in curve["points"]]
@@ -462,9 +465,7 @@ def write_search_report(folder: str | Path) -> Path:
     """`<folder>/report.html` for `search`: the trials, the optimisation history and parameter importance, the
     single test score and the best run's diagnosis, with a link to that run's own report."""
     folder = Path(folder)
-    if not (folder / "search.json").is_file():
-        raise AfinarError(f"{folder} holds no search.json; run `afinar search` first")
-    result = read_json(folder / "search.json")
+    result = _folder_record(folder, "search.json", "search")
     keys = list(result["best_params"])
     rows = [[f"{r['trial']}" + (" (as configured)" if r.get("baseline") else ""), r["state"],
              "" if r["value"] is None else f"{r['value']:.4f}",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import numpy as np
 from datasets import Dataset
 
 from afinar import chat, forgetting
-from afinar.causal_lm import drop_logits
+from afinar.causal_lm import drop_logits, held_out_losses
 from afinar.checks import DataReport, apply_policies, format_report, run_checks_cached
 from afinar.config import Config, ModelArgs
 from afinar.data import Splits, hub_splits_and_files, prepare_splits, read_splits, read_table, sha256_file, \
@@ -337,15 +336,8 @@ class SFT:
 
     def score(self, trainer, data: TaskData) -> dict[str, dict]:
         prepared: _Prepared = data.extra
-        validation = trainer.state.best_metric
-        if validation is None:
-            validation = trainer.evaluate(data.validation)["eval_loss"]
-        held_out = {"validation": validation}
-        if data.test is not None:
-            held_out["test"] = trainer.evaluate(data.test, metric_key_prefix="test")["test_loss"]
-        scores = {}
-        for name, loss in held_out.items():
-            scores[name] = {"loss": loss, "perplexity": math.exp(loss)}
+        scores = held_out_losses(trainer, data.validation, data.test)
+        for name in scores:
             if prepared.labels:
                 split = getattr(prepared.splits, name)
                 started = time.perf_counter()
