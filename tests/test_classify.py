@@ -1,5 +1,6 @@
 """End to end through the CLI, in-process: train, files written, evaluate, predict, reload."""
 
+import csv
 import json
 
 import pytest
@@ -32,7 +33,7 @@ def test_cli_train_writes_a_complete_run_folder(request, model_fixture, tweets_j
         assert (run / name).is_file(), name
     assert not list((run / "model").glob("*.bin"))
     metrics = json.loads((run / "metrics.json").read_text())
-    assert set(metrics) == {"train", "validation", "test"}
+    assert set(metrics) == {"train", "validation", "test", "suspects"}
     test = metrics["test"]
     assert test["n"] == 60 and len(test["confusion_matrix"]) == 3
     assert sum(map(sum, test["confusion_matrix"])) == 60
@@ -173,6 +174,10 @@ def test_sentence_pairs_are_detected_and_reach_the_model_as_pairs(tiny_bert, tmp
     assert json.loads(capsys.readouterr().out)["scores"] == pytest.approx(forward.scores)
     assert cli.main(["evaluate", str(result.run_dir), "--data", str(test), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(result.metrics["test"]["accuracy"])
+    with (result.run_dir / "suspects.csv").open(encoding="utf-8") as handle:  # suspects name both texts
+        suspect = next(csv.DictReader(handle))
+    row = frame.iloc[int(suspect["row"])]
+    assert (suspect["text"], suspect["text_pair"]) == (row["sentence1"], row["sentence2"])
 
 
 def test_class_weights_are_computed_recorded_and_change_the_loss(tiny_bert, tweets_jsonl, tmp_path):

@@ -34,6 +34,21 @@ def test_probe_times_real_steps_and_leaves_no_trace(tiny_bert):
     assert torch.equal(torch.random.get_rng_state(), state)  # the run's random stream is untouched
 
 
+def test_a_busy_spell_on_the_host_does_not_decide_the_precision(tiny_bert, monkeypatch):
+    """Another process slows the last four of eight timed steps 4x (bf16 is 2x fp32 on this fake CPU). Timed in
+    two phases, all bf16 steps fell in the spell (0.5x); alternating, each precision keeps undisturbed steps."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    calls = []
+
+    def step(model, batch, bf16):
+        calls.append(bf16)
+        busy = 7 <= len(calls) <= 10  # two warm-up steps, then eight timed ones
+        return (0.5 if bf16 else 1.0) * (4 if busy else 1)
+
+    monkeypatch.setattr(precision, "_step_seconds", step)
+    assert precision.measure_cpu_bf16_speedup(model, 4, 16, steps=4)["bf16_speedup"] == pytest.approx(2.0)
+
+
 def test_probe_is_cached_per_machine_and_model_shape(tiny_bert, tmp_path, monkeypatch):
     monkeypatch.setenv("AFINAR_CACHE", str(tmp_path))
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)

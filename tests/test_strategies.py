@@ -199,7 +199,7 @@ def test_resume_reruns_only_failed_strategies(tiny_bert, tweets_jsonl, tmp_path,
         patch.setattr(strategies.LinearProbe, "fit", broken)
         first = compare(config, "knn_retrieval,linear_probe", out, args)
     assert first.results[1].error == "RuntimeError: killed" and first.results[0].error is None
-    with pytest.raises(AfinarError, match="--resume to run only"):
+    with pytest.raises(AfinarError, match="holds a comparison; pick another --out, or --resume"):
         compare(config, "knn_retrieval,linear_probe", out, args)
     other = load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{"train.seed": 1}))
     with pytest.raises(AfinarError, match="another configuration"):

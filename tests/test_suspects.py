@@ -1,14 +1,17 @@
 """Suspect labels: a planted-noise check on real tweets with the packaged encoder, and the CSV a user fixes from."""
 
 import csv
+import html
 import json
 
 import numpy as np
 
 from afinar import cli
+from afinar.classify import train
+from afinar.config import load_config
 from afinar.suspects import out_of_fold_probabilities, rank_suspects
 
-from conftest import tweet_rows
+from conftest import tiny_overrides, tweet_rows
 
 
 def test_flipped_labels_rise_to_the_top_of_the_suspects(tmp_path, capsys):
@@ -47,3 +50,29 @@ def test_out_of_fold_probabilities_never_see_their_own_row():
     labels = np.array([0, 1] * 5)
     probabilities = out_of_fold_probabilities(features, labels, folds=5, seed=0)
     assert probabilities.shape == (10, 2) and (probabilities[np.arange(10), labels] < 0.75).all()
+
+
+def test_a_trained_classifier_ranks_its_training_rows_and_the_report_shows_them(tiny_bert, tweets_jsonl, tmp_path):
+    """After training, each training row the model disagrees with is in suspects.csv, least probable given label
+    first, its row number pointing at the line of the train file (validation was carved from that file)."""
+    train_file, test_file = tweets_jsonl
+    result = train(load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path)))
+    lines = [json.loads(line) for line in train_file.read_text(encoding="utf-8").splitlines()]
+    with (result.run_dir / "suspects.csv").open(encoding="utf-8") as handle:
+        ranked = list(csv.DictReader(handle))
+    summary = result.metrics["suspects"]
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert summary["rows"] == len(ranked) > 0 and summary["scored"] == manifest["data"]["rows"]["train"]
+    names = ["negative", "neutral", "positive"]
+    for suspect in ranked:
+        line = lines[int(suspect["row"])]
+        assert suspect["text"] == line["text"] and suspect["given_label"] == names[line["label"]]
+        assert suspect["suggested_label"] != suspect["given_label"]
+    given = [float(s["given_label_probability"]) for s in ranked]
+    assert given == sorted(given)
+    report = (result.run_dir / "report.html").read_text(encoding="utf-8")
+    assert "Suspect labels" in report and html.escape(ranked[0]["text"][:40]) in report
+
+    off = train(load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path,
+                                                     **{"train.run_name": "off", "checks.suspects": False})))
+    assert "suspects" not in off.metrics and not (off.run_dir / "suspects.csv").exists()

@@ -5,6 +5,7 @@ with a run. Evaluating and predicting never import the training stack.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from afinar.inference import Prediction, Predictor, load_predictor
 from afinar.lifecycle import TaskData, TrainResult, run_task
 from afinar.metrics import classification_report, logits_to_predictions, trainer_metrics, with_interval
 from afinar.models import load_classifier
-from afinar.runs import Run, read_json, write_json
+from afinar.runs import Run, is_main_process, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,20 @@ class Classification:
         return scores
 
     def after_training(self, run: Run, config: Config, model_path: str, data: TaskData, metrics: dict) -> None:
-        return None
+        """Suspect labels: the training rows the trained model disagrees with most (`checks.suspects`)."""
+        if not config.checks.suspects or not is_main_process():  # the main process alone saved the model
+            return
+        from afinar.suspects import SUSPECTS_FILE, trained_model_suspects, write_suspects
+
+        splits, _ = data.extra
+        started = time.perf_counter()
+        bf16 = (run.manifest().get("precision") or {}).get("precision") == "bf16"
+        suspects = trained_model_suspects(run.model_dir, config, splits.train, splits.label_names, bf16)
+        write_suspects(suspects, run.path / SUSPECTS_FILE)
+        metrics["suspects"] = {"file": SUSPECTS_FILE, "rows": len(suspects), "scored": len(splits.train),
+                               "seconds": round(time.perf_counter() - started, 1)}
+        log.info("suspect labels: %d of %d training rows disagree with the trained model, ranked in %s",
+                 len(suspects), len(splits.train), run.path / SUSPECTS_FILE)
 
     def summary(self, config: Config, data: TaskData, metrics: dict) -> str:
         splits, report = data.extra

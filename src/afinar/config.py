@@ -139,6 +139,8 @@ class CheckArgs:
     ngram: int = 5  # characters per shingle for near-duplicate detection
     num_perm: int = 64  # MinHash permutations: more is more precise and slower
     examples: int = 5  # examples kept per finding in the report
+    suspects: bool = True  # after training a classifier: rank its training rows by the model's probability of
+    # their own label (suspects.csv and a report section; one inference pass over train)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from afinar.checks import checked_splits
 from afinar.config import Config, to_yaml
 from afinar.errors import AfinarError
 from afinar.models import load_tokenizer
-from afinar.runs import read_json, write_atomic, write_json
+from afinar.runs import earlier_record, write_atomic, write_json
 from afinar.strategies import STRATEGIES, run_strategy
 
 log = logging.getLogger(__name__)
@@ -121,14 +121,11 @@ def _point_config(config: Config, files: dict[str, Path]) -> Config:
 
 
 def _earlier_points(out: Path, config: Config, strategy: str, resume: bool) -> dict[int, CurvePoint]:
-    if not (out / "curve.json").exists():
+    saved = earlier_record(out, "curve.json", config, resume, "a learning curve")
+    if saved is None:
         return {}
-    if not resume:
-        raise AfinarError(f"{out} already holds a learning curve; pick another --out, or --resume to finish it")
-    saved = read_json(out / "curve.json")
-    same = (out / "config.yaml").is_file() and (out / "config.yaml").read_text(encoding="utf-8") == to_yaml(config)
-    if not same or saved["strategy"] != strategy:
-        raise AfinarError(f"{out} holds a curve of another configuration or strategy; --resume needs the same ones")
+    if saved["strategy"] != strategy:
+        raise AfinarError(f"{out} holds a curve of {saved['strategy']}; --resume needs the same strategy")
     return {p["rows"]: CurvePoint(**p) for p in saved["points"]}
 
 

@@ -83,19 +83,22 @@ class Predictor:
 
 class Classifier(Predictor):
     """A fine-tuned sequence classifier loaded from a model folder (a run's `model/`), run in PyTorch; with `bf16`
-    under bf16 autocast (weights stay fp32; matmuls run in bf16, softmax and layer norms in fp32, as in training)."""
+    under bf16 autocast (weights stay fp32; matmuls run in bf16, softmax and layer norms in fp32, as in training).
+    `device` "cuda" serves scoring after training on a GPU machine; predict and serve run on the CPU."""
 
-    def __init__(self, model_dir: str | Path, max_length: int = 128, allow_pickle: bool = False, bf16: bool = False):
+    def __init__(self, model_dir: str | Path, max_length: int = 128, allow_pickle: bool = False, bf16: bool = False,
+                 device: str = "cpu"):
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise AfinarError(f"{model_dir} holds no saved model (config.json missing)")
         args = ModelArgs(name=str(model_dir), allow_pickle=allow_pickle)
         self.tokenizer = load_tokenizer(args)
         config_labels = self._labels(model_dir)
-        self.model = load_classifier(args, config_labels, self.tokenizer).eval()
+        self.model = load_classifier(args, config_labels, self.tokenizer).eval().to(device)
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.max_length = max_length
         self.bf16 = bf16
+        self.device = device
 
     @property
     def backend(self) -> str:
@@ -110,8 +113,9 @@ class Classifier(Predictor):
 
     @torch.inference_mode()
     def _logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.float().numpy()
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
+            logits = self.model(**{k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}).logits
+        return logits.float().cpu().numpy()
 
 
 def available_cores() -> int:

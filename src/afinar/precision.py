@@ -29,7 +29,7 @@ from afinar.runs import on_cpu, write_json
 log = logging.getLogger(__name__)
 
 BF16_WORTH_IT = 1.3  # bf16 keeps 8 mantissa bits; only a clear step speed-up pays for that
-PROBE_VERSION = 2  # bump when what the probe measures changes
+PROBE_VERSION = 3  # bump when what the probe measures changes
 
 
 @dataclass(frozen=True)
@@ -77,23 +77,22 @@ def _model_shape(model: torch.nn.Module) -> list:
     return [type(model).__name__, *[(name, list(p.shape), p.requires_grad) for name, p in model.named_parameters()]]
 
 
-def _step_seconds(model: torch.nn.Module, batch: dict[str, torch.Tensor], bf16: bool, steps: int) -> float:
-    """The fastest of `steps` forward/backward passes (the minimum is the least disturbed by a busy host)."""
-    best = float("inf")
-    for _ in range(steps):
-        started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(**batch).logits
-        logits.float().mean().backward()
-        best = min(best, time.perf_counter() - started)
-    return best
+def _step_seconds(model: torch.nn.Module, batch: dict[str, torch.Tensor], bf16: bool) -> float:
+    """One forward/backward pass, timed."""
+    started = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(**batch).logits
+    logits.float().mean().backward()
+    return time.perf_counter() - started
 
 
-def measure_cpu_bf16_speedup(model: torch.nn.Module, batch_size: int, length: int, steps: int = 3) -> dict[str, Any]:
+def measure_cpu_bf16_speedup(model: torch.nn.Module, batch_size: int, length: int, steps: int = 4) -> dict[str, Any]:
     """Seconds per forward/backward step of `model` on a (batch_size x length) batch in fp32 and under bf16
     autocast, on this CPU, in training mode: evaluation takes other kernels (MiniLM's fused SDPA attention gains
-    1.15x from bf16 on an AVX512-BF16 EPYC where its training step gains 1.84x). Leaves no trace: gradients are
-    cleared, torch's random state and the model's mode are restored."""
+    1.15x from bf16 on an AVX512-BF16 EPYC where its training step gains 1.84x). fp32 and bf16 steps alternate, so
+    another process's load falls on both alike (timed one after the other, a busy spell during the bf16 steps
+    once measured 0.29x where the idle machine gives 1.84x). Leaves no trace: gradients are cleared, torch's
+    random state and the model's mode are restored."""
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, vocab, (batch_size, length), generator=generator),
@@ -102,10 +101,12 @@ def measure_cpu_bf16_speedup(model: torch.nn.Module, batch_size: int, length: in
     with torch.random.fork_rng(devices=[]):
         try:
             model.train()
-            _step_seconds(model, batch, False, 1)  # warm-up: kernel selection, first allocations
-            _step_seconds(model, batch, True, 1)
-            fp32 = _step_seconds(model, batch, False, steps)
-            bf16 = _step_seconds(model, batch, True, steps)
+            _step_seconds(model, batch, False)  # warm-up: kernel selection, first allocations
+            _step_seconds(model, batch, True)
+            fp32 = bf16 = float("inf")  # the fastest of `steps` each: the least disturbed by a busy host
+            for _ in range(steps):
+                fp32 = min(fp32, _step_seconds(model, batch, False))
+                bf16 = min(bf16, _step_seconds(model, batch, True))
         finally:
             model.train(was_training)
             for parameter in model.parameters():

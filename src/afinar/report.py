@@ -367,6 +367,8 @@ def write_run_report(run_dir: str | Path) -> Path:
                             [[name, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
                               f"{s['support']:,}"] for name, s in scored["per_class"].items()]),
                      _img(plot_per_class(scored, f"per-label scores ({split})"), "per-label scores")]
+    if metrics.get("suspects"):
+        sections.append(suspects_html(run.path, metrics["suspects"]))
     if metrics.get("generations"):
         sections += ["<h2>Sample generations (validation prompts, greedy)</h2>",
                      _table(["prompt", "expected", "generated"],
@@ -381,6 +383,22 @@ def write_run_report(run_dir: str | Path) -> Path:
     path = run.path / "report.html"
     write_atomic(path, _page(f"afinar run {run.path.name}", sections))
     return path
+
+
+def suspects_html(run_dir: Path, summary: dict, shown: int = 15) -> str:
+    """The training rows the trained model disagrees with most, from the run's suspects CSV."""
+    from afinar.suspects import read_suspects
+
+    rows = read_suspects(run_dir / summary["file"], shown)
+    pairs = bool(rows) and "text_pair" in rows[0]
+    return (f"<h2>Suspect labels</h2><p>The trained model disagrees with the given label of {summary['rows']:,} of "
+            f"{summary['scored']:,} training rows. The least probable given labels first (all of them in "
+            f"<code>{_e(summary['file'])}</code>, with the row in the source file): check these rows before "
+            f"collecting more data. The model saw these rows in training, so a wrong label it has memorised ranks "
+            f"lower here than in <code>afinar check --suspects</code>, whose model never sees the row it scores.</p>"
+            + _table(["row", "text", *(["second text"] if pairs else []), "given", "model says", "confidence"],
+                     [[r["row"], r["text"][:200], *([r["text_pair"][:200]] if pairs else []), r["given_label"],
+                       r["suggested_label"], r["confidence"]] for r in rows]))
 
 
 def _folder_record(folder: Path, name: str, command: str) -> dict:

@@ -65,6 +65,19 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def earlier_record(out: Path, record: str, config: Config, resume: bool, holds: str) -> dict | None:
+    """What a resumable command (compare, curve) wrote into `out` before, to continue from: None in a fresh folder;
+    an error when the folder holds `holds` already and `resume` is off, or when it was made with another config."""
+    if not (out / record).exists():
+        return None
+    if not resume:
+        raise AfinarError(f"{out} already holds {holds}; pick another --out, or --resume to finish it")
+    if not (out / "config.yaml").is_file() or (out / "config.yaml").read_text(encoding="utf-8") != to_yaml(config):
+        raise AfinarError(f"{out} holds {holds} of another configuration (see its config.yaml); --resume needs the "
+                          f"same one")
+    return read_json(out / record)
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -46,7 +46,7 @@ from afinar.errors import AfinarError
 from afinar.metrics import classification_report
 from afinar.models import load_tokenizer, resolve
 from afinar.prompting import CONTENT_FREE, PromptClassifier, balanced_shots
-from afinar.runs import read_json, write_atomic, write_json
+from afinar.runs import earlier_record, read_json, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -570,17 +570,10 @@ def markdown(result: ComparisonResult) -> str:
 
 
 def _earlier_results(out: Path, config: Config, resume: bool) -> dict[str, StrategyResult]:
-    """The strategies an earlier `compare` into `out` finished (with `resume`, and the same configuration)."""
-    if not (out / "comparison.json").exists():
-        return {}
-    if not resume:
-        raise AfinarError(f"{out} already holds a comparison; pick another --out, or --resume to run only the "
-                          f"strategies it lacks or that failed")
-    if not (out / "config.yaml").is_file() or (out / "config.yaml").read_text(encoding="utf-8") != to_yaml(config):
-        raise AfinarError(f"{out} was compared with another configuration (see its config.yaml); --resume needs the "
-                          f"same one")
-    saved = read_json(out / "comparison.json")["results"]
-    return {r["name"]: StrategyResult(**r) for r in saved if not r.get("error")}
+    """The strategies an earlier `compare` into `out` finished (with `resume`, and the same configuration); the
+    ones it lacks or that failed run again."""
+    saved = earlier_record(out, "comparison.json", config, resume, "a comparison")
+    return {} if saved is None else {r["name"]: StrategyResult(**r) for r in saved["results"] if not r.get("error")}
 
 
 def _summarise(out: Path, results: list[StrategyResult], splits: data_lib.Splits, args: CompareArgs
