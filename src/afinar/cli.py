@@ -82,6 +82,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if m and result.task in ("causal_lm", "sft"):
             print(f"{split}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}"
                   + (f"  accuracy by label continuation {m['accuracy']:.4f}" if "accuracy" in m else ""))
+        elif m and result.task == "multilabel":
+            one = m["global_threshold"]
+            print(f"{split}: macro-F1 {m['macro_f1']:.4f}  micro-F1 {m['micro_f1']:.4f}  subset accuracy "
+                  f"{m['accuracy']:.4f} (thresholds per label; one global threshold: macro-F1 {one['macro_f1']:.4f}, "
+                  f"micro-F1 {one['micro_f1']:.4f}; n={m['n']:,})")
         elif m:
             from afinar.metrics import with_interval
 
