@@ -80,6 +80,26 @@ def test_linear_probe_chooses_c_on_validation_only(encoder, monkeypatch):
     assert list(splits.test["text"]) not in seen and list(splits.validation["text"]) in seen
 
 
+def test_linear_probe_reads_sentence_pairs_and_other_encoders_refuse_them(encoder):
+    """Whether the second text is about the same thing as the first: the first text alone says nothing (each
+    appears with both labels), so only features of the pair (|u - v|, u * v) can reach high accuracy."""
+    def split(numbers):
+        rows = []
+        for i in numbers:
+            for c in range(3):
+                rows.append((TEMPLATES[c].format(i), TEMPLATES[c].format(i + 100), "same"))
+                rows.append((TEMPLATES[c].format(i), TEMPLATES[(c + 1) % 3].format(i), "different"))
+        frame = pd.DataFrame(rows, columns=["text", "text_pair", "label"])
+        return _to_dataset(frame.assign(label=frame["label"].map({"different": 0, "same": 1})), ["different", "same"])
+
+    splits = Splits(split(range(0, 12)), split(range(12, 16)), split(range(16, 22)), ["different", "same"])
+    result = run_strategy("linear_probe", load_config(), splits, None, CompareArgs(encoder=str(encoder.name)))
+    assert result.test_accuracy >= 0.9 and result.test["n"] == 36
+    assert result.trainable_params == 4 * 32 + 1  # (u, v, |u - v|, u * v): one logit for two classes
+    with pytest.raises(AfinarError, match="sentence pairs: compare linear_probe, lora, full"):
+        run_strategy("knn_retrieval", load_config(), splits, None, CompareArgs(encoder=str(encoder.name)))
+
+
 def result(name, val, seconds, texts_per_s, test=None):
     return StrategyResult(name, "m", validation={"accuracy": val}, test={"accuracy": test or val},
                           train_seconds=seconds, infer_texts_per_s=texts_per_s)

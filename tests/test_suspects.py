@@ -11,7 +11,7 @@ from afinar.classify import train
 from afinar.config import load_config
 from afinar.suspects import out_of_fold_probabilities, rank_suspects
 
-from conftest import tiny_overrides, tweet_rows
+from conftest import SHARED, tiny_overrides, tweet_rows
 
 
 def test_flipped_labels_rise_to_the_top_of_the_suspects(tmp_path, capsys):
@@ -36,6 +36,21 @@ def test_flipped_labels_rise_to_the_top_of_the_suspects(tmp_path, capsys):
     assert found >= 40, found
     assert ranked[0]["text"] == rows[int(ranked[0]["row"])]["text"]  # the row number points into the file
     assert "all of them, ranked" in capsys.readouterr().out
+
+
+def test_suspects_of_sentence_pairs_name_both_texts(tmp_path):
+    """RTE pairs are ranked from features of the pair; the CSV keeps both texts of each row."""
+    import pandas as pd
+
+    frame = pd.read_csv(SHARED / "rte" / "train.tsv", sep="\t", quoting=3, dtype=str).iloc[:120]
+    path, out = tmp_path / "pairs.csv", tmp_path / "suspects.csv"
+    frame.to_csv(path, index=False)
+    assert cli.main(["check", "--data", str(path), "--suspects", str(out)]) == 0
+    with out.open(encoding="utf-8") as handle:
+        first = next(csv.DictReader(handle))
+    row = frame.iloc[int(first["row"])]
+    assert (first["text"], first["text_pair"], first["given_label"]) == (row["sentence1"], row["sentence2"],
+                                                                           row["label"])
 
 
 def test_ranking_puts_the_least_probable_given_label_first():

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("zero_shot", "few_shot", "retrieval_few_shot", "knn_retrieval", "linear_probe", "setfit", "sft", "lora",
               "full")
+PAIR_STRATEGIES = ("linear_probe", "lora", "full")  # the ones that read sentence pairs
 COST_TEXTS = 10_000  # the recommendation's cost: seconds to fit once and then label this many texts
 
 
@@ -166,6 +167,14 @@ class Encoder:
             out[index] = torch.nn.functional.normalize(mean, dim=-1).float().cpu().numpy()
         return out
 
+    def features(self, inputs: Sequence[data_lib.Input]) -> np.ndarray:
+        """A classifier's input per row: the embedding of a text; for sentence pairs the embeddings u, v of the two
+        texts as (u, v, |u - v|, u * v), the features InferSent and Sentence-BERT classify pairs from."""
+        if not inputs or not isinstance(inputs[0], tuple):
+            return self.encode(inputs)
+        u, v = self.encode([a for a, _ in inputs]), self.encode([b for _, b in inputs])
+        return np.hstack([u, v, np.abs(u - v), u * v])
+
 
 class NeighbourIndex:
     """Exact inner-product search (cosine on normalised embeddings) over the train texts with FAISS."""
@@ -250,8 +259,9 @@ class LinearProbe(Strategy):
     def fit(self, splits: data_lib.Splits) -> None:
         from sklearn.linear_model import LogisticRegression
 
-        train, labels = self.encoder.encode(splits.train["text"]), np.asarray(splits.train["label"])
-        validation, gold = self.encoder.encode(splits.validation["text"]), np.asarray(splits.validation["label"])
+        train, labels = self.encoder.features(data_lib.inputs(splits.train)), np.asarray(splits.train["label"])
+        validation = self.encoder.features(data_lib.inputs(splits.validation))
+        gold = np.asarray(splits.validation["label"])
         fitted, by_c = {}, {}
         for c in self.cs:
             fitted[c] = LogisticRegression(C=c, max_iter=2000, random_state=self.seed).fit(train, labels)
@@ -261,8 +271,8 @@ class LinearProbe(Strategy):
         self.trainable_params = int(self.classifier.coef_.size + self.classifier.intercept_.size)
         self.details.update({"C": c, "validation_accuracy_by_C": {str(k): v for k, v in by_c.items()}})
 
-    def predict(self, texts: list[str]) -> dict[str, np.ndarray]:
-        return {"probe": self.classifier.predict(self.encoder.encode(texts))}
+    def predict(self, texts: list[data_lib.Input]) -> dict[str, np.ndarray]:
+        return {"probe": self.classifier.predict(self.encoder.features(texts))}
 
 
 class SetFit(Strategy):
@@ -380,7 +390,7 @@ def _fit_and_predict(strategy: Strategy, splits: data_lib.Splits) -> StrategyRes
         if ds is None:
             continue
         started = time.perf_counter()
-        predictions = strategy.predict(list(ds["text"]))
+        predictions = strategy.predict(data_lib.inputs(ds))
         result.infer_texts_per_s = len(ds) / max(time.perf_counter() - started, 1e-9)
         headline, *others = predictions
         setattr(result, split, _report(splits, split, predictions[headline]))
@@ -463,9 +473,9 @@ def run_strategy(name: str, config: Config, splits: data_lib.Splits, out_dir: Pa
     from transformers import set_seed
 
     args, prompt = args or CompareArgs(), prompt or PromptArgs()
-    if data_lib.has_pairs(splits.train) and name not in ("lora", "full"):
-        raise AfinarError(f"strategy {name} reads one text per row; these data are sentence pairs: compare lora "
-                          f"and full")
+    if data_lib.has_pairs(splits.train) and name not in PAIR_STRATEGIES:
+        raise AfinarError(f"strategy {name} reads one text per row; these data are sentence pairs: compare "
+                          f"{', '.join(PAIR_STRATEGIES)}")
     set_seed(config.train.seed)
     with PeakRSS() as memory:
         if name in ("lora", "full"):

@@ -74,17 +74,15 @@ def rank_suspects(texts: list[data_lib.Input], labels: np.ndarray, probabilities
 
 
 def find_suspects(config: Config, folds: int = 5) -> list[Suspect]:
-    """The configured training split's suspect labels (from `compare.encoder` features)."""
+    """The configured training split's suspect labels (from `compare.encoder` features of each text or pair)."""
     from afinar.strategies import Encoder
 
     splits = data_lib.read_splits(config.data, with_test=False)
-    if data_lib.has_pairs(splits.train):
-        raise AfinarError("suspect labels read one text per row; these data are sentence pairs")
-    texts, labels = list(splits.train["text"]), np.asarray(splits.train["label"])
+    texts, labels = data_lib.inputs(splits.train), np.asarray(splits.train["label"])
     encoder = Encoder(config.compare.encoder, config.data.max_length, config.compare.encode_batch)
     log.info("encoding %d training texts with %s for %d-fold out-of-fold predictions", len(texts),
              config.compare.encoder, folds)
-    probabilities = out_of_fold_probabilities(encoder.encode(texts), labels, folds, config.train.seed)
+    probabilities = out_of_fold_probabilities(encoder.features(texts), labels, folds, config.train.seed)
     return rank_suspects(texts, labels, probabilities, splits.label_names)
 
 
