@@ -121,17 +121,17 @@ class Classification:
         """Suspect labels: the training rows the trained model disagrees with most (`checks.suspects`)."""
         if not config.checks.suspects or not is_main_process():  # the main process alone saved the model
             return
-        from afinar.suspects import SUSPECTS_FILE, trained_model_suspects, write_suspects
+        from afinar.suspects import SUSPECTS_FILE, disagreeing, trained_model_suspects, write_suspects
 
         splits, _ = data.extra
         started = time.perf_counter()
         bf16 = (run.manifest().get("precision") or {}).get("precision") == "bf16"
         suspects = trained_model_suspects(run.model_dir, config, splits.train, splits.label_names, bf16)
         write_suspects(suspects, run.path / SUSPECTS_FILE)
-        metrics["suspects"] = {"file": SUSPECTS_FILE, "rows": len(suspects), "scored": len(splits.train),
-                               "seconds": round(time.perf_counter() - started, 1)}
-        log.info("suspect labels: %d of %d training rows disagree with the trained model, ranked in %s",
-                 len(suspects), len(splits.train), run.path / SUSPECTS_FILE)
+        metrics["suspects"] = {"file": SUSPECTS_FILE, "disagree": len(disagreeing(suspects)),
+                               "scored": len(suspects), "seconds": round(time.perf_counter() - started, 1)}
+        log.info("suspect labels: %d of %d training rows disagree with the trained model; all ranked in %s",
+                 metrics["suspects"]["disagree"], len(suspects), run.path / SUSPECTS_FILE)
 
     def summary(self, config: Config, data: TaskData, metrics: dict) -> str:
         splits, report = data.extra

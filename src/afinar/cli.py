@@ -166,13 +166,14 @@ def cmd_check(args: argparse.Namespace) -> int:
         write_json(Path(args.json), report.to_dict())
         print(f"report written to {args.json}")
     if args.suspects:
-        from afinar.suspects import find_suspects, write_suspects
+        from afinar.suspects import disagreeing, find_suspects, write_suspects
 
         suspects = find_suspects(config, args.folds)
-        print(f"\n{len(suspects):,} training rows whose label the out-of-fold model disagrees with; the first:")
-        for s in suspects[:10]:
+        disagree = disagreeing(suspects)
+        print(f"\n{len(disagree):,} training rows whose label the out-of-fold model disagrees with; the first:")
+        for s in disagree[:10]:
             print(f"  row {s.row}: {s.given} -> {s.suggested} ({s.confidence:.2f})  {s.text[:70]!r}")
-        print(f"all of them, ranked: {write_suspects(suspects, args.suspects)}")
+        print(f"every row, ranked: {write_suspects(suspects, args.suspects)}")
     return 0
 
 

@@ -391,9 +391,10 @@ def suspects_html(run_dir: Path, summary: dict, shown: int = 15) -> str:
 
     rows = read_suspects(run_dir / summary["file"], shown)
     pairs = bool(rows) and "text_pair" in rows[0]
-    return (f"<h2>Suspect labels</h2><p>The trained model disagrees with the given label of {summary['rows']:,} of "
-            f"{summary['scored']:,} training rows. The least probable given labels first (all of them in "
-            f"<code>{_e(summary['file'])}</code>, with the row in the source file): check these rows before "
+    return (f"<h2>Suspect labels</h2><p>The trained model disagrees with the given label of "
+            f"{summary['disagree']:,} of {summary['scored']:,} training rows; these are the ones with the least "
+            f"probable given label (<code>{_e(summary['file'])}</code> ranks every row that way, unsure agreements "
+            f"included, with its row in the source file): check them before "
             f"collecting more data. The model saw these rows in training, so a wrong label it has memorised ranks "
             f"lower here than in <code>afinar check --suspects</code>, whose model never sees the row it scores.</p>"
             + _table(["row", "text", *(["second text"] if pairs else []), "given", "model says", "confidence"],

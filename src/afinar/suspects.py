@@ -58,19 +58,23 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: i
 
 def rank_suspects(texts: list[data_lib.Input], labels: np.ndarray, probabilities: np.ndarray,
                   label_names: list[str], rows: list[int | None] | None = None) -> list[Suspect]:
-    """Rows where the suggestion differs from the given label, least probable given label first; `rows` are the
-    file positions of `texts` (default: their own positions)."""
+    """Every row, least probable given label first; `rows` are the file positions of `texts` (default: their own
+    positions). Rows the model disagrees with come first but are not the only ones: a well-fitted model agrees
+    with most rows, and an unsure agreement (given label at 0.4) is as worth a look as a near miss."""
     given = probabilities[np.arange(len(labels)), labels]
     suggested = probabilities.argmax(axis=1)
-    order = np.argsort(given, kind="stable")
     rows = list(range(len(texts))) if rows is None else rows
     ranked = []
-    for i in order:
-        if suggested[i] != labels[i]:
-            text, pair = texts[i] if isinstance(texts[i], tuple) else (texts[i], None)
-            ranked.append(Suspect(rows[i], text, label_names[labels[i]], label_names[suggested[i]],
-                                  float(probabilities[i, suggested[i]]), float(given[i]), pair))
+    for i in np.argsort(given, kind="stable"):
+        text, pair = texts[i] if isinstance(texts[i], tuple) else (texts[i], None)
+        ranked.append(Suspect(rows[i], text, label_names[labels[i]], label_names[suggested[i]],
+                              float(probabilities[i, suggested[i]]), float(given[i]), pair))
     return ranked
+
+
+def disagreeing(suspects: list[Suspect]) -> list[Suspect]:
+    """The ranked rows whose suggested label is not the given one."""
+    return [s for s in suspects if s.suggested != s.given]
 
 
 def find_suspects(config: Config, folds: int = 5) -> list[Suspect]:
@@ -112,7 +116,8 @@ def trained_model_suspects(model_dir: str | Path, config: Config, train: Dataset
 
 
 def write_suspects(suspects: list[Suspect], path: str | Path) -> Path:
-    """The ranked CSV; a `text_pair` column after `text` when the rows are sentence pairs."""
+    """The ranked CSV (every row; `suggested_label` equal to `given_label` where the model agrees); a `text_pair`
+    column after `text` when the rows are sentence pairs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pairs = any(s.text_pair is not None for s in suspects)
@@ -127,6 +132,7 @@ def write_suspects(suspects: list[Suspect], path: str | Path) -> Path:
 
 
 def read_suspects(path: str | Path, limit: int) -> list[dict]:
-    """The first `limit` rows of a suspects CSV, as written."""
+    """The first `limit` rows of a suspects CSV that the model disagrees with, as written."""
     with Path(path).open(encoding="utf-8", newline="") as handle:
-        return [row for _, row in zip(range(limit), csv.DictReader(handle))]
+        rows = (row for row in csv.DictReader(handle) if row["suggested_label"] != row["given_label"])
+        return [row for _, row in zip(range(limit), rows)]
