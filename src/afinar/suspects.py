@@ -59,8 +59,8 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: i
 def rank_suspects(texts: list[data_lib.Input], labels: np.ndarray, probabilities: np.ndarray,
                   label_names: list[str], rows: list[int | None] | None = None) -> list[Suspect]:
     """Every row, least probable given label first; `rows` are the file positions of `texts` (default: their own
-    positions). Rows the model disagrees with come first but are not the only ones: a well-fitted model agrees
-    with most rows, and an unsure agreement (given label at 0.4) is as worth a look as a near miss."""
+    positions). Not only the rows the model disagrees with: a well-fitted model agrees with most rows, and an
+    unsure agreement (the given label at 0.4 against 0.35 and 0.25) is as worth a look as a near miss."""
     given = probabilities[np.arange(len(labels)), labels]
     suggested = probabilities.argmax(axis=1)
     rows = list(range(len(texts))) if rows is None else rows
