@@ -1,6 +1,7 @@
 """The run lifecycle every task shares: hub data offline, one LoRA/freeze order, the caller's config untouched,
 run folders that cannot be confused, resumed or overwritten by mistake, the export checked on training's rows."""
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -48,6 +49,9 @@ def test_classification_trains_on_a_hub_dataset(stub_hub, tiny_bert, tmp_path):
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["data"]["sources"]["train"] == "hub:mteb/tweet_sentiment_extraction"
     assert manifest["data"]["labels"] == ["negative", "neutral", "positive"] and result.metrics["test"]["n"] == 40
+    with (result.run_dir / "suspects.csv").open(encoding="utf-8") as handle:
+        suspects = list(csv.DictReader(handle))
+    assert suspects and {s["row"] for s in suspects} == {""}  # no local file: the text names the hub's row
 
 
 def test_causal_lm_trains_on_a_hub_dataset(stub_hub, tiny_gpt2, tmp_path):

@@ -117,6 +117,7 @@ def _point_config(config: Config, files: dict[str, Path]) -> Config:
     config.data.text_pair_column = "text_pair" if "text_pair" in json.loads(
         files["train"].read_text(encoding="utf-8").splitlines()[0]) else None
     config.data.max_eval_samples = config.data.max_test_samples = None
+    config.checks.suspects = False  # a point's model is a means to the curve; rank suspects with a real run
     return config.validate()
 
 

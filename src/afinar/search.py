@@ -199,6 +199,7 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
             set_value(trial_config, key, value)
         set_value(trial_config, "train.output_dir", str(folder / "trials"))
         set_value(trial_config, "train.run_name", f"trial-{trial.number}")
+        set_value(trial_config, "checks.suspects", False)  # a trial's model is a means to a score, not for fixing data
         trial.set_user_attr("seed", trial_config.train.seed)
         trial.set_user_attr("run_dir", str(folder / "trials" / f"trial-{trial.number}"))
         with tracked_run(f"trial-{trial.number}", config.train.report_to):

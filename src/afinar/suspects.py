@@ -34,7 +34,7 @@ SUSPECTS_FILE = "suspects.csv"  # in a run folder: the ranking after training
 
 @dataclass
 class Suspect:
-    row: int | None  # position in the training split as read (before checks drop anything), 0-based
+    row: int | None  # position in the local train file as read (before checks drop anything), 0-based
     text: str
     given: str
     suggested: str
@@ -91,8 +91,11 @@ def find_suspects(config: Config, folds: int = 5) -> list[Suspect]:
 
 
 def file_rows(args: DataArgs, train: Dataset) -> list[int | None]:
-    """Each row of a prepared (carved, subsetted, checked) training split as its position in the source's train
-    split as read, so a suspect points at the line to fix; None for a row not found there."""
+    """Each row of a prepared (carved, subsetted, checked) training split as its position in the local train file
+    as read, so a suspect points at the line to fix; None for a row not found there, and for a hub dataset (not
+    downloaded twice; its text identifies the row)."""
+    if data_lib.split_files(args, with_test=False) is None:
+        return [None] * len(train)
     first: dict = {}
     for position, text in enumerate(data_lib.inputs(data_lib.read_splits(args, with_test=False).train)):
         first.setdefault(text, position)
