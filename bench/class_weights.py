@@ -1,0 +1,82 @@
+"""Class weights on an imbalanced set: does `train.class_weights=balanced` raise macro-F1 over `none`?
+
+A seeded subset of the embedded training tweets with `positive` cut to 5% (110 positive, 2,090 negative or neutral
+rows), scored on the full embedded test split (3,534 tweets, positive about 31%), one run per setting, same seed,
+best checkpoint by validation macro-F1.
+
+    python bench/class_weights.py [--positive 110] [--others 2090] [--seed 0]
+
+Prints JSON and a markdown table and writes both to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from afinar import cli
+from afinar.assets import dataset_files
+from afinar.data import read_table
+from afinar.runs import machine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SETTINGS = ["--set", "train.metric_for_best_model=macro_f1", "--set", "data.max_length=64",
+            "--set", "train.learning_rate=1e-4"]
+
+
+def imbalanced_train(folder: Path, positive: int, others: int, seed: int) -> Path:
+    """The first `positive` positive and `others` other rows of a seeded shuffle of the embedded train split."""
+    frame = read_table(dataset_files("tweets")["train"])
+    shuffled = frame.iloc[np.random.default_rng(seed).permutation(len(frame))]
+    is_positive = shuffled["label_text"] == "positive"
+    subset = pd.concat([shuffled[is_positive].head(positive), shuffled[~is_positive].head(others)])
+    path = folder / "imbalanced_train.csv"
+    subset[["text", "label_text"]].rename(columns={"label_text": "label"}).to_csv(path, index=False)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--positive", type=int, default=110)
+    parser.add_argument("--others", type=int, default=2090)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        train = imbalanced_train(folder, args.positive, args.others, args.seed)
+        test = folder / "test.csv"
+        frame = read_table(dataset_files("tweets")["test"])
+        frame[["text", "label_text"]].rename(columns={"label_text": "label"}).to_csv(test, index=False)
+        for weights in ("none", "balanced"):
+            started = time.perf_counter()
+            assert cli.main(["train", "--data", str(train), "--test", str(test), *SETTINGS,
+                             "--set", f"train.class_weights={weights}", "--set", f"train.output_dir={folder}",
+                             "--set", f"train.run_name={weights}"]) == 0
+            scored = json.loads((folder / weights / "metrics.json").read_text())["test"]
+            results.append({"class_weights": weights, "test_macro_f1": scored["macro_f1"],
+                            "test_accuracy": scored["accuracy"],
+                            "positive_recall": scored["per_class"]["positive"]["recall"],
+                            "positive_f1": scored["per_class"]["positive"]["f1"],
+                            "seconds": round(time.perf_counter() - started, 1)})
+    record = {"machine": machine(), "positive": args.positive, "others": args.others, "seed": args.seed,
+              "results": results}
+    table = ["| class_weights | test macro-F1 | test accuracy | positive recall | positive F1 | seconds |",
+             "|---|---|---|---|---|---|"]
+    table += [f"| {r['class_weights']} | {r['test_macro_f1']:.4f} | {r['test_accuracy']:.4f} | "
+              f"{r['positive_recall']:.3f} | {r['positive_f1']:.3f} | {r['seconds']} |" for r in results]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"class_weights-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    stem.with_suffix(".md").write_text("\n".join(table) + "\n", encoding="utf-8")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
