@@ -16,8 +16,9 @@ from conftest import SHARED, tiny_overrides, tweet_rows
 
 def test_flipped_labels_rise_to_the_top_of_the_suspects(tmp_path, capsys):
     """5% of 2,000 real tweets get a wrong label at random; chance puts 10 of the 100 flipped rows among the top
-    200 suspects. Frozen MiniLM features + logistic regression found 49 here (42-50 for other flip seeds): the
-    issue's bar of 50 is not reliably met, so this guards the level reached (4x chance), not the bar."""
+    200 suspects. Frozen MiniLM features + logistic regression found 49 here (42-50 for other flip seeds), so this
+    guards the level reached (4x chance). The fine-tuned run's ranking, too slow for this suite, meets the issue's
+    bar of 50 (`bench/planted_noise.py`: 55, 50, 62 for flip seeds 0-2)."""
     rows = tweet_rows("train", 2000)
     rng = np.random.default_rng(0)
     flipped = set(rng.choice(len(rows), 100, replace=False).tolist())
