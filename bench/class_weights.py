@@ -58,8 +58,8 @@ def main() -> None:
             started = time.perf_counter()
             assert cli.main(["train", "--data", str(train), "--test", str(test), *SETTINGS,
                              "--set", f"train.class_weights={weights}", "--set", f"train.output_dir={folder}",
-                             "--set", f"train.run_name={weights}"]) == 0
-            scored = json.loads((folder / weights / "metrics.json").read_text())["test"]
+                             "--set", f"train.run_name=weights-{weights}"]) == 0
+            scored = json.loads((folder / f"weights-{weights}" / "metrics.json").read_text())["test"]
             results.append({"class_weights": weights, "test_macro_f1": scored["macro_f1"],
                             "test_accuracy": scored["accuracy"],
                             "positive_recall": scored["per_class"]["positive"]["recall"],
