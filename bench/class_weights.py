@@ -1,10 +1,10 @@
 """Class weights on an imbalanced set: does `train.class_weights=balanced` raise macro-F1 over `none`?
 
 A seeded subset of the embedded training tweets with `positive` cut to 5% (110 positive, 2,090 negative or neutral
-rows), scored on the full embedded test split (3,534 tweets, positive about 31%), one run per setting, same seed,
-best checkpoint by validation macro-F1.
+rows), scored on the full embedded test split (3,534 tweets, positive about 31%), best checkpoint by validation
+macro-F1; one run per setting and training seed (`--train-seeds`), the same seeds for both settings.
 
-    python bench/class_weights.py [--positive 110] [--others 2090] [--seed 0]
+    python bench/class_weights.py [--positive 110] [--others 2090] [--seed 0] [--train-seeds 42 43 44]
 
 Prints JSON and a markdown table and writes both to bench/results/.
 """
@@ -45,7 +45,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--positive", type=int, default=110)
     parser.add_argument("--others", type=int, default=2090)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the subset's seed")
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[42])
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,28 +55,36 @@ def main() -> None:
         test = folder / "test.csv"
         frame = read_table(dataset_files("tweets")["test"])
         frame[["text", "label_text"]].rename(columns={"label_text": "label"}).to_csv(test, index=False)
-        for weights in ("none", "balanced"):
-            started = time.perf_counter()
-            assert cli.main(["train", "--data", str(train), "--test", str(test), *SETTINGS,
-                             "--set", f"train.class_weights={weights}", "--set", f"train.output_dir={folder}",
-                             "--set", f"train.run_name=weights-{weights}"]) == 0
-            scored = json.loads((folder / f"weights-{weights}" / "metrics.json").read_text())["test"]
-            results.append({"class_weights": weights, "test_macro_f1": scored["macro_f1"],
-                            "test_accuracy": scored["accuracy"],
-                            "positive_recall": scored["per_class"]["positive"]["recall"],
-                            "positive_f1": scored["per_class"]["positive"]["f1"],
-                            "seconds": round(time.perf_counter() - started, 1)})
+        for seed in args.train_seeds:
+            for weights in ("none", "balanced"):
+                started = time.perf_counter()
+                name = f"weights-{weights}-{seed}"
+                assert cli.main(["train", "--data", str(train), "--test", str(test), *SETTINGS,
+                                 "--set", f"train.class_weights={weights}", "--set", f"train.seed={seed}",
+                                 "--set", f"train.output_dir={folder}", "--set", f"train.run_name={name}"]) == 0
+                scored = json.loads((folder / name / "metrics.json").read_text())["test"]
+                results.append(_row(weights, seed, scored, time.perf_counter() - started))
+    for weights in ("none", "balanced"):
+        scores = [r["test_macro_f1"] for r in results if r["class_weights"] == weights]
+        spread = np.std(scores, ddof=1) if len(scores) > 1 else 0.0
+        print(f"{weights}: test macro-F1 {np.mean(scores):.4f} ± {spread:.4f} over {len(scores)} training seeds")
     record = {"machine": machine(), "positive": args.positive, "others": args.others, "seed": args.seed,
               "results": results}
-    table = ["| class_weights | test macro-F1 | test accuracy | positive recall | positive F1 | seconds |",
-             "|---|---|---|---|---|---|"]
-    table += [f"| {r['class_weights']} | {r['test_macro_f1']:.4f} | {r['test_accuracy']:.4f} | "
+    table = ["| class_weights | training seed | test macro-F1 | test accuracy | positive recall | positive F1 "
+             "| seconds |", "|---|---|---|---|---|---|---|"]
+    table += [f"| {r['class_weights']} | {r['seed']} | {r['test_macro_f1']:.4f} | {r['test_accuracy']:.4f} | "
               f"{r['positive_recall']:.3f} | {r['positive_f1']:.3f} | {r['seconds']} |" for r in results]
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"class_weights-{time.strftime('%Y%m%d-%H%M%S')}"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     stem.with_suffix(".md").write_text("\n".join(table) + "\n", encoding="utf-8")
     print("\n".join(table))
+
+
+def _row(weights: str, seed: int, scored: dict, seconds: float) -> dict:
+    return {"class_weights": weights, "seed": seed, "test_macro_f1": scored["macro_f1"],
+            "test_accuracy": scored["accuracy"], "positive_recall": scored["per_class"]["positive"]["recall"],
+            "positive_f1": scored["per_class"]["positive"]["f1"], "seconds": round(seconds, 1)}
 
 
 if __name__ == "__main__":
