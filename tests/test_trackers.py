@@ -11,18 +11,26 @@ from afinar.trackers import check_trackers
 from conftest import tiny_overrides
 
 
-def test_mlflow_run_holds_params_per_step_loss_test_metrics_and_the_report(tiny_bert, tweets_jsonl, tmp_path,
-                                                                            monkeypatch):
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh SQLite MLflow store that afinar logs into (through the environment, as a user sets it); returns
+    the client and a function listing the runs of the experiment afinar wrote."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts under ./mlruns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "afinar-test")
+    client = MlflowClient(tracking_uri=uri)
+    return client, lambda: client.search_runs([client.get_experiment_by_name("afinar-test").experiment_id])
+
+
+def test_mlflow_run_holds_params_per_step_loss_test_metrics_and_the_report(tiny_bert, tweets_jsonl, tmp_path,
+                                                                            mlflow_store):
+    client, logged_runs = mlflow_store
     result = afinar.train(load_config(overrides=tiny_overrides(
         tiny_bert, *tweets_jsonl, tmp_path / "runs", **{"train.report_to": "[mlflow]", "train.max_steps": 6})))
-    client = MlflowClient(tracking_uri=uri)
-    [run] = client.search_runs([client.get_experiment_by_name("afinar-test").experiment_id])
+    [run] = logged_runs()
     assert run.info.run_name == result.run_dir.name and run.info.status == "FINISHED"
     assert float(run.data.params["learning_rate"]) == 1e-3
     losses = client.get_metric_history(run.info.run_id, "loss")
@@ -55,25 +63,20 @@ def test_a_missing_tracker_is_a_one_line_error_naming_the_extra(monkeypatch):
 
 
 def test_search_trials_nest_under_the_study_and_compare_tracks_each_strategy(tiny_bert, tweets_jsonl, tmp_path,
-                                                                             monkeypatch):
+                                                                             mlflow_store):
     import yaml
-    from mlflow.tracking import MlflowClient
 
     from afinar.search import search
     from afinar.strategies import CompareArgs, compare
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.chdir(tmp_path)  # a SQLite store keeps artifacts under ./mlruns
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "afinar-search")
+    _, logged_runs = mlflow_store
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"train.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3}}))
     config = load_config(overrides=tiny_overrides(tiny_bert, *tweets_jsonl, tmp_path / "search", **{
         "train.max_steps": 4, "train.eval_every": 2, "train.run_name": None, "train.report_to": "[mlflow]"}))
     result = search(config, trials=2, space=space, pruner="none")
     compare(config, "knn_retrieval", tmp_path / "compare", CompareArgs(encoder=str(tiny_bert), isolate=False))
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("afinar-search").experiment_id])
+    runs = logged_runs()
     by_name = {r.info.run_name: r for r in runs}
     study = by_name[result.path.name]
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study.info.run_id]
