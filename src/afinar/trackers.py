@@ -65,12 +65,10 @@ def log_study(report_to: list[str], name: str, best_params: dict, best_validatio
         return
     import mlflow
 
-    found = mlflow.search_runs(filter_string=f"tags.mlflow.runName = '{name}'", max_results=1,
-                               order_by=["attributes.start_time DESC"], search_all_experiments=True,
-                               output_format="list")
-    if not found:
+    run_id = _mlflow_run_named(name)
+    if run_id is None:
         return
-    client, run_id = mlflow.MlflowClient(), found[0].info.run_id
+    client = mlflow.MlflowClient()
     for key, value in best_params.items():
         client.log_param(run_id, f"best.{key}", value)
     client.log_metric(run_id, "best_validation", float(best_validation))
@@ -80,6 +78,17 @@ def log_study(report_to: list[str], name: str, best_params: dict, best_validatio
     for file in ("search.json", "report.html"):
         if (folder / file).is_file():
             client.log_artifact(run_id, str(folder / file))
+
+
+def _mlflow_run_named(name: str) -> str | None:
+    """The id of the latest MLflow run called `name` in any experiment, nested or not (None: there is none), so a
+    run another component opened and ended can be added to."""
+    import mlflow
+
+    found = mlflow.search_runs(filter_string=f"tags.mlflow.runName = '{name}'", max_results=1,
+                               order_by=["attributes.start_time DESC"], search_all_experiments=True,
+                               output_format="list")
+    return found[0].info.run_id if found else None
 
 
 def _mlflow():
@@ -137,12 +146,9 @@ def log_results(run_path: Path, report_to: list[str], metrics: dict, data_report
     if "mlflow" in report_to:
         import mlflow
 
-        # the run `Trainer`'s callback opened (and usually ended) for this run folder, nested or not
-        found = mlflow.search_runs(filter_string=f"tags.mlflow.runName = '{run_path.name}'",
-                                   order_by=["attributes.start_time DESC"], max_results=1,
-                                   search_all_experiments=True, output_format="list")
-        if found:
-            client, run_id = mlflow.MlflowClient(), found[0].info.run_id
+        run_id = _mlflow_run_named(run_path.name)  # `Trainer`'s callback opened (and usually ended) it
+        if run_id is not None:
+            client = mlflow.MlflowClient()
             for key, value in figures.items():
                 client.log_metric(run_id, key, value)
             for file in files:
