@@ -24,8 +24,8 @@ from afinar import cli
 from afinar.assets import dataset_files
 from afinar.data import read_table
 from afinar.runs import machine
+from results_io import write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ["--set", "train.metric_for_best_model=macro_f1", "--set", "data.max_length=64",
             "--set", "train.learning_rate=1e-4"]
 
@@ -74,10 +74,7 @@ def main() -> None:
              "| seconds |", "|---|---|---|---|---|---|---|"]
     table += [f"| {r['class_weights']} | {r['seed']} | {r['test_macro_f1']:.4f} | {r['test_accuracy']:.4f} | "
               f"{r['positive_recall']:.3f} | {r['positive_f1']:.3f} | {r['seconds']} |" for r in results]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"class_weights-{time.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2), encoding="utf-8")
-    stem.with_suffix(".md").write_text("\n".join(table) + "\n", encoding="utf-8")
+    write_results("class_weights", record, "\n".join(table))
     print("\n".join(table))
 
 

@@ -35,7 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from results_io import RESULTS, write_results
+
 BACKENDS = ("tutorial", "torch", "torch-bf16", "onnx", "onnx-int8", "auto")
 PEAK_DTYPE = {"tutorial": "float32", "torch": "float32", "onnx": "float32", "torch-bf16": "bfloat16"}
 SIZES = {"quick": {"tutorial": 20, "batch1": 150, "batch32": 640},
@@ -239,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             peak = peaks[PEAK_DTYPE[row["backend"]]]
             row["mfu"] = 2 * parameters * row["real_tokens"] / row["seconds"] / (peak * 1e9)
     markdown = table(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"inference-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown)
+    stem = write_results("inference", result, markdown, args.out, "quick" if args.quick else "")
     print(json.dumps(result, indent=2))
     print(markdown)
     print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)

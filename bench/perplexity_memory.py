@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from results_io import write_results
+
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "medical_abstracts" / "corpus_valid.txt"
 
 
@@ -69,9 +70,7 @@ def main() -> None:
     table += [f"| {r['fraction']:.0%} | {r['tokens']:,} | {r['perplexity']:.2f} | {r['seconds']:.0f} | "
               f"{r['rss_after_load_mb']:,.0f} | {r['peak_rss_mb']:,.0f} |" for r in rows]
     table.append(f"\nPeak RSS, full text / a tenth: {ratio:.3f}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "perplexity_memory.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    (RESULTS / "perplexity_memory.md").write_text("\n".join(table) + "\n", encoding="utf-8")
+    write_results("perplexity_memory", result, "\n".join(table))
     print(json.dumps(result, indent=2))
     print("\n".join(table))
 

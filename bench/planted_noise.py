@@ -25,9 +25,9 @@ import numpy as np
 
 from afinar import cli
 from afinar.runs import machine
+from results_io import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 TWEETS = ROOT.parent / "shared" / "data" / "tweet_sentiment_extraction" / "mteb_format_train.jsonl"
 ROWS, FLIPPED, TOP = 2000, 100, 200
 
@@ -86,10 +86,7 @@ def main() -> None:
     record = {"machine": machine(), "rows": ROWS, "flipped": FLIPPED, "top": TOP, "results": results}
     table = ["| flip seed | method | flipped rows in the top 200 (of 100; chance 10) | seconds |", "|---|---|---|---|"]
     table += [f"| {r['flip_seed']} | {r['method']} | {r['flipped_in_top_200']} | {r['seconds']} |" for r in results]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"planted_noise-{time.strftime('%Y%m%d-%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2), encoding="utf-8")
-    stem.with_suffix(".md").write_text("\n".join(table) + "\n", encoding="utf-8")
+    write_results("planted_noise", record, "\n".join(table))
     print("\n".join(table))
 
 

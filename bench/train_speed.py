@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 from statistics import fmean
 
+from results_io import write_results
+
 PATHS = ("tutorial", "trainer_default", "trainer_grouped", "trainer_grouped_bf16", "afinar", "afinar_lora")
 TUNED = ("trainer_grouped", "trainer_grouped_bf16")
 MODELS = ("minilm-l6", "gpt2-small", "smollm2-135m")
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 3.0) -> float:
@@ -286,10 +287,7 @@ def main() -> None:
     samples = ({"minilm-l6": 640, "gpt2-small": 256, "smollm2-135m": 128} if args.quick else
                {"minilm-l6": 3200, "gpt2-small": 640, "smollm2-135m": 320})
     result = run_all(models, samples, args.batch, args.seed, args.repeats)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"train_speed-{stamp}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"train_speed-{stamp}.md").write_text(table(result) + "\n")
+    write_results("train_speed", result, table(result))
     print(json.dumps(result, indent=2))
     print(table(result))
 
