@@ -23,6 +23,7 @@ quickstart: install
 	$(BIN)/afinar train examples/quickstart.yaml
 
 test: install
+	$(BIN)/lint-imports
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:

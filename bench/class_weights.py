@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from results_io import write_results
 
 from afinar import cli
-from afinar.assets import dataset_files
-from afinar.data import read_table
-from afinar.runs import machine
-from results_io import write_results
+from afinar.core.assets import dataset_files
+from afinar.core.runs import machine
+from afinar.data.sources import read_table
 
 SETTINGS = ["--set", "train.metric_for_best_model=macro_f1", "--set", "data.max_length=64",
             "--set", "train.learning_rate=1e-4"]

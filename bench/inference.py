@@ -94,7 +94,7 @@ def _tutorial(run_dir: Path):
     import numpy as np
     import torch
 
-    from afinar.inference import Predictor, load_predictor
+    from afinar.inference.predictors import Predictor, load_predictor
 
     classifier = load_predictor(run_dir, "torch")
     length = min(512, classifier.model.config.max_position_embeddings)
@@ -117,8 +117,8 @@ def _tutorial(run_dir: Path):
 def worker(backend: str, run_dir: Path, texts_file: Path, quick: bool) -> dict:
     import numpy as np
 
-    from afinar.data import encode
-    from afinar.inference import load_predictor
+    from afinar.data.sources import encode
+    from afinar.inference.predictors import load_predictor
 
     sizes = SIZES["quick" if quick else "full"]
     data = json.loads(texts_file.read_text())
@@ -167,7 +167,7 @@ def worker(backend: str, run_dir: Path, texts_file: Path, quick: bool) -> dict:
 
 
 def ensure_export(run_dir: Path) -> dict:
-    from afinar.export import export_run
+    from afinar.inference.export import export_run
 
     record = run_dir / "onnx" / "export.json"
     if record.is_file() and {"onnx-int8", "torch-bf16"} <= json.loads(record.read_text())["backends"].keys():
@@ -204,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args.run, args.texts, args.quick)))
         return 0
 
-    from afinar.config import DataArgs
-    from afinar.data import load_splits
-    from afinar.inference import available_cores
-    from afinar.runs import Run
+    from afinar.core.config import DataArgs
+    from afinar.core.runs import Run
+    from afinar.data.sources import load_splits
+    from afinar.inference.predictors import available_cores
 
     run = Run.open(args.run)
     run.require_finished()
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     peaks = {dtype: matmul_peak(dtype) for dtype in ("float32", "bfloat16")}
     parameters = non_embedding_parameters(run.model_dir)
-    from afinar.precision import cpu_identity
+    from afinar.training.precision import cpu_identity
 
     result = {"run": str(run.path), "quick": args.quick, "texts": len(pairs), "max_length": export["max_length"],
               "cores": available_cores(), "platform": platform.platform(), "peak_gflops": peaks,

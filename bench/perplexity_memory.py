@@ -26,9 +26,9 @@ def measure(model: str, text_path: str, fraction: float, block_size: int, stride
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from afinar.config import ModelArgs
-    from afinar.forgetting import perplexity_stats
-    from afinar.models import resolve
+    from afinar.core.config import ModelArgs
+    from afinar.core.models import resolve
+    from afinar.evaluation.forgetting import perplexity_stats
 
     lines = Path(text_path).read_text(encoding="utf-8").splitlines()
     text = "\n".join(lines[: max(1, round(len(lines) * fraction))])

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_io import write_results
 
 from afinar import cli
-from afinar.runs import machine
-from results_io import write_results
+from afinar.core.runs import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 TWEETS = ROOT.parent / "shared" / "data" / "tweet_sentiment_extraction" / "mteb_format_train.jsonl"

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-SERVER = ("import sys; from afinar.serve import serve; "
+SERVER = ("import sys; from afinar.serving.http import serve; "
           "serve(sys.argv[1], port=int(sys.argv[2]), backend=sys.argv[3], log_level='warning')")
 BACKENDS = ("torch", "onnx", "onnx-int8", "auto")
 
@@ -43,8 +43,8 @@ def free_port() -> int:
 
 
 def tweets() -> list[str]:
-    from afinar.config import DataArgs
-    from afinar.data import load_splits
+    from afinar.core.config import DataArgs
+    from afinar.data.sources import load_splits
 
     return list(load_splits(DataArgs(source="tweets")).test["text"])
 

@@ -49,8 +49,8 @@ def build_model(name: str, num_labels: int):
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from afinar.config import ModelArgs
-    from afinar.models import load_classifier, load_tokenizer
+    from afinar.core.config import ModelArgs
+    from afinar.core.models import load_classifier, load_tokenizer
 
     torch.manual_seed(0)
     if name == "gpt2-small":  # GPT-2 small's shape (124M), random weights: no GPT-2 weights exist offline
@@ -79,10 +79,10 @@ def worker(spec: dict) -> dict:
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
-    from afinar.config import DataArgs, LoraArgs, TrainArgs
-    from afinar.data import load_splits, tokenize
-    from afinar import precision
-    from afinar.training import LengthBucketTrainer, apply_lora, speed_up, training_arguments, typical_length
+    from afinar.core.config import DataArgs, LoraArgs, TrainArgs
+    from afinar.data.sources import load_splits, tokenize
+    from afinar.training import precision
+    from afinar.training.trainer import LengthBucketTrainer, apply_lora, speed_up, training_arguments, typical_length
 
     splits = load_splits(DataArgs(source="tweets", max_train_samples=spec["samples"], max_eval_samples=256), 42)
     tokenizer, model, model_max = build_model(spec["model"], len(splits.label_names))
@@ -226,7 +226,7 @@ def run_all(models: list[str], samples: dict[str, int], batch: int, seed: int, r
                 by_path["afinar"]["samples_per_s"]
     import platform
 
-    from afinar.precision import cpu_identity
+    from afinar.training.precision import cpu_identity
 
     identity = cpu_identity()
     return {"machine": {"processor": identity["cpu"] or platform.processor() or platform.machine(),

@@ -47,7 +47,7 @@ def tiny_bert(tmp_path_factory) -> Path:
     """A 2-layer BERT with the real MiniLM WordPiece tokenizer, saved as a local model folder."""
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    from afinar.assets import model_path
+    from afinar.core.assets import model_path
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(model_path("minilm-l6"))
@@ -64,7 +64,7 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from afinar.assets import model_path
+    from afinar.core.assets import model_path
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny-gpt2")
@@ -114,9 +114,9 @@ def make_run(model: Path, folder: Path, name: str = "r") -> Path:
     """A finished run folder around an untrained classifier head: what export needs, without training."""
     import torch
 
-    from afinar.config import load_config
-    from afinar.models import load_classifier, load_tokenizer
-    from afinar.runs import Run
+    from afinar.core.config import load_config
+    from afinar.core.models import load_classifier, load_tokenizer
+    from afinar.core.runs import Run
 
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)

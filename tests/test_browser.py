@@ -10,14 +10,12 @@ import subprocess
 
 import pytest
 import yaml
-
-from afinar.config import load_config
-from afinar.search import search
-from afinar.strategies import CompareArgs, compare
+from conftest import tiny_overrides
 
 import afinar
-
-from conftest import tiny_overrides
+from afinar.core.config import load_config
+from afinar.experiments.compare import CompareArgs, compare
+from afinar.experiments.search import search
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None and os.environ.get("CI"):

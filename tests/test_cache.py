@@ -5,14 +5,13 @@ import logging
 
 import pandas as pd
 import pytest
+from conftest import tweet_rows
 from transformers import AutoTokenizer
 
-from afinar import cache
-from afinar.checks import run_checks, run_checks_cached
-from afinar.config import CheckArgs, DataArgs
-from afinar.data import Splits, _to_dataset, read_splits, tokenize
-
-from conftest import tweet_rows
+from afinar.core.config import CheckArgs, DataArgs
+from afinar.data import cache
+from afinar.data.checks import run_checks, run_checks_cached
+from afinar.data.sources import Splits, _to_dataset, read_splits, tokenize
 
 
 @pytest.fixture
@@ -163,7 +162,7 @@ def test_the_cache_evicts_least_recently_used_and_clears_what_killed_processes_l
 
 
 def test_an_asset_folder_without_its_weights_is_built_again(own_cache):
-    from afinar import assets
+    from afinar.core import assets
 
     builds = []
 

@@ -4,12 +4,14 @@ import json
 
 import pytest
 
-from afinar.causal_lm import generate, pack, pack_documents, train_lm
-from afinar.config import DataArgs, load_config
-from afinar.checks import checked_documents
-from afinar.data import prepare_texts, read_text_splits, split_documents
-from afinar.errors import AfinarError
-from afinar.runs import Run
+from afinar.api import forgetting, generate
+from afinar.api import train as train_lm
+from afinar.core.config import DataArgs, load_config
+from afinar.core.errors import AfinarError
+from afinar.core.runs import Run
+from afinar.data.checks import checked_documents
+from afinar.data.sources import prepare_texts, read_text_splits, split_documents
+from afinar.tasks.causal_lm import pack, pack_documents
 
 SENTENCES = ["The patient presented with fever and a dry cough for three days.",
              "Chest radiography showed bilateral infiltrates consistent with pneumonia.",
@@ -66,7 +68,6 @@ def test_packing_fills_every_block_with_eos_between_documents(tiny_gpt2):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_learns_the_domain_and_writes_a_complete_run(tiny_gpt2, corpus, tmp_path, precision):
-    from afinar.forgetting import forgetting_for_run
 
     result = train_lm(lm_config(tiny_gpt2, *corpus, tmp_path, **{"train.precision": precision}))
     run = result.run_dir
@@ -93,7 +94,7 @@ def test_training_learns_the_domain_and_writes_a_complete_run(tiny_gpt2, corpus,
     # untrained model picks from all 50,257 tokens
     words = generate(run, "The patient presented with", max_new_tokens=6, temperature=0).split()
     assert words and {w.strip(".,") for w in words} <= {w.strip(".,") for s in SENTENCES for w in s.split()} | {"Case"}
-    again = forgetting_for_run(run)
+    again = forgetting(run)
     assert again["domain"]["tuned_perplexity"] == pytest.approx(domain["after"], rel=1e-4)
     assert (run / "forgetting.json").is_file()
 

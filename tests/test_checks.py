@@ -4,15 +4,22 @@ import json
 import time
 
 import pytest
+from conftest import TWEETS
 from datasets import Dataset
 
-from afinar.checks import (apply_policies, check, format_report, imbalance_advice, normalise, run_checks, shingles,
-                           small_data_advice)
-from afinar.config import CheckArgs, Config, DataArgs, ModelArgs
-from afinar.data import Splits, load_splits, read_table
-from afinar.errors import AfinarError
-
-from conftest import TWEETS
+from afinar.core.config import CheckArgs, Config, DataArgs, ModelArgs
+from afinar.core.errors import AfinarError
+from afinar.data.checks import (
+    apply_policies,
+    check,
+    format_report,
+    imbalance_advice,
+    normalise,
+    run_checks,
+    shingles,
+    small_data_advice,
+)
+from afinar.data.sources import Splits, load_splits, read_table
 
 NAMES = ["negative", "neutral", "positive"]
 

@@ -4,16 +4,15 @@ import csv
 import json
 
 import pytest
+from conftest import SHARED, tiny_overrides
 from transformers import AutoTokenizer
 
 import afinar
 from afinar import cli
-from afinar.classify import evaluate, predict, train
-from afinar.config import load_config
-from afinar.errors import AfinarError
-from afinar.runs import Run
-
-from conftest import SHARED, tiny_overrides
+from afinar.api import evaluate, predict, train
+from afinar.core.config import load_config
+from afinar.core.errors import AfinarError
+from afinar.core.runs import Run
 
 
 def cli_args(overrides):
@@ -141,8 +140,8 @@ def test_sentence_pairs_are_detected_and_reach_the_model_as_pairs(tiny_bert, tmp
     evaluate take pairs, refuse single texts, and a swapped pair scores differently."""
     import pandas as pd
 
-    from afinar.config import DataArgs
-    from afinar.data import encode, load_splits
+    from afinar.core.config import DataArgs
+    from afinar.data.sources import encode, load_splits
 
     frame = pd.read_csv(RTE / "train.tsv", sep="\t", quoting=3, dtype=str)
     train, test = tmp_path / "train.csv", tmp_path / "test.csv"
@@ -183,7 +182,7 @@ def test_sentence_pairs_are_detected_and_reach_the_model_as_pairs(tiny_bert, tmp
 def test_class_weights_are_computed_recorded_and_change_the_loss(tiny_bert, tweets_jsonl, tmp_path):
     import torch
 
-    from afinar.classify import WeightedCrossEntropy, class_weights
+    from afinar.tasks.classification import WeightedCrossEntropy, class_weights
 
     names = ["negative", "neutral", "positive"]
     assert class_weights("balanced", [0, 0, 0, 1, 2, 2], names) == pytest.approx([2 / 3, 2, 1])
@@ -212,7 +211,7 @@ def test_bootstrap_intervals_cover_the_point_estimate_and_shrink_with_more_rows(
     import numpy as np
     from sklearn.metrics import f1_score
 
-    from afinar.metrics import bootstrap_interval, classification_report
+    from afinar.evaluation.metrics import bootstrap_interval, classification_report
 
     rng = np.random.default_rng(1)
     gold = rng.integers(0, 3, 4000)

@@ -1,7 +1,7 @@
 import pytest
 
-from afinar.config import Config, get_value, load_config, parse_override, to_yaml
-from afinar.errors import AfinarError
+from afinar.core.config import Config, get_value, load_config, parse_override, to_yaml
+from afinar.core.errors import AfinarError
 
 
 def test_defaults_are_valid():

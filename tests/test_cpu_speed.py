@@ -3,7 +3,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from afinar import cpu_speed
+from afinar.training import cpu_speed
 
 
 def tiny_bert():
@@ -108,8 +108,8 @@ def test_gpt2_activation_becomes_the_fused_kernel_with_the_same_values():
 
 @pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2])
 def test_lora_addmm_forward_matches_peft_in_values_and_gradients(build):
-    from afinar.config import LoraArgs
-    from afinar.training import apply_lora
+    from afinar.core.config import LoraArgs
+    from afinar.training.trainer import apply_lora
 
     model = apply_lora(build(), LoraArgs(enabled=True, r=4, dropout=0.2), "SEQ_CLS")
     for name, parameter in model.named_parameters():

@@ -5,13 +5,12 @@ import json
 from collections import Counter
 
 import pytest
+from conftest import sets, tiny_overrides
 
 from afinar import cli
-from afinar.curve import CurvePoint, curve_sizes, fit_line
-from afinar.data import class_balanced_order
-from afinar.errors import AfinarError
-
-from conftest import sets, tiny_overrides
+from afinar.core.errors import AfinarError
+from afinar.data.sources import class_balanced_order
+from afinar.experiments.curve import CurvePoint, curve_sizes, fit_line
 
 
 def test_sizes_start_balanced_and_end_at_the_full_split():
@@ -63,8 +62,8 @@ def test_curve_end_to_end(tiny_bert, tweets_jsonl, tmp_path, capsys):
 
 
 def test_unknown_strategy_is_an_input_error(tiny_bert, tweets_jsonl, tmp_path):
-    from afinar.config import load_config
-    from afinar.curve import learning_curve
+    from afinar.core.config import load_config
+    from afinar.experiments.curve import learning_curve
 
     with pytest.raises(AfinarError, match="unknown strategy 'bert'"):
         learning_curve(load_config(overrides=tiny_overrides(tiny_bert, *tweets_jsonl, tmp_path)), "bert")

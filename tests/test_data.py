@@ -3,12 +3,11 @@ import json
 
 import pandas as pd
 import pytest
-
-from afinar.config import DataArgs
-from afinar.data import encode, load_labelled_file, load_splits, read_table, read_texts, tokenize
-from afinar.errors import AfinarError
-
 from conftest import SHARED, TWEETS, tweet_rows
+
+from afinar.core.config import DataArgs
+from afinar.core.errors import AfinarError
+from afinar.data.sources import encode, load_labelled_file, load_splits, read_table, read_texts, tokenize
 
 
 def _rows(n=60):

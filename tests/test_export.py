@@ -5,21 +5,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from afinar.config import load_config
-from afinar.errors import AfinarError
-from afinar.export import export_run
-from afinar.inference import Classifier, OnnxClassifier
-from afinar.runs import Run
-
 from conftest import LABELS, TEXTS, make_run
+
+from afinar.core.config import load_config
+from afinar.core.errors import AfinarError
+from afinar.core.runs import Run
+from afinar.inference.export import export_run
+from afinar.inference.predictors import Classifier, OnnxClassifier
+
 
 def tiny_llama(folder: Path) -> Path:
     """A 2-layer Llama (SmolLM2's architecture) with the GPT-2 tokenizer: no pad token, right padding."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from afinar.assets import model_path
+    from afinar.core.assets import model_path
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_path("gpt2-tokenizer"))

@@ -6,11 +6,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from afinar.config import LMArgs, load_config
-from afinar.errors import AfinarError
-from afinar.forgetting import (forgetting_for_run, general_corpus, general_text, measure_forgetting, mix_replay,
-                               perplexity, replay_corpus, wikitext2_rows, wikitext2_split)
-from afinar.runs import Run
+from afinar import api
+from afinar.core.config import LMArgs, load_config
+from afinar.core.errors import AfinarError
+from afinar.core.runs import Run
+from afinar.evaluation.forgetting import (
+    general_corpus,
+    general_text,
+    measure_forgetting,
+    mix_replay,
+    perplexity,
+    replay_corpus,
+    wikitext2_rows,
+    wikitext2_split,
+)
 
 TEXT = ("The patient presented with fever and a dry cough for three days. Chest radiography showed bilateral "
         "infiltrates consistent with pneumonia. Treatment with intravenous antibiotics was started. ")
@@ -138,8 +147,8 @@ def test_forgetting_needs_a_finished_causal_lm_run(tmp_path):
     config = load_config(overrides=[f"train.output_dir={tmp_path}", "train.run_name=c"])
     run = Run.create(config)
     with pytest.raises(AfinarError, match="not finished"):
-        forgetting_for_run(run.path)
+        api.forgetting(run.path)
     run.model_dir.mkdir()
     run.set_status("finished")
-    with pytest.raises(AfinarError, match="applies to causal_lm runs"):
-        forgetting_for_run(run.path)
+    with pytest.raises(AfinarError, match="afinar forgetting does not apply to task 'classification'"):
+        api.forgetting(run.path)

@@ -3,15 +3,14 @@
 import json
 
 import pytest
+from conftest import tiny_overrides
 from huggingface_hub import ModelCard
 
 import afinar
 from afinar import cli
-from afinar.config import load_config
-from afinar.errors import AfinarError
-from afinar.hub import push
-
-from conftest import tiny_overrides
+from afinar.core.config import load_config
+from afinar.core.errors import AfinarError
+from afinar.reporting.hub import push
 
 
 @pytest.fixture(scope="module")

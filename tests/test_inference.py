@@ -7,12 +7,11 @@ import shutil
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-from afinar.errors import AfinarError
-from afinar.export import export_run
-from afinar.inference import Classifier, OnnxClassifier, load_predictor
-
 from conftest import LABELS, TEXTS, make_run
+
+from afinar.core.errors import AfinarError
+from afinar.inference.export import export_run
+from afinar.inference.predictors import Classifier, OnnxClassifier, load_predictor
 
 
 @pytest.fixture(scope="module")

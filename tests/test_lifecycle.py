@@ -7,17 +7,16 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SHARED, tiny_overrides, tweet_rows
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 import afinar
-from afinar import cpu_speed
-from afinar.config import load_config
-from afinar.errors import AfinarError
-from afinar.export import export_run
-from afinar.runs import Run
-from afinar.training import adapt_model
-
-from conftest import SHARED, tiny_overrides, tweet_rows
+from afinar.core.config import load_config
+from afinar.core.errors import AfinarError
+from afinar.core.runs import Run
+from afinar.inference.export import export_run
+from afinar.training import cpu_speed
+from afinar.training.trainer import adapt_model
 
 MEDICAL = SHARED / "medical_abstracts"
 
@@ -156,8 +155,8 @@ def test_export_is_checked_on_the_validation_rows_training_used(tiny_bert, tmp_p
                                                                    "train.max_steps": 2})))
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     assert manifest["data"]["rows"]["train"] < 230 - 23  # the leaked rows went before carving
-    from afinar.cache import dataset_digest
-    from afinar.data import load_splits
+    from afinar.data.cache import dataset_digest
+    from afinar.data.sources import load_splits
 
     unchecked = load_splits(load_config(result.run_dir / "config.yaml").data, 42).validation
     assert dataset_digest(unchecked) != manifest["data"]["digests"]["validation"]  # what the old check used

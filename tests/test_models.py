@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from afinar.config import ModelArgs
-from afinar.errors import AfinarError
-from afinar.models import load_classifier, load_tokenizer, resolve
+from afinar.core.config import ModelArgs
+from afinar.core.errors import AfinarError
+from afinar.core.models import load_classifier, load_tokenizer, resolve
 
 
 def test_gpt2_tokenizer_asset_is_openais_bpe():

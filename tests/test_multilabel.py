@@ -7,14 +7,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED, sets
 
 import afinar
 from afinar import cli
-from afinar.config import load_config
-from afinar.errors import AfinarError
-from afinar.multilabel import _label_set, multilabel_report, tune_thresholds
-
-from conftest import SHARED, sets
+from afinar.core.config import load_config
+from afinar.core.errors import AfinarError
+from afinar.tasks.multilabel import _label_set, multilabel_report, tune_thresholds
 
 GOEMOTIONS = SHARED / "goemotions"
 
@@ -84,7 +83,7 @@ def test_single_label_training_refuses_label_sets(tiny_bert, tmp_path):
 def test_class_weights_become_bce_positive_weights():
     import torch
 
-    from afinar.multilabel import WeightedBCE, positive_weights
+    from afinar.tasks.multilabel import WeightedBCE, positive_weights
 
     assert positive_weights("balanced", [[0], [0, 1], [0], []], ["a", "b"]) == [1 / 3, 3.0]
     assert positive_weights("b=4", [[0]], ["a", "b"]) == [1.0, 4.0] and positive_weights("none", [[0]], ["a"]) is None

@@ -4,16 +4,15 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_overrides
 from transformers import AutoModelForSequenceClassification
 
-from afinar import precision
-from afinar.classify import train
-from afinar.config import load_config
-from afinar.errors import AfinarError
-from afinar.runs import Run
-from afinar.training import decide_precision
-
-from conftest import tiny_overrides
+from afinar.api import train
+from afinar.core.config import load_config
+from afinar.core.errors import AfinarError
+from afinar.core.runs import Run
+from afinar.training import precision
+from afinar.training.trainer import decide_precision
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from afinar.errors import AfinarError
-from afinar.prompting import PromptArgs, PromptClassifier, balanced_shots, calibrate, class_bias
+from afinar.core.errors import AfinarError
+from afinar.experiments.prompting import PromptArgs, PromptClassifier, balanced_shots, calibrate, class_bias
 
 LABELS = ["negative", "neutral", "positive"]
 TEXTS = ["I love this so much!", "worst   day\never", "the bus leaves at 5", "ok", "",

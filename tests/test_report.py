@@ -6,11 +6,12 @@ import re
 import pandas as pd
 import pytest
 
-from afinar.checks import run_checks
-from afinar.config import CheckArgs, load_config
-from afinar.data import Splits, _to_dataset
-from afinar.report import diagnose, write_run_report
-from afinar.runs import Run
+from afinar.api import report as write_run_report
+from afinar.core.config import CheckArgs, load_config
+from afinar.core.runs import Run
+from afinar.data.checks import run_checks
+from afinar.data.sources import Splits, _to_dataset
+from afinar.evaluation.diagnosis import diagnose
 
 LABELS = ["negative", "neutral", "positive"]
 

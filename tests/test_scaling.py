@@ -5,13 +5,12 @@ import json
 import logging
 
 import yaml
+from conftest import tiny_overrides
 
 import afinar
-from afinar.config import load_config
-from afinar.runs import Run
-from afinar.scaling import EVALUATIONS_PER_RUN, planned_steps, scale_to_data
-
-from conftest import tiny_overrides
+from afinar.core.config import load_config
+from afinar.core.runs import Run
+from afinar.training.scaling import EVALUATIONS_PER_RUN, planned_steps, scale_to_data
 
 
 def test_a_small_training_set_gets_enough_steps_and_evaluations():

@@ -5,13 +5,12 @@ import json
 import optuna
 import pytest
 import yaml
-
-from afinar import data as data_lib
-from afinar.config import load_config
-from afinar.errors import AfinarError
-from afinar.search import load_space, search
-
 from conftest import tiny_overrides
+
+from afinar.core.config import load_config
+from afinar.core.errors import AfinarError
+from afinar.data import sources as data_lib
+from afinar.experiments.search import load_space, search
 
 SPACE = {"train.learning_rate": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
          "train.batch_size": {"type": "categorical", "choices": [8, 16]}}

@@ -3,10 +3,9 @@
 import json
 
 import pytest
+from conftest import sets, tiny_overrides
 
 from afinar import cli
-
-from conftest import sets, tiny_overrides
 
 
 def test_several_seeds_report_mean_and_spread(tiny_bert, tweets_jsonl, tmp_path, capsys):

@@ -9,14 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from conftest import tiny_overrides, tweet_rows
 from fastapi.testclient import TestClient
 
-from afinar.classify import load_run_classifier, train
-from afinar.config import load_config
-from afinar.errors import AfinarError
-from afinar.serve import create_app
-from conftest import tweet_rows
-from conftest import tiny_overrides
+from afinar.api import train
+from afinar.core.config import load_config
+from afinar.core.errors import AfinarError
+from afinar.core.runs import Run
+from afinar.serving.app import create_app
+from afinar.tasks.registry import for_run
 
 TEXTS = ["I love this so much", "this is awful", "", "ok", "worst day ever, nothing works"]
 
@@ -36,7 +37,8 @@ def run_dir(tiny_bert, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def classifier(run_dir):
-    return load_run_classifier(run_dir)[1]
+    run = Run.open(run_dir)
+    return for_run(run).load_predictor(run, "torch")
 
 
 @pytest.fixture(autouse=True)
@@ -281,7 +283,7 @@ def test_the_public_schema_names_no_run(run_dir, classifier):
 
 
 def test_a_reachable_server_without_a_token_warns(classifier, caplog):
-    from afinar.serve import server
+    from afinar.serving.http import server
 
     app = create_app(None, classifier=classifier)
     with caplog.at_level("WARNING", logger="afinar"):
@@ -298,7 +300,7 @@ def test_half_sent_headers_are_cut_off_and_health_keeps_answering(classifier):
 
     import httpx
 
-    from afinar.serve import server
+    from afinar.serving.http import server
 
     app = create_app(None, classifier=classifier, read_timeout_s=1.0)
     probe = socket.socket()

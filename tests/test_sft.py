@@ -6,18 +6,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import SHARED, tweet_rows
 from transformers import AutoTokenizer
 
 import afinar
-from afinar import chat
-from afinar.assets import model_path
-from afinar.causal_lm import generate
-from afinar.config import load_config
-from afinar.errors import AfinarError
-from afinar.runs import Run
-from afinar.sft import marked_example
-
-from conftest import SHARED, tweet_rows
+from afinar.api import generate
+from afinar.core.assets import model_path
+from afinar.core.config import load_config
+from afinar.core.errors import AfinarError
+from afinar.core.runs import Run
+from afinar.data import chat
+from afinar.tasks.sft import marked_example
 
 SEED_TASKS = SHARED / "self_instruct_seed" / "seed_tasks.jsonl"
 CONVERSATION = [{"role": "system", "content": "Answer briefly."},
@@ -104,7 +103,7 @@ def test_truncation_counts_cut_answers_and_an_empty_answer_is_dropped_not_traine
     long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "yes"}]
     encoded = chat.encode(smol_tokenizer, long_prompt, 64)
     assert encoded.trained == 0 and encoded.cut and len(encoded.input_ids) == 64
-    from afinar.sft import _encode_split
+    from afinar.tasks.sft import _encode_split
 
     dataset, stats = _encode_split(smol_tokenizer, [long_prompt, CONVERSATION], 64, "train")
     assert len(dataset) == 1 and stats["dropped_empty_answer"] == 1 and stats["answers_cut"] == 1
@@ -183,7 +182,8 @@ def openai_server(sft_run):
     import threading
     import time
 
-    from afinar.serve import create_app, server
+    from afinar.serving.app import create_app
+    from afinar.serving.http import server
 
     app = create_app(sft_run.run_dir, token="s3cret")
     probe = socket.socket()
@@ -243,7 +243,7 @@ def test_label_scores_with_a_shared_prompt_cache_equal_full_sequence_scores(tiny
     import torch
     from transformers import AutoModelForCausalLM
 
-    from afinar.sft import label_log_probs
+    from afinar.tasks.sft import label_log_probs
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()

@@ -7,15 +7,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from afinar.config import load_config
-from afinar.data import Splits, _to_dataset
-from afinar.errors import AfinarError
-from afinar.prompting import PromptArgs
-from afinar.strategies import (CompareArgs, Encoder, KnnRetrieval, LinearProbe, NeighbourIndex, StrategyResult,
-                               compare, parse_strategies, recommend, run_strategy)
-
 from conftest import tiny_overrides, tweet_rows
+
+from afinar.core.config import load_config
+from afinar.core.errors import AfinarError
+from afinar.data.sources import Splits, _to_dataset
+from afinar.experiments.compare import (
+    CompareArgs,
+    KnnRetrieval,
+    LinearProbe,
+    NeighbourIndex,
+    StrategyResult,
+    compare,
+    parse_strategies,
+    recommend,
+    run_strategy,
+)
+from afinar.experiments.prompting import PromptArgs
+from afinar.inference.encoder import Encoder
 
 LABELS = ["negative", "neutral", "positive"]
 TEMPLATES = ["awful terrible horrible sad day number {}", "the train leaves the station at {}",
@@ -205,7 +214,7 @@ def test_cli_compare_reads_the_compare_section_and_report_rewrites(tiny_bert, tw
 
 
 def test_resume_reruns_only_failed_strategies(tiny_bert, tweets_jsonl, tmp_path, monkeypatch):
-    from afinar import strategies
+    from afinar.experiments import compare as strategies
 
     train_file, test_file = tweets_jsonl
     config = load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path))

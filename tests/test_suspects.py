@@ -5,13 +5,12 @@ import html
 import json
 
 import numpy as np
+from conftest import SHARED, tiny_overrides, tweet_rows
 
 from afinar import cli
-from afinar.classify import train
-from afinar.config import load_config
-from afinar.suspects import out_of_fold_probabilities, rank_suspects
-
-from conftest import SHARED, tiny_overrides, tweet_rows
+from afinar.api import train
+from afinar.core.config import load_config
+from afinar.evaluation.suspects import out_of_fold_probabilities, rank_suspects
 
 
 def test_flipped_labels_rise_to_the_top_of_the_suspects(tmp_path, capsys):

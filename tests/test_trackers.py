@@ -2,13 +2,12 @@
 EventAccumulator): the arguments, per-step loss, afinar's test metrics and its report files."""
 
 import pytest
+from conftest import tiny_overrides
 
 import afinar
-from afinar.config import load_config
-from afinar.errors import AfinarError
-from afinar.trackers import check_trackers
-
-from conftest import tiny_overrides
+from afinar.core.config import load_config
+from afinar.core.errors import AfinarError
+from afinar.reporting.trackers import check_trackers
 
 
 @pytest.fixture
@@ -66,8 +65,8 @@ def test_search_trials_nest_under_the_study_and_compare_tracks_each_strategy(tin
                                                                              mlflow_store):
     import yaml
 
-    from afinar.search import search
-    from afinar.strategies import CompareArgs, compare
+    from afinar.experiments.compare import CompareArgs, compare
+    from afinar.experiments.search import search
 
     _, logged_runs = mlflow_store
     space = tmp_path / "space.yaml"

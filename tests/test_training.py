@@ -11,17 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED, afinar_cmd, sets, tiny_overrides, tweet_rows
 from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
-from afinar.classify import train
-from afinar.config import load_config
-from afinar.data import tokenize
-from afinar.errors import AfinarError
-from afinar.runs import Run
-from afinar.training import LengthBucketSampler, LengthBucketTrainer, last_checkpoint
-
-from conftest import afinar_cmd, sets, tiny_overrides, tweet_rows
+from afinar.core.config import load_config
+from afinar.core.errors import AfinarError
+from afinar.core.runs import Run
+from afinar.data.sources import tokenize
+from afinar.tasks.registry import train
+from afinar.training.trainer import LengthBucketSampler, LengthBucketTrainer, last_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +225,69 @@ def test_two_process_torchrun_matches_one_process(tiny_bert, tweets_jsonl, tmp_p
     assert abs(two["test"]["loss"] / results[1]["test"]["loss"] - 1) < 0.02
 
 
+def _language_model_data(task: str, folder: Path) -> dict:
+    """The smallest data each language-model task trains on: tweets as documents (causal_lm), self-instruct seed
+    tasks as conversations (sft)."""
+    if task == "causal_lm":
+        documents, valid = folder / "train.txt", folder / "valid.txt"
+        documents.write_text("".join(r["text"].strip() + "\n" for r in tweet_rows("train", 120)), encoding="utf-8")
+        valid.write_text("".join(r["text"].strip() + "\n" for r in tweet_rows("test", 40)), encoding="utf-8")
+        return {"data.source": documents, "data.validation": valid, "lm.block_size": 32, "lm.stride": 32,
+                "train.learning_rate": 1e-2}
+    seed = folder / "seed.jsonl"
+    lines = (SHARED / "self_instruct_seed" / "seed_tasks.jsonl").read_text(encoding="utf-8").splitlines(True)
+    seed.write_text("".join(lines[:48]), encoding="utf-8")
+    return {"data.source": seed, "data.max_length": 128, "lm.block_size": 64, "lm.stride": 64,
+            "sft.generation_samples": 1, "sft.max_new_tokens": 4, "sft.validity_samples": 2,
+            # fully trained: LoRA adapters barely move a random model's near-uniform loss, which would compare
+            # nothing (the adapters' merge on save is tested in test_sft)
+            "lora.enabled": False, "train.learning_rate": 1e-2}
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("task", ["causal_lm", "sft"])
+def test_two_process_torchrun_language_models_match_one_process(tiny_gpt2, tmp_path, task):
+    """The language-model tasks under `afinar train --nproc 2`: both ranks train and are scored, rank 0 alone
+    saves the model and measures on it (forgetting, generations) after the barrier, and both exit 0. Their
+    token-normalised losses (`num_items_in_batch`, counted over both ranks) give the validation loss of one
+    process, within the classification test's tolerance. The one-process baseline runs in this process (a second
+    fresh process would only add its imports); fp32 only: the classification test's bf16 twin covers bf16."""
+    data = _language_model_data(task, tmp_path)
+    results, logs = {}, {}
+    for nproc in (1, 2):
+        overrides = [f"{k}={v}" for k, v in {
+            "task": task, "model.name": tiny_gpt2, "train.output_dir": tmp_path, "train.run_name": f"p{nproc}",
+            "train.max_steps": 8, "train.eval_every": 8, "train.batch_size": 8, "train.warmup_ratio": 0,
+            "train.logging_steps": 4, "train.early_stopping_patience": None, "train.precision": "fp32",
+            "lm.max_eval_tokens": 256, **data}.items()]
+        if nproc == 1:
+            train(load_config(overrides=overrides))
+        else:
+            done = subprocess.run(afinar_cmd("train", "--nproc", "2", *sets(overrides)), capture_output=True,
+                                  text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert done.stdout.count("run folder:") == 1  # rank 1 prints and writes nothing
+            assert "--nproc_per_node=2" in done.stderr
+        run = Run.open(tmp_path / f"p{nproc}")
+        assert run.status() == "finished" and (run.path / "summary.md").is_file()
+        results[nproc], logs[nproc] = json.loads((run.path / "metrics.json").read_text()), run.read_log()
+        assert {"domain", "general"} <= set(results[nproc]["forgetting"])  # measured on the saved model, on rank 0
+        if task == "sft":
+            assert len(results[nproc]["generations"]) == 1
+    one, two = results[1], results[2]
+    assert two["train"]["steps"] == one["train"]["steps"] == 8
+    # the first step sees the same 8 rows either way: a rank training alone (half the gradient) or a loss scaled by
+    # the process count (twice) shows in its gradient norm
+    assert logs[2][0]["loss"] == pytest.approx(logs[1][0]["loss"], rel=0.01)
+    assert logs[2][0]["grad_norm"] == pytest.approx(logs[1][0]["grad_norm"], rel=0.1)
+    assert one["validation"]["loss"] < logs[1][0]["loss"] - 0.5  # training moved the loss: the check below bites
+    assert abs(two["validation"]["loss"] / one["validation"]["loss"] - 1) < 0.02, (one["validation"],
+                                                                                   two["validation"])
+    # the base model's perplexity is the same measurement in both runs
+    assert two["forgetting"]["general"]["base_perplexity"] == pytest.approx(
+        one["forgetting"]["general"]["base_perplexity"], rel=1e-4)
+
+
 def test_gradient_accumulation_gives_the_loss_and_gradient_of_the_whole_batch(tiny_bert, tweets_jsonl, tmp_path):
     """16 rows as 2 x 8 accumulated log the loss and gradient norm of one batch of 16 (a classifier's loss is a
     batch mean, which `Trainer` must divide by the accumulation steps). Dropout off: the same function exactly."""
@@ -339,7 +401,7 @@ def test_out_of_memory_in_one_of_several_processes_is_an_error_not_a_lone_retry(
     """Under DDP a rank that retried alone would leave the others waiting in an all-reduce (30 minutes)."""
     from transformers import TrainerCallback
 
-    from afinar import training
+    from afinar.training import trainer as training
 
     class RunsOutOfMemory(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -369,7 +431,7 @@ def test_resume_may_split_the_same_effective_batch_differently(tiny_bert, tweets
 
 def test_sharded_models_are_saved_by_every_rank_together(tmp_path, monkeypatch):
     """FSDP and ZeRO-3 gather the shards in a collective: rank 0 saving alone would hang or write placeholders."""
-    from afinar.training import save_best
+    from afinar.training.trainer import save_best
 
     class ShardedTrainer:
         is_fsdp_enabled, is_deepspeed_enabled = True, False

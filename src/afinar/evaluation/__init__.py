@@ -1,0 +1,3 @@
+"""Measuring: metrics with bootstrap intervals, the diagnosis of training curves, catastrophic forgetting, suspect
+labels, and what differs between two runs.
+"""

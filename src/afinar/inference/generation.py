@@ -1,0 +1,146 @@
+"""One generation path for causal LMs: `afinar generate`, both OpenAI-compatible endpoints and sft's in-run checks
+all render prompts and sample here.
+
+What a model was trained to see before an answer is its `GenerationFormat`, saved beside the chat template in the
+run's `model/` folder (`generation.json`): whether prompts are chat messages, the system prompt and the
+`sft.template` training used, whether a plain prompt starts with the tokenizer's BOS, and the EOS that ended each
+answer. Prompts rendered under it have the very token ids training saw, whoever sends them. `Generator` loads a
+model once, on the GPU when there is one (in bf16 there when the run trained in bf16; fp32 on a CPU), and samples
+with a seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from afinar.core.config import ModelArgs
+from afinar.core.errors import AfinarError
+from afinar.core.models import load_causal_lm, load_tokenizer, max_positions, resolve
+from afinar.core.runs import Run, read_json, write_json
+
+FORMAT_FILE = "generation.json"
+
+# Sampling defaults of `afinar generate`, `api.generate` and the OpenAI-compatible endpoints alike.
+MAX_NEW_TOKENS = 128
+TEMPERATURE = 0.8  # 0 decodes greedily
+TOP_P = 0.95
+SEED = 0
+
+
+@dataclass
+class GenerationFormat:
+    """What a model was trained to see before its answer; the default is a base model's: plain continuation with
+    the tokenizer's own BOS convention."""
+
+    chat: bool = False  # prompts are chat messages, rendered through the chat template saved with the model
+    system: str | None = None  # the system prompt training put before conversations that had none
+    template: str | None = None  # `sft.template`: wrapped the user text ({text}) in training
+    labels: list[str] = field(default_factory=list)  # the label names that filled the template's {labels}
+    bos: bool = True  # a plain prompt gets the tokenizer's special tokens (BOS); chat prompts get only the template's
+    eos_token: str | None = None  # training ended each document or answer with it: generation stops there
+
+    def save(self, model_dir: str | Path) -> None:
+        write_json(Path(model_dir) / FORMAT_FILE, asdict(self))
+
+    @classmethod
+    def load(cls, model_dir: str | Path, chat: bool = False) -> GenerationFormat:
+        """The format saved in `model_dir`; without one (a base model, or a run saved before formats were), plain
+        continuation, or chat messages when `chat` (the run's task trained on them)."""
+        file = Path(model_dir) / FORMAT_FILE
+        return cls(**read_json(file)) if file.is_file() else cls(chat=chat)
+
+    def prompt_ids(self, tokenizer, prompt: str) -> list[int]:
+        """`prompt` as training saw its texts: for chat, the user message (wrapped in the trained template) after
+        the trained system prompt; otherwise the text, with BOS only when training put one there."""
+        if not prompt.strip():
+            raise AfinarError("the prompt is empty; give the text to continue")
+        if not self.chat:
+            return tokenizer(prompt, add_special_tokens=self.bos)["input_ids"]
+        text = self.template.format(text=prompt, labels=", ".join(self.labels)) if self.template else prompt
+        return self.chat_ids(tokenizer, [{"role": "user", "content": text}])
+
+    def chat_ids(self, tokenizer, messages: list[dict[str, str]]) -> list[int]:
+        """`messages` through the chat template, with the generation prompt. A conversation that does not open with
+        a system message gets the trained one, as training did (Ollama's SYSTEM); a client's own wins."""
+        from afinar.data import chat
+
+        if self.system and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system}, *messages]
+        return chat.render_ids(tokenizer, messages, generation_prompt=True)
+
+
+def trained_in_bf16(run: Run) -> bool:
+    return (run.manifest().get("precision") or {}).get("precision") == "bf16"
+
+
+@dataclass
+class Generated:
+    text: str  # the new text only, special tokens dropped
+    prompt_tokens: int
+    completion_tokens: int  # the stop token included
+    finish_reason: str  # stop: the model ended its answer; length: max_new_tokens cut it
+
+
+class Generator:
+    """A causal LM and its tokenizer, loaded once, with the format it was trained to see."""
+
+    def __init__(self, args: ModelArgs, prompt_format: GenerationFormat, bf16: bool = False):
+        import torch
+
+        path = resolve(args)
+        self.format = prompt_format
+        self.tokenizer = load_tokenizer(args, path)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if bf16 and self.device.type == "cuda" else torch.float32
+        self.model = load_causal_lm(args, path, self.tokenizer).to(device=self.device, dtype=dtype).eval()
+        self.limit = max_positions(self.model)
+        self.stop_ids = self._stop_ids()
+
+    @classmethod
+    def for_run(cls, run: Run, chat_prompts: bool) -> Generator:
+        """A finished run's model, in its training precision; `chat_prompts`: its task trained on chat messages."""
+        return cls(ModelArgs(name=str(run.model_dir)), GenerationFormat.load(run.model_dir, chat_prompts),
+                   trained_in_bf16(run))
+
+    def _stop_ids(self) -> list[int]:
+        """Where an answer ends: the token training ended answers with; for a model without a format, the one its
+        generation config names (else its tokenizer's EOS)."""
+        if self.format.eos_token:
+            return [self.tokenizer.convert_tokens_to_ids(self.format.eos_token)]
+        configured = self.model.generation_config.eos_token_id
+        if configured is None:
+            configured = self.tokenizer.eos_token_id
+        return configured if isinstance(configured, list) else [configured]
+
+    def check_fits(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        if self.limit is not None and len(prompt_ids) + max_new_tokens > self.limit:
+            raise AfinarError(f"prompt ({len(prompt_ids)} tokens) plus {max_new_tokens} new tokens exceed the "
+                              f"model's {self.limit} positions")
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE,
+                 top_p: float = TOP_P, seed: int | None = SEED) -> Generated:
+        """New tokens after `prompt_ids`, up to and including a stop token. Sampling is seeded (same seed, same
+        device, same text; None: unseeded); `temperature=0` decodes greedily."""
+        import torch
+        from transformers import set_seed
+
+        if max_new_tokens <= 0 or temperature < 0 or not 0 < top_p <= 1:
+            raise AfinarError(f"need max_new_tokens > 0, temperature >= 0 and 0 < top_p <= 1 (got {max_new_tokens}, "
+                              f"{temperature}, {top_p})")
+        self.check_fits(prompt_ids, max_new_tokens)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if seed is not None:
+            set_seed(seed)
+        ids = torch.tensor([prompt_ids], device=self.device)
+        with torch.inference_mode():
+            output = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                         max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
+                                         pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        new = output[0, len(prompt_ids):].tolist()
+        stop = next((i for i, token in enumerate(new) if token in self.stop_ids), None)
+        if stop is not None:
+            new = new[:stop + 1]
+        return Generated(self.tokenizer.decode(new, skip_special_tokens=True), len(prompt_ids), len(new),
+                         "length" if stop is None else "stop")

@@ -1,0 +1,134 @@
+"""The prediction API: `POST /predict` (labels and scores for texts or sentence pairs) and `GET /info`, over any
+predictor a task loads for its runs (`Task.load_predictor`), on the shared HTTP base (`serving.http`)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from afinar.core.runs import Run, reads_pairs
+from afinar.serving.http import ErrorResponse, MicroBatcher, Scorer, base_app
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[str] | None = Field(default=None, min_length=1,
+                                    description="Texts to classify; predictions come back in this order.")
+    pairs: list[tuple[str, str]] | None = Field(default=None, min_length=1,
+                                                description="Sentence pairs, for a model trained on pairs.")
+
+    @field_validator("texts", "pairs")
+    @classmethod
+    def _encodable(cls, items: list | None) -> list | None:
+        """JSON can carry lone surrogates (`"\\ud800"`); the tokenizer would fail on them mid-batch and take the
+        other requests sharing that batch down with it, so they are refused here, per request."""
+        for i, item in enumerate(items or []):
+            try:
+                for text in item if isinstance(item, tuple) else (item,):
+                    text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"text {i} is not valid Unicode (it holds a lone surrogate)") from None
+        return items
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.texts is None) == (self.pairs is None):
+            raise ValueError("give either texts or pairs")
+        return self
+
+    def inputs(self) -> list[str] | list[tuple[str, str]]:
+        return self.texts if self.texts is not None else [tuple(p) for p in self.pairs]
+
+
+class ScoredLabel(BaseModel):
+    label: str = Field(description="The most probable label.")
+    scores: dict[str, float] = Field(description="Probability of every label (single-label models: they sum to 1).")
+    labels: list[str] | None = Field(default=None, description="Multi-label models: every label at or above its "
+                                                               "threshold tuned on validation.")
+
+
+class PredictResponse(BaseModel):
+    predictions: list[ScoredLabel]
+
+
+class Limits(BaseModel):
+    max_batch: int = Field(description="Most texts scored in one forward pass, across requests.")
+    max_texts: int = Field(description="Most texts in one request.")
+    max_text_chars: int = Field(description="Most characters in one text.")
+    max_body_bytes: int = Field(description="Largest request body.")
+    batch_wait_ms: float = Field(description="How long the first request of a batch waits for company.")
+    max_queue: int = Field(description="Most requests waiting to be scored; more get 503.")
+    score_timeout_s: float = Field(description="Longest a request waits for its scores; then 503.")
+    read_timeout_s: float = Field(description="Longest a client may take to send its headers or its body.")
+
+
+class InfoResponse(BaseModel):
+    run: str | None = Field(description="The run folder's name.")
+    model: str | None = Field(description="The base model the run fine-tuned.")
+    labels: list[str]
+    backend: str | None = Field(default=None, description="What computes predictions: torch, torch-bf16, onnx or "
+                                                           "onnx-int8.")
+    metrics: dict[str, Any] = Field(description="The run's validation and test metrics, as in metrics.json.")
+    limits: Limits
+
+
+
+def create_predict_app(run: Run | None, classifier: Scorer, token: str | None, max_batch: int, max_texts: int,
+                       max_text_chars: int, batch_wait_ms: float, max_body_bytes: int, max_queue: int,
+                       score_timeout_s: float, read_timeout_s: float) -> FastAPI:
+    """`POST /predict` and `GET /info` over `classifier` (a finished run's predictor, or a test's wrapper when
+    `run` is None: /info then reports no run and either texts or pairs are accepted)."""
+    labels = list(classifier.labels)
+    pairs = reads_pairs(run) if run else None  # None: a classifier given without a run, either kind accepted
+    metrics = {split: scores for split, scores in (run.metrics() if run else {}).items()
+               if split in ("validation", "test")}
+    info = InfoResponse(run=run.path.name if run else None, model=run.config().model.name if run else None,
+                        labels=labels, metrics=metrics, backend=getattr(classifier, "backend", None),
+                        limits=Limits(max_batch=max_batch, max_texts=max_texts, max_text_chars=max_text_chars,
+                                      max_body_bytes=max_body_bytes, batch_wait_ms=batch_wait_ms,
+                                      max_queue=max_queue, score_timeout_s=score_timeout_s,
+                                      read_timeout_s=read_timeout_s))
+    batcher = MicroBatcher(classifier, max_batch, batch_wait_ms / 1000, max_queue, stall_seconds=2 * score_timeout_s)
+    app, guarded, errors = base_app("Text classification with a fine-tuned model", batcher, token, max_body_bytes,
+                                    read_timeout_s)
+
+    @app.get("/info", response_model=InfoResponse, dependencies=guarded, responses=errors)
+    async def get_info() -> InfoResponse:
+        """The run, its labels, its validation and test metrics, and the request limits."""
+        return info
+
+    @app.post("/predict", response_model=PredictResponse, dependencies=guarded, responses={
+        **errors, 413: {"model": ErrorResponse, "description": "Too many texts, a text or the body too long"},
+        408: {"model": ErrorResponse, "description": "The body did not arrive in time"},
+        503: {"model": ErrorResponse, "description": "Too many requests waiting, or scoring took too long"}})
+    async def predict(request: PredictRequest) -> PredictResponse:
+        """The most probable label and every label's probability for each text (or sentence pair), in input
+        order."""
+        inputs = request.inputs()
+        if pairs is not None and (request.pairs is not None) != pairs:
+            raise HTTPException(422, "this model reads sentence pairs: send {\"pairs\": [[a, b], ...]}" if pairs
+                                else "this model reads one text per input: send {\"texts\": [...]}")
+        if len(inputs) > max_texts:
+            raise HTTPException(413, f"{len(inputs):,} texts in one request; the limit is max_texts={max_texts:,}")
+        for i, item in enumerate(inputs):
+            size = sum(map(len, item)) if isinstance(item, tuple) else len(item)
+            if size > max_text_chars:
+                raise HTTPException(413, f"text {i} has {size:,} characters; the limit is "
+                                         f"max_text_chars={max_text_chars:,}")
+        try:
+            rows = await asyncio.wait_for(batcher.scores(inputs), score_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, f"scoring took longer than score_timeout_s={score_timeout_s:g}; retry later",
+                                headers={"Retry-After": "1"}) from None
+        thresholds = getattr(classifier, "thresholds", None)  # a multi-label model
+        return PredictResponse(predictions=[
+            ScoredLabel(label=labels[int(row.argmax())], scores=dict(zip(labels, row.tolist())),
+                        labels=None if thresholds is None else
+                        [name for name, p, t in zip(labels, row, thresholds) if p >= t]) for row in rows])
+
+    return app
+
