@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-SERVER = ("import sys; from afinar.serving.http import serve; "
+SERVER = ("import sys; from afinar.serving.app import serve; "
           "serve(sys.argv[1], port=int(sys.argv[2]), backend=sys.argv[3], log_level='warning')")
 BACKENDS = ("torch", "onnx", "onnx-int8", "auto")
 

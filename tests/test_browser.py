@@ -1,5 +1,6 @@
 """The HTML reports in a real browser (headless Chromium, Debian's `chromium`): each kind of report loads with no
-console error, every image decodes, its tables are there, and a screenshot is kept under the test's tmp dir.
+console error, every image decodes, its tables are there and fit a 1,300-pixel-wide page (free text wraps, left
+aligned), and a screenshot is kept under the test's tmp dir.
 `.ci/run` installs Chromium when it is absent; elsewhere the test is skipped without it."""
 
 import json
@@ -27,7 +28,12 @@ window.addEventListener("load", () => {
   const images = [...document.images];
   document.body.setAttribute("data-check", JSON.stringify({
     images: images.length, broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).length,
-    tables: document.querySelectorAll("table").length}));
+    tables: document.querySelectorAll("table").length,
+    overflowing: [...document.querySelectorAll("table")].filter(
+      t => t.getBoundingClientRect().right > document.documentElement.clientWidth).length,
+    text_cells: document.querySelectorAll("td.text").length,
+    text_not_left: [...document.querySelectorAll("td.text")].filter(
+      c => getComputedStyle(c).textAlign !== "left").length}));
 });
 </script>"""
 
@@ -43,7 +49,7 @@ def open_in_browser(report, tmp_path, kind: str) -> dict:
     page = report.read_text(encoding="utf-8")
     probe = tmp_path / f"{kind}-probe.html"
     probe.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    loaded = chromium("--dump-dom", probe.as_uri())
+    loaded = chromium("--dump-dom", "--window-size=1300,1800", probe.as_uri())
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     errors = [line for line in loaded.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     assert not errors, errors
@@ -71,3 +77,5 @@ def test_every_report_kind_renders_in_a_real_browser(tiny_bert, tweets_jsonl, tm
     for kind, report, images in reports:
         check = open_in_browser(report, tmp_path, kind)
         assert check["broken"] == 0 and check["images"] >= images and check["tables"] >= 1, (kind, check)
+        assert check["overflowing"] == 0 and check["text_not_left"] == 0, (kind, check)  # on a 1,300-pixel page
+    assert open_in_browser(run.run_dir / "report.html", tmp_path, "run")["text_cells"] >= 8  # suspects' tweets

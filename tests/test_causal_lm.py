@@ -66,10 +66,9 @@ def test_packing_fills_every_block_with_eos_between_documents(tiny_gpt2):
     assert pack([[1, 2, 3], [4, 5]], 2).tolist() == [[1, 2], [3, 4]]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_training_learns_the_domain_and_writes_a_complete_run(tiny_gpt2, corpus, tmp_path, precision):
-
-    result = train_lm(lm_config(tiny_gpt2, *corpus, tmp_path, **{"train.precision": precision}))
+def test_training_learns_the_domain_and_writes_a_complete_run(tiny_gpt2, corpus, tmp_path):
+    """fp32 only: bf16 autocast goes through the same `Trainer` for every task (test_precision trains GPT-2 in it)."""
+    result = train_lm(lm_config(tiny_gpt2, *corpus, tmp_path, **{"train.precision": "fp32"}))
     run = result.run_dir
     for name in ("config.yaml", "manifest.json", "metrics.json", "summary.md", "train_log.jsonl", "status.json",
                  "model/model.safetensors", "model/tokenizer_config.json"):
@@ -82,7 +81,7 @@ def test_training_learns_the_domain_and_writes_a_complete_run(tiny_gpt2, corpus,
     assert metrics["forgetting"]["general"]["base_perplexity"] > 0 and "forgetting" in metrics["forgetting"]
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["sha256"]["train"] and manifest["data"]["documents"] == {"train": 40, "validation": 8}
-    assert manifest["precision"]["precision"] == precision
+    assert manifest["precision"]["precision"] == "fp32"
     assert "wikitext2 test rows" in manifest["general_text"]
     assert "perplexity" in (run / "summary.md").read_text()
     page = (run / "report.html").read_text()

@@ -7,13 +7,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from huggingface_hub import ModelCard
 from conftest import SHARED, sets
 
 import afinar
 from afinar import cli
 from afinar.core.config import load_config
 from afinar.core.errors import AfinarError
-from afinar.tasks.multilabel import _label_set, multilabel_report, tune_thresholds
+from afinar.tasks.multilabel import MultiLabelClassifier, _label_set, multilabel_report, tune_thresholds
 
 GOEMOTIONS = SHARED / "goemotions"
 
@@ -71,6 +72,24 @@ def test_multilabel_run_end_to_end_on_goemotions_rows(tiny_bert, tmp_path, capsy
     assert prediction["labels"] == above
     page = (run_dir / "report.html").read_text()
     assert "Per-label scores" in page
+    # the card claims no pipeline() it cannot serve, and its way of loading gives afinar predict's answer
+    card = ModelCard.load(run_dir / "model" / "README.md")
+    assert card.data.pipeline_tag is None and "thresholds.json" in card.text and "MultiLabelClassifier" in card.text
+    [loaded] = MultiLabelClassifier(run_dir / "model").predict(["I love this, thank you!"])
+    assert loaded.labels == prediction["labels"] and loaded.scores == pytest.approx(prediction["scores"], abs=1e-3)
+
+
+def test_search_refuses_a_multilabel_config_before_any_trial(tiny_bert, tmp_path):
+    import time
+
+    from afinar.experiments.search import search
+
+    config = load_config(overrides=["task=multilabel", f"model={tiny_bert}", f"train.output_dir={tmp_path}"])
+    started = time.perf_counter()
+    with pytest.raises(AfinarError, match="afinar search does not apply to task 'multilabel' "
+                                          r"\(it applies to classification\)"):
+        search(config, trials=2)
+    assert time.perf_counter() - started < 1.0 and not (tmp_path / "search-default").exists()
 
 
 def test_single_label_training_refuses_label_sets(tiny_bert, tmp_path):

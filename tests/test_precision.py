@@ -62,11 +62,50 @@ def test_probe_is_cached_per_machine_and_model_shape(tiny_bert, tmp_path, monkey
 
 @pytest.mark.parametrize("speedup, expected", [(3.1, "bf16"), (1.1, "fp32"), (0.7, "fp32")])
 def test_auto_on_cpu_follows_the_measured_step_speedup(tiny_bert, monkeypatch, speedup, expected):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(precision, "cached_cpu_bf16_speedup", lambda *a: {"bf16_speedup": speedup})
     choice = precision.choose("auto", torch.nn.Linear(1, 1), 32, 40)
     assert choice.precision == expected
     assert f"{speedup:.2f}x" in choice.reason and "32x40 batch" in choice.reason
     assert precision.choose("bf16", torch.nn.Linear(1, 1), 32, 40).precision == "bf16"  # explicit: no probe
+
+
+def test_a_cpu_without_native_bf16_is_fp32_without_a_probe(monkeypatch):
+    """An AVX2-only CPU emulates bf16 about 30x slower: five probe steps of a real model there took minutes."""
+    monkeypatch.setattr(precision, "cpu_identity", lambda: {"cpu": "AVX2 CPU", "flags": [], "torch": "", "threads": 2})
+
+    def probe(*args):
+        raise AssertionError("no bf16 step may run on a CPU that emulates bf16")
+
+    monkeypatch.setattr(precision, "cached_cpu_bf16_speedup", probe)
+    choice = precision.choose("auto", torch.nn.Linear(1, 1), 32, 40)
+    assert choice.precision == "fp32" and "no native bf16" in choice.reason and choice.measured == {}
+
+
+def test_one_hopeless_bf16_step_ends_the_probe(tiny_bert, monkeypatch):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3)
+    calls = []
+
+    def step(model, batch, bf16):
+        calls.append(bf16)
+        return 30.0 if bf16 else 1.0  # emulated bf16
+
+    monkeypatch.setattr(precision, "_step_seconds", step)
+    measured = precision.measure_cpu_bf16_speedup(model, 4, 16, steps=4)
+    assert calls == [False, True, False, True] and measured["timed_steps"] == 1  # warm-up, then one pair
+    assert measured["bf16_speedup"] == pytest.approx(1 / 30, rel=1e-2)
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_on_a_gpu_follows_its_native_precision(monkeypatch, capability, expected):
+    """`torch.cuda.is_bf16_supported()` answers yes on a T4 (7.5), where bf16 is emulated: the capability decides."""
+    monkeypatch.setattr(precision, "on_cpu", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    choice = precision.choose("auto", torch.nn.Linear(1, 1), 32, 40)
+    assert choice.precision == expected and f"compute capability {capability[0]}.{capability[1]}" in choice.reason
 
 
 def test_fp16_on_a_cpu_is_refused():

@@ -146,3 +146,15 @@ def test_an_unknown_task_names_the_known_ones(tmp_path, capsys):
     assert cli.main(["check", "--set", "task=summarise", "--set", f"train.output_dir={tmp_path}"]) == 2
     error = capsys.readouterr().err
     assert "task 'summarise' is not known; use one of causal_lm, classification, multilabel, sft" in error
+
+
+def test_only_the_registry_reads_a_task_name():
+    """Every other module asks the task (`registry.for_run(run).load_predictor(...)`), so a new task needs no
+    branch elsewhere: `grep -rnE "task *(==|!=|in) "` finds the registry alone."""
+    import re
+
+    package = Path(afinar.__file__).parent
+    branching = re.compile(r"task *(==|!=|in) |\.task *(==|!=|in) ")
+    found = {path.relative_to(package).as_posix() for path in package.rglob("*.py")
+             if branching.search(path.read_text(encoding="utf-8"))}
+    assert found == {"tasks/registry.py"}

@@ -1,10 +1,13 @@
 """The floating-point precision a run trains in: decided once, for a measured reason, and recorded.
 
-`auto` means bf16 on GPUs that support it. On a CPU it depends on the chip: with native bf16 (AVX512-BF16, AMX)
-a bf16 matmul runs 2-4x an fp32 one, without it bf16 is emulated and slower. A bare matmul overstates what a
-training step gains (casts, softmax, layer norms and the optimizer stay in fp32), so `auto` times a few
-forward/backward steps of the very model about to be trained, on a batch of the run's size and typical length,
-in fp32 and under bf16 autocast, and takes bf16 only when it is clearly faster. The measurement is cached per
+`auto` on a GPU follows what the device does natively: bf16 from compute capability 8.0 (Ampere) on, fp16 with
+loss scaling below it (`torch.cuda.is_bf16_supported()` also says yes where bf16 is only emulated, on a T4 or a
+V100). On a CPU it depends on the chip: with native bf16 (AVX512-BF16, AMX, Arm's BF16) a bf16 matmul runs 2-4x
+an fp32 one; without it bf16 is emulated, about 30x slower, and `auto` is fp32 without measuring anything. A bare
+matmul overstates what a training step gains (casts, softmax, layer norms and the optimizer stay in fp32), so on
+a CPU with native bf16 `auto` times a few forward/backward steps of the very model about to be trained, on a
+batch of the run's size and typical length, in fp32 and under bf16 autocast, and takes bf16 only when it is
+clearly faster; a first bf16 step far slower than fp32's ends the timing at once. The measurement is cached per
 machine and model shape (`$AFINAR_CACHE/precision`); the run records the decision, its reason and the figures in
 its manifest, and a resumed run or another rank reuses that record instead of measuring again.
 """
@@ -29,7 +32,9 @@ from afinar.core.runs import on_cpu, write_json
 log = logging.getLogger(__name__)
 
 BF16_WORTH_IT = 1.3  # bf16 keeps 8 mantissa bits; only a clear step speed-up pays for that
-PROBE_VERSION = 3  # bump when what the probe measures changes
+HOPELESS = 0.5  # a first bf16 step at under half fp32's speed: no amount of timing brings it to BF16_WORTH_IT
+PROBE_VERSION = 4  # bump when what the probe measures changes
+NATIVE_BF16_CAPABILITY = (8, 0)  # CUDA compute capability from which bf16 runs natively (Ampere)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,15 @@ def cpu_identity() -> dict[str, Any]:
     return {"cpu": name, "flags": sorted(flags), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def cpu_has_native_bf16() -> bool | None:
+    """Whether the CPU reports a bf16 instruction set (x86 `avx512_bf16` / `amx_bf16`, Arm `bf16`); None when its
+    flags cannot be read (not Linux), so only a measurement can tell."""
+    identity = cpu_identity()
+    if not Path("/proc/cpuinfo").is_file():
+        return None
+    return any("bf16" in flag for flag in identity["flags"])
+
+
 def _model_shape(model: torch.nn.Module) -> list:
     """Class, parameter shapes and which train: what the cost of a step depends on (LoRA and freezing included)."""
     return [type(model).__name__, *[(name, list(p.shape), p.requires_grad) for name, p in model.named_parameters()]]
@@ -104,15 +118,18 @@ def measure_cpu_bf16_speedup(model: torch.nn.Module, batch_size: int, length: in
             _step_seconds(model, batch, False)  # warm-up: kernel selection, first allocations
             _step_seconds(model, batch, True)
             fp32 = bf16 = float("inf")  # the fastest of `steps` each: the least disturbed by a busy host
-            for _ in range(steps):
+            for step in range(steps):
                 fp32 = min(fp32, _step_seconds(model, batch, False))
                 bf16 = min(bf16, _step_seconds(model, batch, True))
+                if fp32 / bf16 < HOPELESS:  # emulated: the remaining (slow) steps could not change the answer
+                    break
         finally:
             model.train(was_training)
             for parameter in model.parameters():
                 parameter.grad = None
     return {"fp32_step_seconds": round(fp32, 5), "bf16_step_seconds": round(bf16, 5),
-            "bf16_speedup": round(fp32 / bf16, 3), "batch": [batch_size, length], "cached": False}
+            "bf16_speedup": round(fp32 / bf16, 3), "batch": [batch_size, length], "timed_steps": step + 1,
+            "cached": False}
 
 
 def cached_cpu_bf16_speedup(model: torch.nn.Module, batch_size: int, length: int) -> dict[str, Any]:
@@ -138,9 +155,11 @@ def choose(requested: str, model: torch.nn.Module, batch_size: int, length: int)
         trainer_flags(requested)  # fp16 on a CPU fails here, before anything is measured
         return PrecisionChoice(requested, "set in the config (train.precision)")
     if not on_cpu():
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return PrecisionChoice("bf16", f"auto: {torch.cuda.get_device_name(0)} supports bf16")
-        return PrecisionChoice("fp32", "auto: this accelerator has no bf16 support known to afinar")
+        return _choose_on_gpu()
+    if cpu_has_native_bf16() is False:
+        flags = ", ".join(cpu_identity()["flags"]) or "none"
+        return PrecisionChoice("fp32", f"auto on CPU ({cpu_identity()['cpu'] or 'unknown'}): no native bf16 "
+                                       f"(bf16/AMX/VNNI flags: {flags}), so bf16 would be emulated, far slower")
     measured = cached_cpu_bf16_speedup(model, batch_size, length)
     speedup = measured["bf16_speedup"]
     worth = speedup >= BF16_WORTH_IT
@@ -148,3 +167,15 @@ def choose(requested: str, model: torch.nn.Module, batch_size: int, length: int)
               f"step of this model on a {batch_size}x{length} batch measured {speedup:.2f}x as fast under bf16 "
               f"autocast as in fp32 ({'at least' if worth else 'below'} the {BF16_WORTH_IT}x that pays for bf16)")
     return PrecisionChoice("bf16" if worth else "fp32", reason, measured)
+
+
+def _choose_on_gpu() -> PrecisionChoice:
+    """bf16 where the GPU computes it natively, fp16 (with `Trainer`'s loss scaling) on older CUDA GPUs."""
+    if not torch.cuda.is_available():
+        return PrecisionChoice("fp32", "auto: this accelerator has no bf16 or fp16 support known to afinar")
+    name, capability = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
+    if capability >= NATIVE_BF16_CAPABILITY:
+        return PrecisionChoice("bf16", f"auto: {name} (compute capability {capability[0]}.{capability[1]}) "
+                                       f"computes bf16 natively")
+    return PrecisionChoice("fp16", f"auto: {name} (compute capability {capability[0]}.{capability[1]}) has no "
+                                   f"native bf16; fp16 with loss scaling")
