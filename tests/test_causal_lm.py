@@ -121,7 +121,7 @@ def test_text_sources_and_bad_inputs(tmp_path):
     paragraphs = tmp_path / "notes.txt"
     paragraphs.write_text("first line\nof one\n\nsecond\nparagraph\n\nthird\nhere\n", encoding="utf-8")
     splits = prepare_texts(read_text_splits(DataArgs(source=str(paragraphs))), DataArgs(validation_fraction=0.34), 0)
-    # carved as labelled data is (`data.carve_rows`: sklearn rounds the held-out share up)
+    # carved as labelled data is (`data.sources.carve_rows`: sklearn rounds the held-out share up)
     assert len(splits.train) == 1 and len(splits.validation) == 2 and "carved" in splits.notes[0]
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text('{"text": "alpha beta"}\n{"text": "gamma"}\n{"text": "Third  here"}\n{"text": "gamma"}\n',
@@ -155,3 +155,10 @@ def test_short_text_and_wrong_runs_are_clear_errors(tiny_gpt2, corpus, tmp_path)
         generate(tiny_gpt2, "  ")
     assert generate(tiny_gpt2, "Hello", max_new_tokens=5, seed=3) == generate(tiny_gpt2, "Hello", max_new_tokens=5,
                                                                               seed=3)
+
+
+def test_a_head_learning_rate_without_a_head_is_refused(tiny_gpt2, corpus, tmp_path):
+    """It was silently ignored: a language model has no classification head to give it to."""
+    with pytest.raises(AfinarError, match="train.head_learning_rate is set, but GPT2LMHeadModel has no "
+                                          "classification head"):
+        train_lm(lm_config(tiny_gpt2, *corpus, tmp_path, **{"train.head_learning_rate": 1e-2}))

@@ -120,6 +120,22 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_bert, tweets_jso
     assert load_config(run.path / "config.yaml").train.learning_rate == 1e-3  # the record is untouched
 
 
+def test_resume_after_editing_the_runs_own_config_yaml_is_refused(tiny_bert, tweets_jsonl, tmp_path):
+    """`afinar train <run>/config.yaml --resume` reads the very file a user may edit: the run's record of what it
+    started with lives in its manifest, so an edited learning rate is refused, not trained with halfway."""
+    import yaml
+
+    train_file, test_file = tweets_jsonl
+    resolved = {"train.eval_every": 4, "lora.enabled": False}  # as the lifecycle resolves them before Run.create
+    run = Run.create(load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **resolved)))
+    saved = yaml.safe_load((run.path / "config.yaml").read_text())
+    saved["train"]["learning_rate"] = 0.0123
+    (run.path / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(AfinarError, match=r"started with other settings \(train.learning_rate: 0.001 -> 0.0123\)"):
+        afinar.train(load_config(run.path / "config.yaml", ["train.resume=true"]))
+    assert run.manifest()["started_with"]["settings"]["train.learning_rate"] == 1e-3
+
+
 def test_resume_into_a_folder_that_is_not_a_run_leaves_it_alone(tiny_bert, tweets_jsonl, tmp_path):
     train_file, test_file = tweets_jsonl
     folder = tmp_path / "r"
@@ -166,3 +182,16 @@ def test_export_is_checked_on_the_validation_rows_training_used(tiny_bert, tmp_p
     (result.run_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(AfinarError, match="differ from the ones it was trained with"):
         export_run(result.run_dir)
+
+
+@pytest.mark.parametrize("platform, maxrss", [("linux", 2**20), ("darwin", 2**30)])
+def test_peak_memory_is_in_megabytes_on_linux_and_macos(monkeypatch, platform, maxrss):
+    """`ru_maxrss` is KiB on Linux and bytes on macOS: 1 GiB either way, not 1,024 GB on a Mac."""
+    import resource
+    import sys
+
+    from afinar.core.runs import peak_memory
+
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage", lambda who: type("Usage", (), {"ru_maxrss": maxrss})())
+    assert peak_memory()["peak_host_memory_mb"] == 1024.0

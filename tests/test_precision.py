@@ -138,6 +138,7 @@ def test_forced_bf16_trains_like_fp32_and_is_recorded(request, model_fixture, tw
 
 def test_auto_records_its_measurement_and_a_resume_keeps_the_decision(tiny_bert, tweets_jsonl, tmp_path,
                                                                      monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # the probe runs on any CPU here
     train_file, test_file = tweets_jsonl
     overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{"train.max_steps": 4})
     result = train(load_config(overrides=overrides))

@@ -119,6 +119,8 @@ def test_a_task_defined_outside_the_package_runs_end_to_end(toy_run, capsys):
     # evaluate and predict through the public API: the task's own scoring and predictor
     scored = afinar.evaluate(toy_run.run_dir)
     assert scored == {"accuracy": pytest.approx(toy_run.metrics["test"]["accuracy"], abs=1e-6), "n": 40}
+    assert cli.main(["evaluate", str(toy_run.run_dir)]) == 0  # printed as the task says
+    assert capsys.readouterr().out.splitlines() == [f"accuracy: {scored['accuracy']:.4f}", "n: 40"]
     [prediction] = afinar.predict(toy_run.run_dir, ["hi"])
     assert prediction.label in LengthBucket.labels and set(prediction.scores) == set(LengthBucket.labels)
     # served: /predict answers with the task's labels

@@ -73,6 +73,7 @@ def test_run_report_is_self_contained(tmp_path, with_data_report):
         splits = Splits(*(_to_dataset(pd.DataFrame({"text": texts, "label": [2, 0, 1, 2, 1]}),
                                       LABELS) for _ in range(3)), LABELS)
         run.write("data_report.json", run_checks(splits, CheckArgs()).to_dict())
+    run.model_dir.mkdir()
     run.set_status("finished")
     path = write_run_report(run.path)
     page = path.read_text(encoding="utf-8")

@@ -47,6 +47,16 @@ def test_values_the_user_set_win(caplog):
     assert notes == [n for n in notes if "eval_every = 200 (set)" in n] and "too few" in caplog.text
 
 
+def test_steps_are_counted_as_trainer_counts_them():
+    """A last, partial accumulation still steps (`Trainer` ceils), and the batch is global under torchrun: the
+    plan once floored the first and divided by the process count twice."""
+    from afinar.training.scaling import steps_per_epoch
+
+    args = load_config(overrides=["train.batch_size=10", "train.gradient_accumulation_steps=3"]).train
+    assert steps_per_epoch(100, args) == 4  # 10 batches: 3 + 3 + 3 + 1
+    assert steps_per_epoch(95, args) == 4 and steps_per_epoch(90, args) == 3
+
+
 def test_max_steps_is_not_stretched():
     config = load_config(overrides=["train.max_steps=40"])
     scale_to_data(config, rows=100, lora_task_type="SEQ_CLS")

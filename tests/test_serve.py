@@ -178,6 +178,16 @@ def test_openapi_schema_describes_predict(classifier):
     assert {"200", "401", "413", "422"} <= set(predict["responses"])
     assert {"/health", "/info"} <= set(schema["paths"])
     assert "PredictResponse" in schema["components"]["schemas"]
+    # what the schema calls valid, the server accepts: exactly one of texts and pairs, non-empty arrays, never null
+    request = schema["components"]["schemas"]["PredictRequest"]
+    assert request["oneOf"] == [{"required": ["texts"]}, {"required": ["pairs"]}]
+    assert request["additionalProperties"] is False
+    for name in ("texts", "pairs"):
+        assert request["properties"][name]["type"] == "array" and request["properties"][name]["minItems"] == 1
+        assert "anyOf" not in request["properties"][name] and "default" not in request["properties"][name]
+    with TestClient(create_app(None, classifier=classifier)) as client:
+        null = client.post("/predict", json={"texts": ["fine"], "pairs": None})
+    assert null.status_code == 422 and "pairs: Value error, must be a list" in null.json()["detail"]
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -93,25 +93,25 @@ def test_halving_the_batch_and_doubling_accumulation_keeps_every_step_s_rows(tin
     assert orders[0] == orders[1]
 
 
-def resumable(model, train_file, test_file, out, name, precision):
+def resumable(model, train_file, test_file, out, name):
     return tiny_overrides(model, train_file, test_file, out, **{
         "train.run_name": name, "train.max_steps": 120, "train.eval_every": 20, "train.batch_size": 8,
         "train.logging_steps": 5, "train.learning_rate": 3e-4, "train.keep_checkpoints": True,
-        "train.precision": precision})
+        "train.precision": "fp32"})
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_bert, tweets_jsonl, tmp_path, precision):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_bert, tweets_jsonl, tmp_path):
+    """fp32: a resumed bf16 run keeps its recorded precision (test_precision), and bf16 under autocast trains
+    through the same checkpointing; its emulated twin here cost 35 s a run on CPUs without native bf16."""
     train_file, test_file = tweets_jsonl
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    whole = subprocess.run(afinar_cmd("train", *sets(resumable(tiny_bert, train_file, test_file, tmp_path, "whole",
-                                                               precision))),
+    whole = subprocess.run(afinar_cmd("train", *sets(resumable(tiny_bert, train_file, test_file, tmp_path, "whole"))),
                            env=env, capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(afinar_cmd("train", *sets(resumable(tiny_bert, train_file, test_file, tmp_path,
-                                                                   "killed", precision))),
+                                                                   "killed"))),
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (killed / "checkpoints" / "checkpoint-40" / "trainer_state.json").exists():
@@ -128,7 +128,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_bert, tweets_json
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr and "checkpoint-" in resumed.stderr
-    assert f"precision {precision}, as decided when the run started" in resumed.stderr
+    assert "precision fp32, as decided when the run started" in resumed.stderr
     expected = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     got = json.loads((killed / "metrics.json").read_text())
     for split in ("validation", "test"):
@@ -468,3 +468,19 @@ def test_sigterm_marks_the_run_failed_with_the_cause(tiny_bert, tweets_jsonl, tm
     assert process.returncode == 1 and "stopped by SIGTERM" in stderr
     status = json.loads((tmp_path / "r" / "status.json").read_text())
     assert status["state"] == "failed" and "stopped by SIGTERM" in status["detail"]
+
+
+def test_head_learning_rate_reaches_a_decoder_classifiers_score_head(tiny_gpt2, tmp_path):
+    """Decoder classifiers name their head `score`, not `classifier`: the head rate once reached encoders only."""
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+    from afinar.training.trainer import LengthBucketTrainer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=3)
+    trainer = LengthBucketTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4,
+                                                                      use_cpu=True, report_to=[]))
+    trainer.head_learning_rate = 1e-2
+    groups = trainer.create_optimizer().param_groups
+    head = {id(p) for group in groups if group["lr"] == 1e-2 for p in group["params"]}
+    assert head == {id(p) for p in model.score.parameters()}
+    assert all(group["lr"] == 1e-4 for group in groups if not {id(p) for p in group["params"]} & head)

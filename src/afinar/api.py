@@ -10,7 +10,6 @@ from afinar.core.config import Config, ModelArgs, load_config
 from afinar.core.errors import AfinarError
 from afinar.core.models import resolve
 from afinar.core.runs import Run, reads_pairs
-from afinar.data.sources import Input
 from afinar.inference.generation import (
     MAX_NEW_TOKENS,
     SEED,
@@ -20,7 +19,6 @@ from afinar.inference.generation import (
     Generator,
     trained_in_bf16,
 )
-from afinar.inference.predictors import Prediction, check_inputs
 from afinar.tasks import registry
 from afinar.training.lifecycle import TrainResult
 
@@ -54,13 +52,14 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, batch_size: in
     return registry.for_run(run).evaluate(run, data, backend, batch_size)
 
 
-def predict(run_dir: str | Path, texts: list[Input], batch_size: int = 64, backend: str = "auto"
-            ) -> list[Prediction]:
-    """Labels and scores for texts, or (text, text_pair) tuples for a model trained on sentence pairs."""
+def predict(run_dir: str | Path, texts: list, batch_size: int = 64, backend: str = "auto") -> list:
+    """Labels and scores (`inference.predictors.Prediction`s) for texts, or (text, text_pair) tuples for a model
+    trained on sentence pairs."""
+    from afinar.inference.predictors import check_inputs
+
     run = _finished(run_dir)
-    predictor = registry.for_run(run).load_predictor(run, backend)
-    check_inputs(reads_pairs(run), texts)
-    return predictor.predict(texts, batch_size)
+    check_inputs(reads_pairs(run), texts)  # before the model loads
+    return registry.for_run(run).load_predictor(run, backend).predict(texts, batch_size)
 
 
 def _generator_source(model: str | Path) -> tuple[ModelArgs, GenerationFormat, bool]:
@@ -117,7 +116,7 @@ def report(folder: str | Path) -> Path:
                           pages.write_search_report), ("curve.json", pages.write_curve_report)):
         if (folder / record).is_file():
             return write(folder)
-    run = Run.open(folder)
+    run = _finished(folder)
     return registry.for_run(run).write_outputs(run)
 
 

@@ -119,7 +119,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     from afinar import api
     from afinar.core.runs import write_json
 
+    from afinar.tasks import registry
+
     config = _config(args)
+    if args.suspects:  # before the checks run, so a task without the ranking fails at once
+        registry.require(config, "ranks_suspects", "check --suspects")
     text, record = api.check(config)
     print(text)
     if args.json:
@@ -140,17 +144,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from afinar import api
 
+    from afinar.core.runs import Run
+    from afinar.tasks import registry
+
     report = api.evaluate(args.run, args.data, backend=args.backend)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"{report['data']}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
-          f"(majority baseline {report['majority_baseline']:.4f}, n={report['n']:,})")
-    width = max(len(name) for name in report["labels"])
-    print(f"{'class':<{width}}  precision  recall  f1      support")
-    for name, row in report["per_class"].items():
-        print(f"{name:<{width}}  {row['precision']:.4f}     {row['recall']:.4f}  {row['f1']:.4f}  {row['support']}")
-    print("confusion matrix (rows: true, columns: predicted):", report["confusion_matrix"])
+    print(json.dumps(report, indent=2) if args.json else
+          "\n".join(registry.for_run(Run.open(args.run)).evaluation_lines(report)))
     return 0
 
 

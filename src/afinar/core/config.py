@@ -74,7 +74,7 @@ class TrainArgs:
     logging_steps: int = 50
     early_stopping_patience: int | None = 3  # evaluations without improvement before stopping; None: off
     metric_for_best_model: str = "accuracy"  # accuracy | macro_f1 | loss (macro_f1 for imbalanced classes)
-    head_learning_rate: float | None = None  # multilabel: the new head's rate (None: 1e-3); the encoder's is above
+    head_learning_rate: float | None = None  # the classification head's own rate (None: learning_rate; multilabel: 1e-3)
     report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, mlflow, trackio, wandb (extras)
     class_weights: str = "none"  # none | balanced (n / (classes x count)) | per label, e.g. "negative=1,positive=5"
     group_by_length: bool = True  # batches of similar length waste little padding

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -115,6 +116,18 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far, in MB: the host's resident set (`ru_maxrss`: KiB on Linux, bytes on
+    macOS) and, on a CUDA GPU, the most memory torch allocated there."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"peak_host_memory_mb": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        peak["peak_gpu_memory_mb"] = round(sys.modules["torch"].cuda.max_memory_allocated() / 2**20, 1)
+    return peak
+
+
 def world_size() -> int:
     """Processes in this run (torchrun sets WORLD_SIZE; 1 without it)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -162,15 +175,21 @@ def _comparable(config: Config) -> Config:
 
 
 def _settings(config: Config) -> dict[str, Any]:
-    """`_comparable(config)` as dotted keys and values."""
+    """`_comparable(config)` as dotted keys and JSON values (as the manifest keeps them)."""
     flat = {}
     for key, value in to_dict(_comparable(config)).items():
         flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    return flat
+    return json.loads(json.dumps(flat))
 
 
-def _differences(saved: Config, wanted: Config) -> list[str]:
-    before, after = _settings(saved), _settings(wanted)
+def _settings_record(config: Config) -> dict[str, Any]:
+    """What a run started with, for the manifest: a user edits config.yaml, never this."""
+    settings = _settings(config)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    return {"started_with": {"settings": settings, "sha256": digest}}
+
+
+def _differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return [f"{key}: {before.get(key)!r} -> {value!r}" for key, value in after.items() if before.get(key) != value]
 
 
@@ -210,6 +229,8 @@ class Run:
         config.train.run_name = name
         run = cls(output_dir / name)
         if is_main_process():
+            if "started_with" not in run.manifest():
+                run.update_manifest(_settings_record(config))
             write_atomic(run.path / "config.yaml", to_yaml(config))
         run.set_status("running")
         return run
@@ -247,7 +268,10 @@ class Run:
                     f"another train.run_name")
         if self.status() == "finished":
             return f"run {self.path} has already finished; nothing to resume"
-        changed = _differences(self.config(), config)
+        # against the manifest's record of what the run started with: config.yaml is the file a user edits, and
+        # `afinar train <run>/config.yaml --resume` reads it back (runs from before the record: config.yaml)
+        recorded = (self.manifest().get("started_with") or {}).get("settings") or _settings(self.config())
+        changed = _differences(recorded, _settings(config))
         if changed:
             return (f"run {self.path} was started with other settings ({'; '.join(changed)}); resuming would "
                     f"train on a mix of both: restore them, or start a new run without --resume")

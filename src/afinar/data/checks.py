@@ -177,7 +177,7 @@ def _checked_texts(columns: dict) -> list[str]:
 
 
 def _lengths(texts: list, tokenizer, max_length: int | None) -> dict:
-    """Counted with special tokens, as `data.encode` truncates them (sentence pairs as pairs); percentiles are
+    """Counted with special tokens, as `data.sources.encode` truncates them (sentence pairs as pairs); percentiles are
     lengths that occur."""
     if texts and isinstance(texts[0], tuple):
         ids = tokenizer([a for a, _ in texts], [b for _, b in texts], verbose=False)["input_ids"]

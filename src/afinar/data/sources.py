@@ -30,7 +30,6 @@ from afinar.core.config import DataArgs
 from afinar.core.errors import AfinarError
 from afinar.data import cache
 
-SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".txt": "txt"}
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "tweet", "document", "body", "comment", "message",

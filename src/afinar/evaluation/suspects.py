@@ -34,7 +34,7 @@ SUSPECTS_FILE = "suspects.csv"  # in a run folder: the ranking after training
 
 @dataclass
 class Suspect:
-    row: int | None  # position in the local train file as read (before checks drop anything), 0-based
+    row: int | None  # the record's 0-based position among the train file's data rows (header not counted)
     text: str
     given: str
     suggested: str
@@ -91,9 +91,10 @@ def find_suspects(config: Config, folds: int = 5) -> list[Suspect]:
 
 
 def file_rows(args: DataArgs, train: Dataset) -> list[int | None]:
-    """Each row of a prepared (carved, subsetted, checked) training split as its position in the local train file
-    as read, so a suspect points at the line to fix; None for a row not found there, and for a hub dataset (not
-    downloaded twice; its text identifies the row)."""
+    """Each row of a prepared (carved, subsetted, checked) training split as its record in the local train file
+    as read: the 0-based position among the file's data rows, as pandas numbers them (a JSONL record's line is
+    row + 1; a CSV's is row + 2 after the header when no field spans lines). None for a row not found there, and
+    for a hub dataset (not downloaded twice; its text identifies the row)."""
     if data_lib.split_files(args, with_test=False) is None:
         return [None] * len(train)
     first: dict = {}

@@ -7,11 +7,11 @@
     linear_probe        frozen encoder features + logistic regression
     setfit              few-shot fine-tuning (the `setfit` package): the encoder tuned contrastively on pairs of
                         train texts, then a logistic-regression head on its embeddings; for 8-64 rows per class
-    lora, full          fine-tuning through `classify.train` (LoRA adapters / all weights)
+    lora, full          fine-tuning as ordinary classification runs (`tasks.registry.train`; LoRA / all weights)
     sft                 instruction tuning of the prompting model (`task: sft`, LoRA) on the train rows as
                         instructions (`sft.template`, or the prompt's instruction), scored by label continuation
 
-Every strategy gets the same splits (read, checked and subset once, exactly as `classify.train` does) and
+Every strategy gets the same splits (read, checked and subset once, exactly as a classification run does) and
 the same seed. Choices (k of the vote, C of the probe, the best checkpoint) are made on validation; test is
 predicted once per strategy, after them. Costs are measured per strategy: fit seconds (training, indexing,
 prompt prefix and calibration; loading the pretrained weights is not counted), prediction texts/s over the
@@ -28,7 +28,6 @@ import dataclasses
 import logging
 import os
 import random
-import resource
 import threading
 import time
 import traceback
@@ -41,12 +40,13 @@ import numpy as np
 from afinar.core.config import CompareArgs, Config, ModelArgs, PromptArgs, set_value, to_yaml
 from afinar.core.errors import AfinarError
 from afinar.core.models import load_tokenizer, resolve
-from afinar.core.runs import earlier_record, read_json, write_atomic, write_json
+from afinar.core.runs import earlier_record, peak_memory, read_json, write_atomic, write_json
 from afinar.data import sources as data_lib
 from afinar.data.checks import checked_splits
 from afinar.evaluation.metrics import classification_report
 from afinar.experiments.prompting import CONTENT_FREE, PromptClassifier, balanced_shots
 from afinar.inference.encoder import Encoder
+from afinar.tasks.sft import SFT
 
 log = logging.getLogger(__name__)
 
@@ -418,7 +418,7 @@ def _instruction_tune(config: Config, args: CompareArgs, prompt: PromptArgs, spl
     """LoRA instruction tuning of the prompting model on the same rows, as instructions; its held-out scores are
     accuracies of label continuations (constrained), so the row is comparable with the head and the prompts."""
     config = copy.deepcopy(config)
-    config.task, config.model = "sft", ModelArgs(name=prompt.model)
+    config.task, config.model = SFT.name, ModelArgs(name=prompt.model)
     if not config.sft.template:
         config.sft.template = prompt.instruction + "\n\nText: {text}"
     config, trained = _train_in_comparison("sft", config, args.sft_overrides, out_dir)
@@ -462,7 +462,7 @@ def _isolated(name: str, config: Config, splits: data_lib.Splits, out_dir: Path,
         package.setLevel(logging.INFO)
     base = _rss_mb()
     result = run_strategy(name, config, splits, out_dir, args, prompt)
-    result.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    result.peak_memory_mb = peak_memory()["peak_host_memory_mb"]  # this spawned process's own peak
     result.base_memory_mb = base
     return result
 

@@ -2,7 +2,7 @@
 training split and fits validation accuracy against log2(rows).
 
 Only the size changes between points: every subset is a prefix of one seeded order whose head holds
-`per_class` rows of each class (`data.class_balanced_order`), so each subset contains the smaller ones; the
+`per_class` rows of each class (`data.sources.class_balanced_order`), so each subset contains the smaller ones; the
 validation rows, the seed and the settings are the same for all (unset ones scale with the data, `scaling`).
 Validation scores every point; test is read once, for the full-size point. The fit is a straight line through
 the three largest points, so its slope is the accuracy gained per doubling of labelled data there; the same
@@ -132,7 +132,7 @@ def _earlier_points(out: Path, config: Config, strategy: str, resume: bool) -> d
 
 def learning_curve(config: Config, strategy: str = "full", sizes: list[int] | None = None,
                    out_dir: str | Path | None = None, per_class: int = 16, resume: bool = False) -> CurveResult:
-    """Train `strategy` (one of `strategies.STRATEGIES`) on nested subsets of train (`sizes`, default
+    """Train `strategy` (one of `experiments.compare.STRATEGIES`) on nested subsets of train (`sizes`, default
     `curve_sizes`), score each on validation and the full-size one once on test; write curve.json, the subset
     files and report.html into `out_dir` (default `<train.output_dir>/curve-<time>`). The file is rewritten after
     every point, so `resume` continues a killed curve from the points it finished."""

@@ -48,7 +48,14 @@ class GenerationFormat:
         """The format saved in `model_dir`; without one (a base model, or a run saved before formats were), plain
         continuation, or chat messages when `chat` (the run's task trained on them)."""
         file = Path(model_dir) / FORMAT_FILE
-        return cls(**read_json(file)) if file.is_file() else cls(chat=chat)
+        if not file.is_file():
+            return cls(chat=chat)
+        saved = read_json(file)
+        known = set(cls.__dataclass_fields__)
+        if not isinstance(saved, dict) or not set(saved) <= known:
+            raise AfinarError(f"{file}: not a generation format afinar wrote (fields {', '.join(sorted(known))}); "
+                              f"restore it, or delete it to generate as from a base model")
+        return cls(**saved)
 
     def prompt_ids(self, tokenizer, prompt: str) -> list[int]:
         """`prompt` as training saw its texts: for chat, the user message (wrapped in the trained template) after

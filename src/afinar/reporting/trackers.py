@@ -129,7 +129,7 @@ def _figures(metrics: dict, data_report: dict | None) -> dict[str, float]:
         for key, interval in ((metrics.get(split) or {}).get("ci95") or {}).items():
             figures[f"{split}_{key}_ci95_low"], figures[f"{split}_{key}_ci95_high"] = map(float, interval)
     train = metrics.get("train") or {}
-    for key in ("seconds", "samples_per_second", "peak_memory_mb", "trainable_parameters"):
+    for key in ("seconds", "samples_per_second", "peak_host_memory_mb", "peak_gpu_memory_mb", "trainable_parameters"):
         if isinstance(train.get(key), (int, float)):
             figures[f"train_{key}"] = float(train[key])
     for split, rows in ((data_report or {}).get("rows") or {}).items():

@@ -46,6 +46,8 @@ def create_app(run_dir: str | Path | None, token: str | None = None, max_batch: 
         run.require_finished()
         task = registry.for_run(run)
         if task.generates:
+            if backend not in ("auto", "torch"):
+                raise AfinarError(f"backend {backend}: a {task.name} run generates with torch only")
             return create_generation_app(run.path, token, max_text_chars=max_text_chars,
                                          max_body_bytes=max_body_bytes, max_queue=max_queue,
                                          timeout_s=score_timeout_s, read_timeout_s=read_timeout_s)

@@ -13,7 +13,7 @@ holds: a bounded queue sheds load with 503, scoring has a deadline (503), a body
 `read_timeout_s` (408), a new connection must send its request headers within the same time or is closed
 (slowloris), and uvicorn caps concurrent connections (`limit_concurrency`, 503 above). `/health` answers 503 when
 the scoring worker has died or stalled. Request data is only ever held in memory and never names a file.
-Nothing here runs at import time; `create_app` loads the model, `serve` runs uvicorn.
+Nothing here runs at import time; `serving.app.create_app` loads the model, `serving.app.serve` runs uvicorn.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Prompts are rendered and sampled by `inference.generation`, as `afinar generate`
 was trained with: chat messages go through the saved chat template, with the trained system prompt when the
 client sends none; an sft run's `/v1/completions` prompt is the user text training wrapped in `sft.template`. So
 the served prompt tokens are the trained ones, and a prompt and seed give the text `afinar generate` gives. The
-server shares `/predict`'s protections (`serve.base_app`: bearer token checked before the body is read, body size
+server shares `/predict`'s protections (`serving.http.base_app`: bearer token checked before the body is read, body size
 and read-time limits, one-line JSON errors, a bounded queue with 503, a deadline, `/health`). Requests queue to one
 worker thread, which generates them one after another: batched decoding of requests with different lengths and
 sampling settings is not done. Not supported, and refused with a one-line 422 rather than ignored: `stream`,

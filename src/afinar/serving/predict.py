@@ -13,13 +13,34 @@ from afinar.core.runs import Run, reads_pairs
 from afinar.serving.http import ErrorResponse, MicroBatcher, Scorer, base_app
 
 
+def _texts_or_pairs(schema: dict) -> None:
+    """The request's schema as the validators judge it: exactly one of texts and pairs, each a non-empty array
+    (a field left out is absent, never null)."""
+    for name in ("texts", "pairs"):
+        field = schema["properties"][name]
+        array = next(option for option in field.pop("anyOf") if option.get("type") == "array")
+        field.pop("default", None)
+        field.update({**array, "minItems": field.pop("minLength", array.get("minItems", 1))})
+    schema["oneOf"] = [{"required": ["texts"]}, {"required": ["pairs"]}]
+
+
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Either `texts` or `pairs`, never both: the schema says so (`oneOf`), as the validators do."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_texts_or_pairs)
 
     texts: list[str] | None = Field(default=None, min_length=1,
                                     description="Texts to classify; predictions come back in this order.")
     pairs: list[tuple[str, str]] | None = Field(default=None, min_length=1,
                                                 description="Sentence pairs, for a model trained on pairs.")
+
+    @field_validator("texts", "pairs", mode="before")
+    @classmethod
+    def _not_null(cls, items: Any) -> Any:
+        """An explicit null is not a list: the schema does not allow it, so neither does the server."""
+        if items is None:
+            raise ValueError("must be a list; leave the field out instead of sending null")
+        return items
 
     @field_validator("texts", "pairs")
     @classmethod

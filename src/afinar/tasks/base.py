@@ -37,6 +37,7 @@ class Task:
     chat_prompts: bool = False  # a prompt is answered as a user message through the chat template
     searches: bool = False  # `afinar search` tunes its runs on validation (`train.metric_for_best_model`)
     compares: bool = False  # `afinar compare` and `afinar curve` build classifiers from this task's data
+    ranks_suspects: bool = False  # `afinar check --suspects` ranks its training rows by a cross-validated model
 
     # ---------------------------------------------------------------- training (the lifecycle's hooks)
 
@@ -75,6 +76,11 @@ class Task:
         return [f"{split}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics[split].items() if isinstance(v, float))
                 for split in ("validation", "test") if metrics.get(split)]
 
+    def evaluation_lines(self, report: dict) -> list[str]:
+        """What `afinar evaluate` prints of `evaluate`'s report."""
+        return [f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}"
+                for key, value in report.items() if isinstance(value, (int, float, str))]
+
     def metrics_html(self, metrics: dict) -> str:
         """The report's metrics table."""
         return pages.metrics_table(metrics, [key for key in ("loss", "accuracy", "macro_f1")
@@ -87,13 +93,15 @@ class Task:
     def card_usage(self, run: Run) -> str:
         """The model card's paragraph on how to load the model."""
         if self.pipeline_tag is None:
-            return f"Load it with afinar: `afinar predict {run.path.name} ...` or `afinar serve {run.path.name}`."
+            use = "generate" if self.generates else "predict"
+            return f"Load it with afinar: `afinar {use} {run.path.name} ...` or `afinar serve {run.path.name}`."
         return (f"A stock `transformers` folder: `pipeline(\"{self.pipeline_tag}\", model=\"model/\")` loads it, "
                 f"as do `afinar predict` and `afinar serve`.")
 
     def write_outputs(self, run: Run) -> Path:
         """The model card (`model/README.md`) and `report.html` of a finished run, from its folder; returns the
-        report's path. Written after training, by `registry.train` and again by `afinar report`."""
+        report's path. Written after training (`registry.train`), and again by `afinar report`, `afinar push` and
+        an evaluation on other data, so the card shows what was measured since."""
         config, metrics = run.config(), run.metrics()
         hub.write_model_card(run, config, metrics, self.pipeline_tag, self.card_metrics, self.card_usage(run))
         return pages.write_run_report(run.path, self.metrics_html(metrics), self.report_sections(run, metrics))

@@ -1,10 +1,10 @@
-"""Domain-adaptive causal-LM training (`task: causal_lm`) on raw text, and generation.
+"""Domain-adaptive causal-LM training (`task: causal_lm`) on raw text.
 
 `CausalLM` is the task the run lifecycle (`afinar.training.lifecycle`) trains: documents (read, checked, carved and
-subset by `checks.checked_documents`) -> tokens joined with EOS -> fixed `lm.block_size` blocks (packing: no
+subset by `data.checks.checked_documents`) -> tokens joined with EOS -> fixed `lm.block_size` blocks (packing: no
 padding, nothing wasted but the last partial block) [+ replayed general blocks]; the best model by validation loss;
-then perplexity before vs after on domain validation text and on general text (the forgetting check, see
-forgetting.py).
+then perplexity before vs after on domain validation text and on general text (the forgetting check,
+`evaluation.forgetting`). Generation is `inference.generation`'s, with the format saved beside the model.
 """
 
 from __future__ import annotations

@@ -87,6 +87,7 @@ class Classification(Task):
     card_metrics = ("accuracy", "macro_f1")
     searches = True
     compares = True
+    ranks_suspects = True
 
     def configure(self, config: Config) -> list[str]:
         return []
@@ -168,6 +169,15 @@ class Classification(Task):
         return [f"{split}: accuracy {with_interval(m, 'accuracy')}  macro-F1 {with_interval(m, 'macro_f1')}  "
                 f"(95% bootstrap intervals; majority baseline {m['majority_baseline']:.4f}, n={m['n']:,})"
                 for split in ("validation", "test") if (m := metrics.get(split))]
+
+    def evaluation_lines(self, report: dict) -> list[str]:
+        width = max(len(name) for name in report["labels"])
+        return [f"{report['data']}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
+                f"(majority baseline {report['majority_baseline']:.4f}, n={report['n']:,})",
+                f"{'class':<{width}}  precision  recall  f1      support",
+                *[f"{name:<{width}}  {row['precision']:.4f}     {row['recall']:.4f}  {row['f1']:.4f}  {row['support']}"
+                  for name, row in report["per_class"].items()],
+                f"confusion matrix (rows: true, columns: predicted): {report['confusion_matrix']}"]
 
     def metrics_html(self, metrics: dict) -> str:
         return pages.metrics_table(metrics, ["accuracy", "macro_f1", "majority_baseline", "loss"])

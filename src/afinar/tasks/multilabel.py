@@ -376,7 +376,6 @@ class MultiLabel(Task):
 
     def load_model(self, config: Config, model_path: str, tokenizer, data: TaskData):
         model = MeanPoolingClassifier.from_encoder(model_path, data.extra.splits.label_names, tokenizer.pad_token_id)
-        model.head_learning_rate = config.train.head_learning_rate
         return model
 
     def collator(self, tokenizer):
@@ -464,7 +463,7 @@ class MultiLabel(Task):
 
 class MultiLabelClassifier:
     """A saved multi-label model: `scores` (a probability per label) and `predict` (every label at or above its
-    threshold). Same interface as `inference.Predictor`, so `afinar predict` and the server use it alike."""
+    threshold). Same interface as `inference.predictors.Predictor`, so `afinar predict` and the server use it alike."""
 
     backend = "torch"
 

@@ -10,6 +10,7 @@ use (a command that never trains or predicts does not pay for torch); `register`
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 
@@ -51,10 +52,9 @@ def names() -> list[str]:
 
 
 def resolve_name(config: Config) -> str:
-    """The config's task; classification data given as several 0/1 columns (`data.label_columns`) is multi-label.
-    Sets it on the config, so the run folder records the task that trained."""
+    """The config's task; classification data given as several 0/1 columns (`data.label_columns`) is multi-label."""
     if config.task == "classification" and config.data.label_columns:
-        config.task = "multilabel"
+        return "multilabel"
     return config.task
 
 
@@ -70,8 +70,9 @@ def require(config: Config, capability: str, command: str) -> Task:
     """The config's task, or a one-line error (before any work) when `command` does not apply to it."""
     task = for_config(config)
     if not getattr(task, capability):
+        applicable = [name for name in names() if getattr(get(name), capability)]
         raise AfinarError(f"afinar {command} does not apply to task {task.name!r}"
-                          + (f" (it applies to {', '.join(n for n in names() if getattr(get(n), capability))})"))
+                          + (f" (it applies to {', '.join(applicable)})" if applicable else ""))
     return task
 
 
@@ -79,7 +80,9 @@ def train(config: Config, callbacks: list | None = None, with_test: bool = True)
     """Train what `config` describes with its task (the run lifecycle), then write the run's model card and
     report and hand its results to the configured trackers. `with_test=False` never reads the test split
     (search trials); `callbacks` are extra `TrainerCallback`s."""
+    config = copy.deepcopy(config)  # the caller's config stays as given
     task = for_config(config)
+    config.task = task.name  # the run folder records the task that trained
     result = run_task(config, task, callbacks, with_test)
     if is_main_process():
         run = Run.open(result.run_dir)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Protocol
 
 from afinar.core.config import Config
 from afinar.core.models import load_tokenizer, resolve
-from afinar.core.runs import Run, is_main_process, machine, versions, wait_for_every_rank, world_size
+from afinar.core.runs import Run, is_main_process, machine, peak_memory, versions, wait_for_every_rank
 from afinar.training.scaling import scale_to_data
 
 log = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ def run_task(config: Config, task: TrainingTask, callbacks: list | None = None, 
     tokenizer = load_tokenizer(config.model, model_path)
     preparing = time.perf_counter()
     data = task.prepare(config, model_path, tokenizer, with_test)
-    changed += scale_to_data(config, len(data.train), task.lora_task_type, world_size())
+    changed += scale_to_data(config, len(data.train), task.lora_task_type)
     data.notes[:0] = changed  # what the task and the data size changed in the config come first
     run = Run.create(config)
     with run.recording(config.train.keep_checkpoints):
@@ -127,13 +126,11 @@ def run_task(config: Config, task: TrainingTask, callbacks: list | None = None, 
         started = time.perf_counter()
         output = fit(trainer, run, checkpoint)
         seconds = time.perf_counter() - started
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         metrics = {"train": {"seconds": seconds, "data_seconds": data_seconds, "steps": trainer.state.global_step,
                              "samples_per_second": output.metrics.get("train_samples_per_second", 0.0),
                              "loss": output.metrics.get("train_loss"),
                              "best_checkpoint": trainer.state.best_model_checkpoint,
-                             "trainable_parameters": trainable, "total_parameters": total,
-                             "peak_memory_mb": round(peak_mb, 1)},
+                             "trainable_parameters": trainable, "total_parameters": total, **peak_memory()},
                    **task.score(trainer, data)}
         save_best(run, trainer, tokenizer, config.lora.enabled)
         run.write_log(trainer.state.log_history)

@@ -22,19 +22,21 @@ FULL_LEARNING_RATE = 5e-5
 LORA_LEARNING_RATES = {"SEQ_CLS": 1e-3, "CAUSAL_LM": 2e-4}  # adapters start at zero and need larger steps
 
 
-def steps_per_epoch(rows: int, args: TrainArgs, world: int = 1) -> int:
-    """Optimizer steps in one pass over `rows` training rows, as `Trainer` counts them."""
-    batches = math.ceil(rows / (args.batch_size * world))
-    return max(1, batches // args.gradient_accumulation_steps)
+def steps_per_epoch(rows: int, args: TrainArgs) -> int:
+    """Optimizer steps in one pass over `rows` training rows, as `Trainer` counts them: `train.batch_size` is the
+    global batch (each of N processes takes 1/N of it and of the rows), and a last, partial accumulation of
+    batches still makes a step."""
+    batches = math.ceil(rows / args.batch_size)
+    return max(1, math.ceil(batches / args.gradient_accumulation_steps))
 
 
-def planned_steps(rows: int, args: TrainArgs, world: int = 1) -> int:
+def planned_steps(rows: int, args: TrainArgs) -> int:
     if args.max_steps > 0:
         return args.max_steps
-    return max(1, math.ceil(steps_per_epoch(rows, args, world) * (args.epochs or DEFAULT_EPOCHS)))
+    return max(1, math.ceil(steps_per_epoch(rows, args) * (args.epochs or DEFAULT_EPOCHS)))
 
 
-def scale_to_data(config: Config, rows: int, lora_task_type: str, world: int = 1) -> list[str]:
+def scale_to_data(config: Config, rows: int, lora_task_type: str) -> list[str]:
     """Fill in the unset training settings of `config` for `rows` training rows; returns a note per choice."""
     train, notes = config.train, []
     if train.learning_rate is None:
@@ -45,7 +47,7 @@ def scale_to_data(config: Config, rows: int, lora_task_type: str, world: int = 1
         else:
             train.learning_rate = FULL_LEARNING_RATE
             notes.append(f"train.learning_rate = {train.learning_rate:g} (unset; full fine-tuning default)")
-    per_epoch = steps_per_epoch(rows, train, world)
+    per_epoch = steps_per_epoch(rows, train)
     if train.epochs is None:
         train.epochs = DEFAULT_EPOCHS
         if train.max_steps <= 0 and per_epoch * DEFAULT_EPOCHS < train.min_steps:
@@ -55,7 +57,7 @@ def scale_to_data(config: Config, rows: int, lora_task_type: str, world: int = 1
                          f"({train.min_steps}) to learn; early stopping ends it sooner if validation stops improving")
         else:
             notes.append(f"train.epochs = {train.epochs} (unset; default)")
-    planned = planned_steps(rows, train, world)
+    planned = planned_steps(rows, train)
     eval_every_set = train.eval_every is not None
     if not eval_every_set:
         train.eval_every = max(1, math.ceil(planned / EVALUATIONS_PER_RUN))

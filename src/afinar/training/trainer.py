@@ -1,7 +1,7 @@
 """The one place that builds a `Trainer`: arguments, precision, LoRA wrapping, callbacks, resume.
 
-Classification (and later causal-LM) training both come through `build_trainer`, so options such as LoRA,
-length grouping, early stopping and checkpointing are applied once and mean the same everywhere.
+Every task trains through `build_trainer` (called by `training.lifecycle`), so options such as LoRA, length
+grouping, early stopping and checkpointing are applied once and mean the same everywhere.
 """
 
 from __future__ import annotations
@@ -175,18 +175,20 @@ class LengthBucketTrainer(Trainer):
     the effective batch, so halving the per-device batch and doubling accumulation (the out-of-memory retry) keeps
     every step's rows and the order of the whole epoch."""
 
+    head_learning_rate: float | None = None  # `train.head_learning_rate`, set by `build_trainer`
+
     def create_optimizer(self, model=None):
-        """`Trainer`'s optimizer, with the model's `head_learning_rate` (if it has one) for the parameters of its
-        `classifier` head: a new head starts from nothing, the encoder from pretraining."""
-        head_rate = getattr(self.model, "head_learning_rate", None)
-        if head_rate is None or self.optimizer is not None:
+        """`Trainer`'s optimizer, with `head_learning_rate` (when set) for the parameters of the classification
+        head: a new head starts from nothing, the encoder from pretraining."""
+        if self.head_learning_rate is None or self.optimizer is not None:
             return super().create_optimizer(model)
+        head_rate = self.head_learning_rate
         decay = set(self.get_decay_parameter_names(self.model))
         groups = []
         for head in (False, True):
             for decays in (True, False):
                 params = [p for n, p in self.model.named_parameters()
-                          if p.requires_grad and ("classifier" in n) == head and (n in decay) == decays]
+                          if p.requires_grad and is_head(n) == head and (n in decay) == decays]
                 if params:
                     groups.append({"params": params, "weight_decay": self.args.weight_decay if decays else 0.0,
                                    **({"lr": head_rate} if head else {})})
@@ -195,7 +197,7 @@ class LengthBucketTrainer(Trainer):
         return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
-        dataset = self.train_dataset  # with the `length` column that `data.tokenize` adds and `Trainer` drops
+        dataset = self.train_dataset  # with the `length` column that `data.sources.tokenize` adds and `Trainer` drops
         if self.args.train_sampling_strategy != "group_by_length" or not hasattr(dataset, "column_names"):
             return super()._get_train_sampler(train_dataset)
         lengths = (dataset.select_columns(["length"]).with_format("numpy")[:]["length"]  # one Arrow read
@@ -243,7 +245,10 @@ def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds
     precision = decide_precision(run, args, model, train_ds)
     arguments = training_arguments(args, run.checkpoint_dir, precision.precision, has_eval=eval_ds is not None,
                                    report_to=report_to, run_name=run.path.name)
-    return LengthBucketTrainer(
+    if args.head_learning_rate is not None and not any(is_head(n) for n, _ in model.named_parameters()):
+        raise AfinarError(f"train.head_learning_rate is set, but {type(model).__name__} has no classification head "
+                          f"({' or '.join(HEAD_NAMES)} parameters) to give it to; unset it")
+    trainer = LengthBucketTrainer(
         model=model,
         args=arguments,
         train_dataset=train_ds,
@@ -255,6 +260,16 @@ def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds
         callbacks=callbacks,
         compute_loss_func=compute_loss,
     )
+    trainer.head_learning_rate = args.head_learning_rate
+    return trainer
+
+
+HEAD_NAMES = ("classifier", "score")  # encoder classifiers' heads; decoder classifiers' (GPT-2, Llama, ...)
+
+
+def is_head(parameter_name: str) -> bool:
+    """Whether a parameter belongs to the classification head (LoRA's `modules_to_save` copies included)."""
+    return any(part in HEAD_NAMES for part in parameter_name.split("."))
 
 
 def speed_up(model, args: TrainArgs) -> None:
