@@ -95,7 +95,7 @@ def test_halving_the_batch_and_doubling_accumulation_keeps_every_step_s_rows(tin
 
 def resumable(model, train_file, test_file, out, name):
     return tiny_overrides(model, train_file, test_file, out, **{
-        "train.run_name": name, "train.max_steps": 120, "train.eval_every": 20, "train.batch_size": 8,
+        "train.run_name": name, "train.max_steps": 60, "train.eval_every": 20, "train.batch_size": 8,
         "train.logging_steps": 5, "train.learning_rate": 3e-4, "train.keep_checkpoints": True,
         "train.precision": "fp32"})
 
@@ -114,7 +114,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_bert, tweets_json
                                                                    "killed"))),
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (killed / "checkpoints" / "checkpoint-40" / "trainer_state.json").exists():
+    while not (killed / "checkpoints" / "checkpoint-20" / "trainer_state.json").exists():
         assert process.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
@@ -133,7 +133,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_bert, tweets_json
     got = json.loads((killed / "metrics.json").read_text())
     for split in ("validation", "test"):
         assert got[split] == expected[split]  # exactly, on CPU
-    assert got["train"]["steps"] == expected["train"]["steps"] == 120
+    assert got["train"]["steps"] == expected["train"]["steps"] == 60
     assert Run.open(killed).status() == "finished"
 
 
@@ -195,18 +195,19 @@ def test_non_finite_loss_stops_with_the_step_and_cause(tiny_bert, tweets_jsonl, 
     assert Run.open(Path(tmp_path) / "r").status() == "failed"
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_two_process_torchrun_matches_one_process(tiny_bert, tweets_jsonl, tmp_path, precision):
+def test_two_process_torchrun_matches_one_process(tiny_bert, tweets_jsonl, tmp_path):
     """`afinar train --nproc 2` runs DDP (gloo on CPU) through torchrun; batch_size is global, so the
     effective batch and the step count match the single-process run, and only rank 0 writes the folder. The
     first step sees the same 16 rows either way, so its loss and gradient norm agree (up to dropout masks): a
-    rank training alone (half the gradient) or a loss scaled by the process count (twice) cannot pass."""
+    rank training alone (half the gradient) or a loss scaled by the process count (twice) cannot pass. In fp32:
+    every CPU run passes `use_cpu`, the flag that forms the gloo group (bf16 needs it too; see test_precision),
+    and bf16 autocast changes nothing in how DDP reduces gradients."""
     train_file, test_file = tweets_jsonl
     results, first_steps = {}, {}
     for nproc in (1, 2):
         overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
             "train.run_name": f"p{nproc}", "train.max_steps": 20, "train.eval_every": 10,
-            "train.precision": precision})
+            "train.precision": "fp32"})
         done = subprocess.run(afinar_cmd("train", "--nproc", str(nproc), *sets(overrides)), capture_output=True,
                               text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == 0, done.stderr[-3000:]
@@ -214,7 +215,7 @@ def test_two_process_torchrun_matches_one_process(tiny_bert, tweets_jsonl, tmp_p
         first_steps[nproc] = Run.open(tmp_path / f"p{nproc}").read_log()[0]
         assert done.stdout.count("run folder:") == 1  # rank 1 prints and writes nothing
         manifest = json.loads((tmp_path / f"p{nproc}" / "manifest.json").read_text())
-        assert manifest["precision"]["precision"] == precision
+        assert manifest["precision"]["precision"] == "fp32"
     two = results[2]
     assert "torch.distributed.run" in done.stderr and "--nproc_per_node=2" in done.stderr
     assert two["train"]["steps"] == results[1]["train"]["steps"] == 20
