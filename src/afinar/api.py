@@ -17,7 +17,6 @@ from afinar.inference.generation import (
     TOP_P,
     GenerationFormat,
     Generator,
-    trained_in_bf16,
 )
 from afinar.tasks import registry
 from afinar.training.lifecycle import TrainResult
@@ -76,7 +75,7 @@ def _generator_source(model: str | Path) -> tuple[ModelArgs, GenerationFormat, b
         raise AfinarError(f"{folder} is a {task.name} run, which does not generate; give a run that does, or a "
                           f"causal LM")
     return ModelArgs(name=str(run.model_dir)), GenerationFormat.load(run.model_dir, task.chat_prompts), \
-        trained_in_bf16(run)
+        run.trained_in_bf16()
 
 
 def answers_as_chat(model: str | Path) -> bool:
@@ -125,7 +124,7 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
     from afinar.reporting import hub
 
     run = _finished(run_dir)
-    registry.for_run(run).write_outputs(run)
+    registry.for_run(run).write_card(run)
     return hub.push(run.path, repo_id, private=private)
 
 

@@ -339,6 +339,10 @@ class Run:
         file = self.path / "manifest.json"
         return read_json(file) if file.is_file() else {}
 
+    def trained_in_bf16(self) -> bool:
+        """Whether the run trained in bf16 (its manifest's precision decision): what its saved model is used in."""
+        return (self.manifest().get("precision") or {}).get("precision") == "bf16"
+
     def update_manifest(self, entries: dict[str, Any]) -> None:
         """Merge `entries` into manifest.json, keeping what is there (a resumed run keeps its recorded precision)."""
         if is_main_process():

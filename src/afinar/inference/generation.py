@@ -77,10 +77,6 @@ class GenerationFormat:
         return chat.render_ids(tokenizer, messages, generation_prompt=True)
 
 
-def trained_in_bf16(run: Run) -> bool:
-    return (run.manifest().get("precision") or {}).get("precision") == "bf16"
-
-
 @dataclass
 class Generated:
     text: str  # the new text only, special tokens dropped
@@ -108,7 +104,7 @@ class Generator:
     def for_run(cls, run: Run, chat_prompts: bool) -> Generator:
         """A finished run's model, in its training precision; `chat_prompts`: its task trained on chat messages."""
         return cls(ModelArgs(name=str(run.model_dir)), GenerationFormat.load(run.model_dir, chat_prompts),
-                   trained_in_bf16(run))
+                   run.trained_in_bf16())
 
     def _stop_ids(self) -> list[int]:
         """Where an answer ends: the token training ended answers with; for a model without a format, the one its

@@ -98,12 +98,17 @@ class Task:
         return (f"A stock `transformers` folder: `pipeline(\"{self.pipeline_tag}\", model=\"model/\")` loads it, "
                 f"as do `afinar predict` and `afinar serve`.")
 
+    def write_card(self, run: Run) -> None:
+        """The model card (`model/README.md`) from the run's folder: rewritten by `afinar push` and an evaluation
+        on other data too, so it shows what was measured since training."""
+        hub.write_model_card(run, run.config(), run.metrics(), self.pipeline_tag, self.card_metrics,
+                             self.card_usage(run))
+
     def write_outputs(self, run: Run) -> Path:
-        """The model card (`model/README.md`) and `report.html` of a finished run, from its folder; returns the
-        report's path. Written after training (`registry.train`), and again by `afinar report`, `afinar push` and
-        an evaluation on other data, so the card shows what was measured since."""
-        config, metrics = run.config(), run.metrics()
-        hub.write_model_card(run, config, metrics, self.pipeline_tag, self.card_metrics, self.card_usage(run))
+        """The model card and `report.html` of a finished run, from its folder; returns the report's path. Written
+        after training (`registry.train`) and again by `afinar report`."""
+        self.write_card(run)
+        metrics = run.metrics()
         return pages.write_run_report(run.path, self.metrics_html(metrics), self.report_sections(run, metrics))
 
     def load_predictor(self, run: Run, backend: str = "auto"):

@@ -128,8 +128,8 @@ class Classification(Task):
 
         splits, _ = data.extra
         started = time.perf_counter()
-        bf16 = (run.manifest().get("precision") or {}).get("precision") == "bf16"
-        suspects = trained_model_suspects(run.model_dir, config, splits.train, splits.label_names, bf16)
+        suspects = trained_model_suspects(run.model_dir, config, splits.train, splits.label_names,
+                                          run.trained_in_bf16())
         write_suspects(suspects, run.path / SUSPECTS_FILE)
         metrics["suspects"] = {"file": SUSPECTS_FILE, "disagree": len(disagreeing(suspects)),
                                "scored": len(suspects), "seconds": round(time.perf_counter() - started, 1)}
@@ -219,7 +219,7 @@ class Classification(Task):
             write_json(run.path / EVALUATIONS, earlier + [{
                 "data": str(data), "sha256": data_lib.sha256_file(Path(data)), "n": report["n"],
                 "accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "ci95": report["ci95"]}])
-            self.write_outputs(run)
+            self.write_card(run)
         return report
 
     def export(self, run: Run, int8: bool, out: str | Path | None) -> dict:

@@ -157,8 +157,9 @@ def choose(requested: str, model: torch.nn.Module, batch_size: int, length: int)
     if not on_cpu():
         return _choose_on_gpu()
     if cpu_has_native_bf16() is False:
-        flags = ", ".join(cpu_identity()["flags"]) or "none"
-        return PrecisionChoice("fp32", f"auto on CPU ({cpu_identity()['cpu'] or 'unknown'}): no native bf16 "
+        identity = cpu_identity()
+        flags = ", ".join(identity["flags"]) or "none"
+        return PrecisionChoice("fp32", f"auto on CPU ({identity['cpu'] or 'unknown'}): no native bf16 "
                                        f"(bf16/AMX/VNNI flags: {flags}), so bf16 would be emulated, far slower")
     measured = cached_cpu_bf16_speedup(model, batch_size, length)
     speedup = measured["bf16_speedup"]
