@@ -107,10 +107,11 @@ def test_cli_errors_are_one_line_with_exit_2(argv, message, capsys):
 
 def test_packaged_minilm_learns_beyond_the_majority_class(tmp_path):
     """The real pretrained encoder on a few hundred real tweets: learning must beat always-neutral. In fp32 and
-    without the suspect ranking: `auto`'s probe and the ranking are tested on tiny models."""
+    without the suspect ranking: `auto`'s probe and the ranking are tested on tiny models. 30 steps at 3e-4
+    reach about 0.71 test accuracy against 0.40 for always-neutral (measured; 45 steps at 1e-4 took 15 s more)."""
     result = train(load_config(overrides=[
         "model=minilm-l6", "data.source=tweets", "max_train_samples=480", "max_eval_samples=200",
-        "max_test_samples=400", "max_length=64", "train.epochs=3", "train.learning_rate=1e-4",
+        "max_test_samples=400", "max_length=64", "train.epochs=2", "train.learning_rate=3e-4", "train.eval_every=15",
         "train.early_stopping_patience=none", "train.precision=fp32", "checks.suspects=false",
         f"train.output_dir={tmp_path}"]))
     test = result.metrics["test"]
@@ -211,7 +212,6 @@ def test_class_weights_are_computed_recorded_and_change_the_loss(tiny_bert, twee
 
 def test_bootstrap_intervals_cover_the_point_estimate_and_shrink_with_more_rows():
     import numpy as np
-    from sklearn.metrics import f1_score
 
     from afinar.evaluation.metrics import bootstrap_interval, classification_report
 
@@ -221,8 +221,49 @@ def test_bootstrap_intervals_cover_the_point_estimate_and_shrink_with_more_rows(
     report = classification_report(gold, predicted, ["a", "b", "c"])
     low, high = report["ci95"]["accuracy"]
     assert low < report["accuracy"] < high and 0.01 < high - low < 0.04  # about +-1.4 points at n=4000
-    low_f1, high_f1 = report["ci95"]["macro_f1"]
-    assert low_f1 < f1_score(gold, predicted, average="macro") < high_f1
     small = bootstrap_interval(gold[:400], predicted[:400], 3)
     assert small["accuracy"][1] - small["accuracy"][0] > high - low  # fewer rows, wider interval
     assert bootstrap_interval(gold, predicted, 3) == report["ci95"]  # seeded: the same interval every time
+
+
+def test_every_interval_holds_its_point_whatever_the_classes_present():
+    """Random confusion matrices with absent classes and tiny n: the point (sklearn, over the classes the rows
+    mention) lies inside its interval. The quickstart model on negative/positive tweets only, a class it never
+    predicts, read macro-F1 0.9711 with an interval of [0.6379, 0.6570] when absent classes counted as 0."""
+    import numpy as np
+
+    from afinar.evaluation.metrics import classification_report
+
+    rng = np.random.default_rng(7)
+    for case in range(150):
+        classes = int(rng.integers(2, 7))
+        n = int(rng.choice([1, 2, 3, 5, 8, 20, 60, 300]))
+        present = rng.choice(classes, size=int(rng.integers(1, classes + 1)), replace=False)
+        gold = rng.choice(present, n)
+        right = rng.random(n) < rng.random()
+        predicted = np.where(right, gold, rng.choice(present, n))
+        report = classification_report(gold, predicted, [f"c{i}" for i in range(classes)])
+        for key in ("accuracy", "macro_f1"):
+            low, high = report["ci95"][key]
+            assert low - 1e-4 <= report[key] <= high + 1e-4, (case, key, report[key], low, high, gold, predicted)
+    two_of_three = np.array([0] * 250 + [2] * 241)
+    report = classification_report(two_of_three, two_of_three, ["negative", "neutral", "positive"])
+    assert report["macro_f1"] == 1.0 and report["ci95"]["macro_f1"] == [1.0, 1.0]
+
+
+def test_a_paired_interval_says_a_real_gap_is_real_and_none_is_noise():
+    import numpy as np
+
+    from afinar.evaluation.metrics import paired_difference
+
+    rng = np.random.default_rng(3)
+    gold = rng.integers(0, 3, 3534)
+    a = np.where(rng.random(3534) < 0.79, gold, (gold + 1) % 3)
+    wrong = np.flatnonzero(a != gold)
+    b = a.copy()
+    b[wrong[:45]] = gold[wrong[:45]]  # b fixes 45 of a's errors: +1.3 points on every resample
+    gap = paired_difference(gold, a, b, 3)["accuracy"]
+    assert gap["delta"] == pytest.approx(45 / 3534) and 0 < gap["ci95"][0] and not gap["within_noise"]
+    assert paired_difference(gold, a, a, 3)["accuracy"] == {"delta": 0.0, "ci95": [0.0, 0.0], "within_noise": True}
+    with pytest.raises(ValueError, match="the same rows"):
+        paired_difference(gold, a, b[:-1], 3)

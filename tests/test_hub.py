@@ -94,5 +94,27 @@ def test_diff_names_the_learning_rate_and_the_package_version_and_nothing_else(t
                                       ["transformers"], "9.9.9"]}}
     assert "accuracy" in difference["metrics"]["test"] and difference["metrics"]["test"]["accuracy"]["ci95_a"]
     assert cli.main(["diff", str(a.run_dir), str(b.run_dir)]) == 0
-    assert "train.learning_rate: 0.001 -> 0.002" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "train.learning_rate: 0.001 -> 0.002" in out
+    # the same 60 test rows: the difference gets a paired interval, and only that decides "within noise"
+    from afinar.evaluation.metrics import paired_difference
+
+    rows_a, rows_b = a.metrics["test"]["rows"], b.metrics["test"]["rows"]
+    assert rows_a["gold"] == rows_b["gold"] and len(rows_a["gold"]) == 60
+    paired = paired_difference(rows_a["gold"], rows_a["predicted"], rows_b["predicted"], 3)["accuracy"]["ci95"]
+    assert difference["metrics"]["test"]["accuracy"]["paired_ci95"] == paired
+    assert f"same rows, 95% paired interval [{paired[0]:+.4f}, {paired[1]:+.4f}]" in out
+
+
+def test_diff_of_runs_on_different_rows_shows_separate_intervals_and_claims_no_noise(two_runs, tmp_path, capsys):
+    import shutil
+
+    a, b = two_runs
+    other = shutil.copytree(b.run_dir, tmp_path / "other")
+    metrics = json.loads((other / "metrics.json").read_text())
+    metrics["test"]["rows"]["gold"] = metrics["test"]["rows"]["gold"][::-1]  # as if scored on other rows
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    assert cli.main(["diff", str(a.run_dir), str(other)]) == 0
+    test_lines = capsys.readouterr().out.split("test metrics (B - A):")[1]
+    assert "not the same rows, so not paired" in test_lines and "noise" not in test_lines
 

@@ -4,6 +4,7 @@ inference renders the prompt with the very tokens training saw, and a run trains
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import SHARED, tweet_rows
@@ -22,6 +23,10 @@ SEED_TASKS = SHARED / "self_instruct_seed" / "seed_tasks.jsonl"
 CONVERSATION = [{"role": "system", "content": "Answer briefly."},
                 {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
                 {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "6, of course."}]
+
+# role headers, no EOS of its own; a generation prompt, so the model never writes the header itself
+NO_EOS_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}assistant:\n{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +80,9 @@ def test_a_template_without_eos_gets_it_appended_and_still_masks_exactly(gpt2_to
     encoded = chat.encode(tokenizer, CONVERSATION, 512)
     assert tokenizer.chat_template == chat.DEFAULT_CHAT_TEMPLATE
     assert trained_spans(tokenizer, encoded) == ["4<|endoftext|>", "6, of course.<|endoftext|>"]
-    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tokenizer.chat_template = NO_EOS_TEMPLATE
     spans = trained_spans(tokenizer, chat.encode(tokenizer, CONVERSATION[:3], 512))
-    assert spans == ["assistant: 4\n<|endoftext|>"]  # EOS appended: the model learns where an answer ends
+    assert spans == ["4\n<|endoftext|>"]  # EOS appended: the model learns where an answer ends
 
 
 @pytest.mark.parametrize("which", ["smol", "gpt2"])
@@ -99,16 +104,53 @@ def test_a_template_that_drops_the_answer_is_an_error(gpt2_tokenizer):
         chat.encode(tokenizer, CONVERSATION[1:3], 512)
 
 
-def test_truncation_counts_cut_answers_and_an_empty_answer_is_dropped_not_trained(smol_tokenizer):
-    long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "yes"}]
+def test_a_long_prompt_is_shortened_in_its_text_so_the_answer_is_trained_whole(smol_tokenizer):
+    long_prompt = [{"role": "user", "content": "Say yes. " + "word " * 200 + "Now answer."},
+                   {"role": "assistant", "content": "yes"}]
     encoded = chat.encode(smol_tokenizer, long_prompt, 64)
-    assert encoded.trained == 0 and encoded.cut and len(encoded.input_ids) == 64
+    assert encoded.shortened and not encoded.cut and len(encoded.input_ids) <= 64
+    assert trained_spans(smol_tokenizer, encoded) == ["yes<|im_end|>\n"]  # the whole answer and its end of turn
+    text = smol_tokenizer.decode(encoded.input_ids)
+    assert "Say yes." in text and "Now answer.<|im_end|>\n<|im_start|>assistant\n" in text  # head, tail, prompt end
+    long_answer = [{"role": "user", "content": "Recite."}, {"role": "assistant", "content": "word " * 200}]
+    encoded = chat.encode(smol_tokenizer, long_answer, 64)
+    assert encoded.cut and not encoded.shortened and len(encoded.input_ids) == 64 and encoded.trained > 0
+
+
+def test_a_conversation_whose_template_alone_is_too_long_is_dropped_and_counted(smol_tokenizer):
     from afinar.tasks.sft import _encode_split
 
-    dataset, stats = _encode_split(smol_tokenizer, [long_prompt, CONVERSATION], 64, "train")
+    no_room = [{"role": "system", "content": "rule " * 80}, {"role": "user", "content": "hi"},
+               {"role": "assistant", "content": "yes"}]
+    assert chat.encode(smol_tokenizer, no_room, 64).trained == 0
+    dataset, stats = _encode_split(smol_tokenizer, [no_room, CONVERSATION], 64, "train")
     assert len(dataset) == 1 and stats["dropped_empty_answer"] == 1 and stats["answers_cut"] == 1
     with pytest.raises(AfinarError, match="every answer is cut away"):
-        _encode_split(smol_tokenizer, [long_prompt], 64, "train")
+        _encode_split(smol_tokenizer, [no_room], 64, "train")
+
+
+def test_label_scores_of_a_long_prompt_see_its_whole_end_not_a_cut_one(tiny_llama):
+    """Cut at its end, a long prompt's last tokens are its own, the same for every label: all labels tied and
+    argmax answered label 0. Shortened in its text, the labels follow the generation prompt and differ; a
+    prompt that cannot fit is skipped and counted, never scored."""
+    from transformers import AutoModelForCausalLM
+
+    from afinar.tasks.sft import label_log_probs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    labels = ["negative", "neutral", "positive"]
+    long = [{"role": "user", "content": "Classify this tweet. " + "what a lovely day " * 40 + "Answer now."}]
+    no_room = [{"role": "system", "content": "rule " * 80}, {"role": "user", "content": "hi"}]
+    scored = label_log_probs(model, tokenizer, [long, no_room, [{"role": "user", "content": "hi"}]], labels, 64)
+    assert scored.shortened == 1 and scored.skipped.tolist() == [True if p is no_room else False
+                                                                 for p in (long, no_room, long)]
+    assert len(set(np.round(scored.scores[0], 5))) == 3 and np.isnan(scored.scores[1]).all()
+    assert len(scored.predictions) == 2
+    fitted = chat.fit_prompt(tokenizer, long, 60)
+    rendered = tokenizer.decode(chat.render_ids(tokenizer, fitted, generation_prompt=True))
+    assert len(chat.render_ids(tokenizer, fitted, generation_prompt=True)) <= 60
+    assert "Classify this tweet." in rendered and rendered.endswith("Answer now.<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_every_format_becomes_conversations(tmp_path):
@@ -171,8 +213,9 @@ def test_instruction_tuning_end_to_end_saves_its_template_and_scores(sft_run, ti
     assert len(metrics["generations"]) == 2 and {"domain", "general"} <= set(metrics["forgetting"])
     page = (run / "report.html").read_text()
     assert "What the loss sees" in page and "Sample generations" in page
-    answer = generate(run, "Name a colour.", max_new_tokens=4, temperature=0)
-    assert isinstance(answer, str)
+    # `afinar generate` renders a prompt as the run's own check did: the same greedy answer
+    shown = metrics["generations"][0]
+    assert generate(run, shown["prompt"], max_new_tokens=8, temperature=0).strip() == shown["generated"]
 
 
 @pytest.fixture(scope="module")
@@ -229,10 +272,13 @@ def test_classification_data_as_instructions_is_scored_by_label_continuation(tin
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     template = "Sentiment of this tweet ({labels}): {text}"
     result = afinar.train(load_config(overrides=_sft_overrides(tiny_gpt2, path, tmp_path, **{
-        "sft.template": template, "data.max_length": 96})))
+        "sft.template": template, "data.max_length": 40})))
     validation = result.metrics["validation"]
-    assert validation["n"] == 16 and 0 <= validation["accuracy"] <= 1 and "confusion_matrix" in validation
-    assert 0 <= result.metrics["free_generation"]["valid_label_rate"] <= 1
+    # at 40 tokens some prompts are too long: their tweet is shortened, none is cut at its end or skipped
+    assert validation["n"] == validation["scored_rows"] == 16 and validation["rows_skipped"] == 0
+    assert validation["prompts_shortened"] > 0 and result.metrics["data"]["train"]["prompts_shortened"] > 0
+    assert validation["accuracy"] == np.trace(validation["confusion_matrix"]) / 16
+    assert result.metrics["free_generation"]["rows"] == 8
     report = json.loads((result.run_dir / "data_report.json").read_text())
     assert report["sft"]["label_set"] == ["negative", "neutral", "positive"]
     assert "Sentiment of this tweet (negative, neutral, positive)" in report["sft"]["examples"][0]
@@ -248,18 +294,23 @@ def test_label_scores_with_a_shared_prompt_cache_equal_full_sequence_scores(tiny
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     prompts = [[{"role": "user", "content": text}] for text in ("short", "a much longer prompt than the other one",
-                                                                 "mid length prompt")]
+                                                                 "mid length prompt", "too long to fit " * 30)]
     labels = ["negative", "neutral", "positive", "not sure at all"]
     cached = label_log_probs(model, tokenizer, prompts, labels, max_length=128, batch_size=2)
+    assert cached.shortened == 1 and not cached.skipped.any()
     for i, prompt in enumerate(prompts):
+        answers = [chat.encode(tokenizer, [*prompt, {"role": "assistant", "content": label}], 10**9).input_ids
+                   for label in labels]
+        longest = max(map(len, answers)) - len(chat.render_ids(tokenizer, prompt, generation_prompt=True))
+        prompt = chat.fit_prompt(tokenizer, prompt, 128 - longest)  # the long one shortened; the others as they are
         for j, label in enumerate(labels):
-            encoded = chat.encode(tokenizer, [*prompt, {"role": "assistant", "content": label}], 128)
+            encoded = chat.encode(tokenizer, [*prompt, {"role": "assistant", "content": label}], 10**9)
             ids = torch.tensor([encoded.input_ids])
             with torch.no_grad():
                 logits = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
             gold = torch.tensor(encoded.labels[1:])
             plain = sum(logits[k, gold[k]].item() for k in range(len(gold)) if gold[k] != chat.IGNORE)
-            assert cached[i, j] == pytest.approx(plain, abs=1e-3), (prompt, label)
+            assert cached.scores[i, j] == pytest.approx(plain, abs=1e-3), (prompt, label)
 
 
 def test_afinar_check_on_instruction_data_shows_lengths_and_what_the_loss_sees(tiny_llama, tmp_path, capsys):
@@ -269,12 +320,20 @@ def test_afinar_check_on_instruction_data_shows_lengths_and_what_the_loss_sees(t
     assert cli.main(["check", "--set", "task=sft", "--model", str(tiny_llama), "--data", str(data),
                      "--set", "data.max_length=64"]) == 0
     out = capsys.readouterr().out
-    assert "data checks (self_instruct" in out and "answers cut by data.max_length" in out
+    assert "data checks (self_instruct" in out and "prompts shortened to fit data.max_length" in out
     assert out.count("what the loss sees") == 2 and "<|im_start|>assistant\n[[" in out
 
 
 def test_a_multi_turn_conversation_with_a_template_without_eos_ends_only_the_last_answer_with_it(gpt2_tokenizer):
     tokenizer = AutoTokenizer.from_pretrained(model_path("gpt2-tokenizer"))
-    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tokenizer.chat_template = NO_EOS_TEMPLATE
     spans = trained_spans(tokenizer, chat.encode(tokenizer, CONVERSATION, 512))
-    assert spans == ["assistant: 4\n", "assistant: 6, of course.\n<|endoftext|>"]
+    assert spans == ["4\n", "6, of course.\n<|endoftext|>"]
+
+
+def test_a_template_without_a_generation_prompt_is_refused(gpt2_tokenizer):
+    """Without one the loss trained the literal "assistant: " header, and the model learnt to write it."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path("gpt2-tokenizer"))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    with pytest.raises(AfinarError, match="adds nothing for add_generation_prompt"):
+        chat.encode(tokenizer, CONVERSATION, 512)

@@ -1,5 +1,6 @@
 """The bake-off: encoder strategies on separable data, the recommendation rule, and `compare` end to end."""
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -25,6 +26,7 @@ from afinar.experiments.compare import (
 )
 from afinar.experiments.prompting import PromptArgs
 from afinar.inference.encoder import Encoder
+from afinar.reporting.pages import comparison_rows
 
 LABELS = ["negative", "neutral", "positive"]
 TEMPLATES = ["awful terrible horrible sad day number {}", "the train leaves the station at {}",
@@ -125,12 +127,45 @@ def test_recommend_the_cheapest_within_tolerance_of_the_best_validation_accuracy
     assert recommend([StrategyResult("x", "", error="boom")], 1.0)[0] is None
 
 
-def test_the_recommendation_says_when_the_best_two_overlap():
-    close = [StrategyResult("a", "m", validation={"accuracy": 0.70, "ci95": {"accuracy": [0.66, 0.74]}}),
-             StrategyResult("b", "m", validation={"accuracy": 0.69, "ci95": {"accuracy": [0.65, 0.73]}})]
-    assert "overlapping 95% bootstrap intervals" in recommend(close, tolerance_points=0.5)[1]
-    apart = [close[0], StrategyResult("b", "m", validation={"accuracy": 0.55, "ci95": {"accuracy": [0.51, 0.59]}})]
-    assert "overlapping" not in recommend(apart, tolerance_points=0.5)[1]
+def _scored(gold, predicted):
+    from afinar.evaluation.metrics import classification_report
+
+    return classification_report(np.asarray(gold), np.asarray(predicted), ["a", "b", "c"])
+
+
+def test_the_recommendation_compares_the_best_two_paired_on_the_same_rows():
+    """Two strategies 1.5 points apart on the same 2,000 rows: their separate 95% intervals overlap (the old
+    rule called that noise), the paired interval does not contain 0."""
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 3, 2000)
+    b = np.where(rng.random(2000) < 0.70, gold, (gold + 1) % 3)
+    a = b.copy()
+    a[np.flatnonzero(b != gold)[:30]] = gold[np.flatnonzero(b != gold)[:30]]  # a fixes 30 of b's errors
+    close = [StrategyResult("a", "m", validation=_scored(gold, a)), StrategyResult("b", "m", validation=_scored(gold, b))]
+    interval_a, interval_b = (r.validation["ci95"]["accuracy"] for r in close)
+    assert interval_a[0] <= interval_b[1]  # separate intervals overlap
+    text = recommend(close, tolerance_points=0.5)[1]
+    assert "a is +1.5 points of accuracy above b" in text and "a difference beyond noise" in text
+    same = [close[0], StrategyResult("b", "m", validation=_scored(gold, a))]
+    assert "within noise" in recommend(same, tolerance_points=0.5)[1]
+
+
+def test_the_table_shows_each_strategy_paired_against_the_validation_best():
+    from afinar.experiments.compare import _pair_with_best
+
+    rng = np.random.default_rng(1)
+    gold = rng.integers(0, 3, 500)
+    good = np.where(rng.random(500) < 0.8, gold, (gold + 1) % 3)
+    bad = np.where(rng.random(500) < 0.5, gold, (gold + 2) % 3)
+    results = [StrategyResult("bad", "m", validation={"accuracy": 0.5}, test=_scored(gold, bad)),
+               StrategyResult("good", "m", validation={"accuracy": 0.8}, test=_scored(gold, good)),
+               StrategyResult("other_rows", "m", validation={"accuracy": 0.6}, test=_scored(gold[::-1], bad))]
+    _pair_with_best(results)
+    rows = {row[0]: row for row in comparison_rows([dataclasses.asdict(r) for r in results])}
+    gap = results[0].details["paired_vs_best"]["accuracy"]
+    assert gap["delta"] == pytest.approx(np.mean(bad == gold) - np.mean(good == gold))
+    assert gap["ci95"][1] < 0 and rows["bad"][4].endswith("*") and rows["good"][4] == "best"
+    assert rows["other_rows"][4] == "—"  # not the same rows: no paired figure at all
 
 
 def test_parse_strategies():
@@ -159,7 +194,8 @@ def test_compare_writes_the_table_and_the_report(tiny_bert, tiny_gpt2, tweets_js
     assert 0 < lora.trainable_params < lora.details["total_parameters"] and lora.train_seconds > 0
     assert comparison.recommended in {"knn_retrieval", "zero_shot", "lora"}
     table = (out / "comparison.md").read_text()
-    assert ("| strategy | model | val acc | test acc [95% CI] | test macro-F1 | train time | inference texts/s |"
+    assert ("| strategy | model | val acc | test acc [95% CI] | vs best, paired [95% CI] | test macro-F1 | train time "
+            "| inference texts/s |"
             in table)
     assert re.search(r"\| zero_shot \| .* \| [01]\.\d{3} \(raw [01]\.\d{3}\) \|", table)
     assert "## Recommendation" in table and f"**{comparison.recommended}**" in table

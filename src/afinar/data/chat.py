@@ -162,11 +162,59 @@ def prompt_text(messages: Messages) -> str:
 # ---------------------------------------------------------------- tokens and the loss mask
 
 
+_PROBE = [{"role": "user", "content": "Hi"}]
+_CHECKED_TEMPLATES: set[str] = set()
+
+
+def check_generation_prompt(tokenizer) -> None:
+    """Refuse a chat template that adds nothing when asked for a generation prompt: trained through it, the loss
+    would cover the assistant's header (`assistant: `) and the model would learn to write it itself, while a
+    served prompt ends where no training prompt did."""
+    template = template_of(tokenizer)
+    if template in _CHECKED_TEMPLATES:
+        return
+    bare = tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=False)
+    if tokenizer.apply_chat_template(_PROBE, tokenize=False, add_generation_prompt=True) == bare:
+        raise AfinarError("the chat template adds nothing for add_generation_prompt, so the model would learn to "
+                          "write the assistant's header itself; use a template with a generation prompt "
+                          "(sft.chat_template)")
+    _CHECKED_TEMPLATES.add(template)
+
+
 def render_ids(tokenizer, messages: Messages, generation_prompt: bool) -> list[int]:
     """Token ids of `messages` through the tokenizer's chat template, exactly as inference renders them."""
     template_of(tokenizer)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _without_middle(tokenizer, ids: list[int], keep: int) -> str:
+    """The text of `ids` with its middle cut out, `keep` tokens left: its head and its tail stay, since an
+    instruction usually sits before or after the text it is about."""
+    head = (keep + 1) // 2
+    tail = keep - head
+    return tokenizer.decode(ids[:head]) + (tokenizer.decode(ids[-tail:]) if tail else "")
+
+
+def fit_prompt(tokenizer, prompt: Messages, budget: int) -> Messages | None:
+    """`prompt` with its user text shortened (each user turn's middle cut, oldest turn first) until its rendering
+    with the generation prompt takes at most `budget` tokens; None when it cannot fit even with every user turn
+    emptied (the system prompt and the template alone are too long). The template's own tokens (the generation
+    prompt above all) are never cut: a model scored or trained on a prompt whose end is missing answers
+    something else."""
+    fitted = [dict(m) for m in prompt]
+    for index in [i for i, m in enumerate(fitted) if m["role"] == "user"]:
+        for _ in range(8):  # re-tokenizing cut text can differ by a token or two; a few rounds settle it
+            excess = len(render_ids(tokenizer, fitted, generation_prompt=True)) - budget
+            if excess <= 0:
+                return fitted
+            content = tokenizer(fitted[index]["content"], add_special_tokens=False)["input_ids"]
+            if not content:
+                break
+            fitted[index]["content"] = _without_middle(tokenizer, content, max(0, len(content) - excess))
+        else:
+            fitted[index]["content"] = ""
+    return fitted if len(render_ids(tokenizer, fitted, generation_prompt=True)) <= budget else None
 
 
 @dataclass
@@ -175,13 +223,36 @@ class Encoded:
     labels: list[int]  # IGNORE outside the assistant's tokens
     trained: int  # assistant tokens kept after truncation
     cut: bool  # truncation removed some assistant tokens
+    shortened: bool = False  # the prompt's user text was shortened so that the last answer fits
 
 
 def encode(tokenizer, messages: Messages, max_length: int) -> Encoded:
-    """The conversation's tokens and labels: the loss sees each assistant turn's tokens (its content and the
-    template's end-of-turn tokens) and nothing else; the last answer gets EOS appended when the template does not
-    end it with one, so the model learns to stop (earlier turns stay exactly as the template renders them, which
-    is how inference will show them as history). Cut to its first `max_length` tokens."""
+    """The conversation's tokens and labels, at most `max_length` of them.
+
+    The loss sees each assistant turn's tokens (its content and the template's end-of-turn tokens) and nothing
+    else; the last answer gets EOS appended when the template does not end it with one, so the model learns to
+    stop (earlier turns stay exactly as the template renders them, which is how inference will show them as
+    history). A conversation too long for `max_length` first has its prompt's user text shortened
+    (`fit_prompt`, as label scoring does) so that the whole last answer fits; only when even that cannot make
+    room is the tail cut, answer tokens included (counted in `cut`)."""
+    check_generation_prompt(tokenizer)
+    whole = _encode_whole(tokenizer, messages)
+    if len(whole.input_ids) <= max_length:
+        return whole
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    answer = len(whole.input_ids) - len(render_ids(tokenizer, messages[:last], generation_prompt=True))
+    fitted = fit_prompt(tokenizer, messages[:last], max_length - answer) if answer < max_length else None
+    if fitted is not None:
+        shortened = _encode_whole(tokenizer, [*fitted, *messages[last:]])
+        if len(shortened.input_ids) <= max_length:
+            shortened.shortened = True
+            return shortened
+    ids, labels = whole.input_ids[:max_length], whole.labels[:max_length]
+    trained = sum(label != IGNORE for label in labels)
+    return Encoded(ids, labels, trained, trained < whole.trained)
+
+
+def _encode_whole(tokenizer, messages: Messages) -> Encoded:
     ids: list[int] = []
     labels: list[int] = []
     eos = tokenizer.eos_token_id
@@ -203,7 +274,4 @@ def encode(tokenizer, messages: Messages, max_length: int) -> Encoded:
             turn = turn + [eos]
         labels += [IGNORE] * (len(before) - len(ids)) + turn
         ids = before + turn
-    total = sum(label != IGNORE for label in labels)
-    ids, labels = ids[:max_length], labels[:max_length]
-    trained = sum(label != IGNORE for label in labels)
-    return Encoded(ids, labels, trained, trained < total)
+    return Encoded(ids, labels, sum(label != IGNORE for label in labels), False)

@@ -1,6 +1,7 @@
 """Why did my result change? `afinar diff RUN_A RUN_B` lists what differs between two runs (resolved settings,
 package versions, data, tokenizer and chat template, seed, precision, machine) beside their metric deltas with
-the bootstrap intervals, so a changed score can be traced to a changed cause, or shown to be within noise."""
+a paired bootstrap interval of each difference when both scored the same rows, so a changed score can be
+traced to a changed cause, or shown to be within noise."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from afinar.core.config import to_dict
 from afinar.core.runs import Run
+from afinar.evaluation.metrics import paired_difference, paired_rows
 
 # what a run's output folder, name or resume flag says about its result: nothing
 IGNORED = {"train.output_dir", "train.run_name", "train.resume"}
@@ -64,11 +66,14 @@ def diff_runs(run_a: str | Path, run_b: str | Path) -> RunDiff:
     metrics_a, metrics_b = a.metrics(), b.metrics()
     for split in ("validation", "test"):
         scored_a, scored_b = metrics_a.get(split) or {}, metrics_b.get(split) or {}
+        rows = paired_rows(scored_a, scored_b)
+        paired = paired_difference(*rows, len(scored_a["labels"])) if rows is not None else {}
         for key in SCORES:
             if isinstance(scored_a.get(key), (int, float)) and isinstance(scored_b.get(key), (int, float)):
                 result.metrics.setdefault(split, {})[key] = {
                     "a": scored_a[key], "b": scored_b[key], "delta": scored_b[key] - scored_a[key],
-                    "ci95_a": (scored_a.get("ci95") or {}).get(key), "ci95_b": (scored_b.get("ci95") or {}).get(key)}
+                    "ci95_a": (scored_a.get("ci95") or {}).get(key), "ci95_b": (scored_b.get("ci95") or {}).get(key),
+                    "paired_ci95": (paired.get(key) or {}).get("ci95")}
     return result
 
 
@@ -82,9 +87,13 @@ def format_diff(diff: RunDiff) -> str:
     for split, scores in diff.metrics.items():
         lines.append(f"{split} metrics (B - A):")
         for key, row in scores.items():
-            overlap = ""
-            if row["ci95_a"] and row["ci95_b"]:
-                apart = row["ci95_a"][1] < row["ci95_b"][0] or row["ci95_b"][1] < row["ci95_a"][0]
-                overlap = "; 95% intervals " + ("do not overlap" if apart else "overlap: within noise")
-            lines.append(f"  {key}: {row['a']:.4f} -> {row['b']:.4f} ({row['delta']:+.4f}{overlap})")
+            noise = ""
+            if row.get("paired_ci95"):
+                low, high = row["paired_ci95"]
+                noise = (f"; same rows, 95% paired interval [{low:+.4f}, {high:+.4f}]: "
+                         + ("within noise" if low <= 0 <= high else "beyond noise"))
+            elif row["ci95_a"] and row["ci95_b"]:
+                noise = (f"; not the same rows, so not paired: 95% intervals [{row['ci95_a'][0]:.4f}, "
+                         f"{row['ci95_a'][1]:.4f}] and [{row['ci95_b'][0]:.4f}, {row['ci95_b'][1]:.4f}]")
+            lines.append(f"  {key}: {row['a']:.4f} -> {row['b']:.4f} ({row['delta']:+.4f}{noise})")
     return "\n".join(lines)

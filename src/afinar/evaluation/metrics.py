@@ -15,40 +15,87 @@ def headline(labels: np.ndarray, predictions: np.ndarray) -> dict[str, float]:
 
 
 def classification_report(labels: np.ndarray, predictions: np.ndarray, label_names: list[str]) -> dict:
-    """Headline numbers, per-class precision/recall/F1/support and the confusion matrix (rows = true)."""
+    """Headline numbers, per-class precision/recall/F1/support, the confusion matrix (rows = true), and the
+    rows' gold labels and predictions, so two results on the same rows can be compared paired (`paired_difference`)."""
+    labels, predictions = np.asarray(labels, dtype=int), np.asarray(predictions, dtype=int)
     ids = list(range(len(label_names)))
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predictions, labels=ids, zero_division=0)
     per_class = {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                         "support": int(support[i])} for i, name in enumerate(label_names)}
-    counts = np.bincount(np.asarray(labels), minlength=len(label_names))
+    counts = np.bincount(labels, minlength=len(label_names))
     return {**headline(labels, predictions),
-            "ci95": bootstrap_interval(np.asarray(labels), np.asarray(predictions), len(label_names)),
+            "ci95": bootstrap_interval(labels, predictions, len(label_names)),
             "majority_baseline": float(counts.max() / max(counts.sum(), 1)),
             "n": int(len(labels)),
             "per_class": per_class,
             "confusion_matrix": confusion_matrix(labels, predictions, labels=ids).tolist(),
-            "labels": list(label_names)}
+            "labels": list(label_names),
+            "rows": {"gold": labels.tolist(), "predicted": predictions.tolist()}}
+
+
+def _resampled_scores(labels: np.ndarray, predictions: np.ndarray, classes: int, rows: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and macro-F1 of each resample (one per row of `rows`, a matrix of row indices), scored from its
+    confusion counts. Macro-F1 averages over the classes that occur in that resample, gold or predicted: the
+    set sklearn's `f1_score(average="macro")` averages over, so the point and its resamples measure the same
+    thing (a class the rows never mention is not a zero dragging the average down)."""
+    samples, n = rows.shape
+    codes = labels * classes + predictions
+    confusion = np.stack([np.bincount(codes[r], minlength=classes * classes) for r in rows]
+                         ).reshape(samples, classes, classes)  # rows = true
+    right = np.trace(confusion, axis1=1, axis2=2)
+    true_positive = np.diagonal(confusion, axis1=1, axis2=2)
+    predicted, actual = confusion.sum(axis=1), confusion.sum(axis=2)
+    present = predicted + actual > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(present, 2 * true_positive / np.maximum(predicted + actual, 1), 0.0)
+    return right / n, f1.sum(axis=1) / present.sum(axis=1)
 
 
 def bootstrap_interval(labels: np.ndarray, predictions: np.ndarray, classes: int, samples: int = BOOTSTRAP_SAMPLES,
                        seed: int = 0) -> dict[str, list[float]]:
     """95% percentile-bootstrap intervals of accuracy and macro-F1: `samples` resamples of the rows with
-    replacement (seeded, so a report is reproducible), each scored from its confusion counts."""
+    replacement (seeded, so a report is reproducible), each scored as the point is (`_resampled_scores`)."""
+    labels, predictions = np.asarray(labels, dtype=int), np.asarray(predictions, dtype=int)
     n = len(labels)
     if n == 0:
         return {"accuracy": [float("nan")] * 2, "macro_f1": [float("nan")] * 2}
-    rng = np.random.default_rng(seed)
-    codes = labels * classes + predictions
-    confusion = np.stack([np.bincount(codes[rng.integers(0, n, n)], minlength=classes * classes)
-                          for _ in range(samples)]).reshape(samples, classes, classes)  # rows = true
-    right = np.trace(confusion, axis1=1, axis2=2)
-    true_positive = np.diagonal(confusion, axis1=1, axis2=2)
-    predicted, actual = confusion.sum(axis=1), confusion.sum(axis=2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(predicted + actual > 0, 2 * true_positive / (predicted + actual), 0.0)
-    return {"accuracy": np.percentile(right / n, [2.5, 97.5]).round(4).tolist(),
-            "macro_f1": np.percentile(f1.mean(axis=1), [2.5, 97.5]).round(4).tolist()}
+    rows = np.random.default_rng(seed).integers(0, n, (samples, n))
+    accuracy, macro_f1 = _resampled_scores(labels, predictions, classes, rows)
+    return {"accuracy": np.percentile(accuracy, [2.5, 97.5]).round(4).tolist(),
+            "macro_f1": np.percentile(macro_f1, [2.5, 97.5]).round(4).tolist()}
+
+
+def paired_difference(labels: np.ndarray, predictions_a: np.ndarray, predictions_b: np.ndarray, classes: int,
+                      samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, dict]:
+    """B minus A on the same rows, for accuracy and macro-F1: the difference and its 95% paired-bootstrap
+    interval (each resample of rows scores both, so what the rows share cancels out). Two results on the same
+    rows differ within noise only when that interval contains 0: comparing their separate intervals instead
+    calls real 1-2 point differences noise."""
+    labels = np.asarray(labels, dtype=int)
+    a, b = np.asarray(predictions_a, dtype=int), np.asarray(predictions_b, dtype=int)
+    if not len(labels) == len(a) == len(b) or not len(labels):
+        raise ValueError(f"a paired comparison needs the same rows: {len(labels)} gold, {len(a)} and {len(b)} "
+                         f"predictions")
+    point_a, point_b = headline(labels, a), headline(labels, b)
+    rows = np.random.default_rng(seed).integers(0, len(labels), (samples, len(labels)))
+    scores_a, scores_b = _resampled_scores(labels, a, classes, rows), _resampled_scores(labels, b, classes, rows)
+    out = {}
+    for index, key in enumerate(("accuracy", "macro_f1")):
+        interval = np.percentile(scores_b[index] - scores_a[index], [2.5, 97.5]).round(4).tolist()
+        out[key] = {"delta": point_b[key] - point_a[key], "ci95": interval,
+                    "within_noise": bool(interval[0] <= 0 <= interval[1])}
+    return out
+
+
+def paired_rows(report_a: dict | None, report_b: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Gold labels and both predictions when two reports scored the same rows (the same gold labels in the same
+    order, the same label names), else None: then only their separate intervals can be shown."""
+    rows_a, rows_b = (report_a or {}).get("rows"), (report_b or {}).get("rows")
+    if not rows_a or not rows_b or rows_a["gold"] != rows_b["gold"] or report_a.get("labels") != report_b.get("labels"):
+        return None
+    return np.asarray(rows_a["gold"]), np.asarray(rows_a["predicted"]), np.asarray(rows_b["predicted"])
 
 
 def with_interval(report: dict, key: str, digits: int = 4) -> str:

@@ -43,7 +43,7 @@ from afinar.core.models import load_tokenizer, resolve
 from afinar.core.runs import earlier_record, peak_memory, read_json, write_atomic, write_json
 from afinar.data import sources as data_lib
 from afinar.data.checks import checked_splits
-from afinar.evaluation.metrics import classification_report
+from afinar.evaluation.metrics import classification_report, paired_difference, paired_rows
 from afinar.experiments.prompting import CONTENT_FREE, PromptClassifier, balanced_shots
 from afinar.inference.encoder import Encoder
 from afinar.tasks.sft import SFT
@@ -496,11 +496,15 @@ def recommend(results: list[StrategyResult], tolerance_points: float = 1.0,
                     f"{choice.train_seconds:.0f} s to fit and {cost(choice):.0f} s to fit and label {COST_TEXTS:,} "
                     f"texts, against {best.train_seconds:.0f} s and {cost(best):.0f} s for {best.name}.")
     runner_up = max((r for r in done if r is not best), key=lambda r: r.val_accuracy, default=None)
-    intervals = [(r.validation or {}).get("ci95", {}).get("accuracy") for r in (best, runner_up) if r is not None]
-    if len(intervals) == 2 and all(intervals) and intervals[0][0] <= intervals[1][1]:
-        text.append(f"The best two on validation ({best.name} and {runner_up.name}) have overlapping 95% "
-                    f"bootstrap intervals ({intervals[0][0]:.3f}-{intervals[0][1]:.3f} and "
-                    f"{intervals[1][0]:.3f}-{intervals[1][1]:.3f}): the difference between them may be noise.")
+    paired = paired_rows(best.validation, runner_up.validation) if runner_up is not None else None
+    if paired is not None:
+        gold, best_predictions, runner_predictions = paired
+        gap = paired_difference(gold, runner_predictions, best_predictions, len(best.validation["labels"]))["accuracy"]
+        low, high = gap["ci95"]
+        text.append(f"On the same validation rows {best.name} is {100 * gap['delta']:+.1f} points of accuracy above "
+                    f"{runner_up.name} (95% paired bootstrap interval {100 * low:+.1f} to {100 * high:+.1f}): "
+                    + ("within noise, so the two are not told apart." if gap["within_noise"] else
+                       "a difference beyond noise."))
     if choice.test_accuracy is not None:
         text.append(f"Its test accuracy is {choice.test_accuracy:.3f}"
                     + (f" (majority class: {majority:.3f})." if majority is not None else "."))
@@ -534,6 +538,8 @@ def markdown(result: ComparisonResult) -> str:
     held = f"{bases[0]:,}" if len(bases) == 1 else f"{bases[0]:,}–{bases[-1]:,}" if bases else ""
     lines += ["", f"Peak memory: {result.memory}" + (f" (that process held {held} MB before the strategy started)."
                                                      if bases else "."),
+              "vs best: test accuracy points above the strategy with the best validation accuracy, on the same "
+              "test rows, with a 95% paired bootstrap interval (* = the interval excludes 0: beyond noise).",
               "Train time: fine-tuning, indexing, or the prompt's cached prefix and calibration (loading pretrained "
               "weights not counted). Prompting rows show "
               "calibrated accuracy (each class's mean score on train texts subtracted) and raw accuracy in brackets.",
@@ -548,11 +554,33 @@ def _earlier_results(out: Path, config: Config, resume: bool) -> dict[str, Strat
     return {} if saved is None else {r["name"]: StrategyResult(**r) for r in saved["results"] if not r.get("error")}
 
 
+def _pair_with_best(results: list[StrategyResult]) -> None:
+    """Each finished strategy's test accuracy and macro-F1 minus the validation-best strategy's, on the same
+    test rows, with 95% paired bootstrap intervals (`details["paired_vs_best"]`): what the table shows beside
+    each row, so a gap is read against the noise of a paired comparison, not of two separate intervals."""
+    done = [r for r in results if r.error is None and r.val_accuracy is not None]
+    if not done:
+        return
+    best = max(done, key=lambda r: r.val_accuracy)
+    for result in done:
+        if result is best:
+            result.details["paired_vs_best"] = {"against": best.name}
+            continue
+        paired = paired_rows(best.test, result.test)
+        if paired is None:
+            result.details.pop("paired_vs_best", None)
+            continue
+        gold, best_predictions, predictions = paired
+        result.details["paired_vs_best"] = {"against": best.name, **paired_difference(
+            gold, best_predictions, predictions, len(best.test["labels"]))}
+
+
 def _summarise(out: Path, results: list[StrategyResult], splits: data_lib.Splits, args: CompareArgs
                ) -> ComparisonResult:
     majority = {split: float(np.bincount(ds["label"]).max() / len(ds)) for split, ds in splits.items()
                 if split != "train" and len(ds)}
     recommended, text = recommend(results, args.tolerance_points, majority.get("test", majority.get("validation")))
+    _pair_with_best(results)
     return ComparisonResult(out, results, recommended, text, {split: len(ds) for split, ds in splits.items()},
                             splits.label_names, majority,
                             "the peak resident set size of a process that ran the strategy alone" if args.isolate

@@ -13,6 +13,7 @@ import numpy as np
 from afinar.core.config import Config
 from afinar.core.errors import AfinarError
 from afinar.core.runs import write_json
+from afinar.evaluation.metrics import paired_rows
 
 SCORES = ("accuracy", "macro_f1", "micro_f1", "loss", "perplexity")
 
@@ -82,23 +83,39 @@ def compare_seeds(config: Config, strategies: str | list[str], out_dir: str | Pa
         raise AfinarError(f"--seeds needs at least 2 seeds to measure a spread (got {count})")
     out = Path(out_dir or Path(config.train.output_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     scores: dict[str, dict[str, list[float]]] = {}
+    gaps: dict[str, list[float]] = {}  # per strategy: test accuracy minus the first seed's best, per seed
     seeds = [config.train.seed + k for k in range(count)]
+    comparisons = []
     for seed in seeds:
         seeded = copy.deepcopy(config)
         seeded.train.seed = seed
-        for result in compare(seeded, strategies, out / f"seed-{seed}").results:
+        comparisons.append(compare(seeded, strategies, out / f"seed-{seed}").results)
+    for results in comparisons:
+        for result in results:
             for split in ("validation", "test"):
                 value = (getattr(result, split) or {}).get("accuracy")
                 if value is not None and result.error is None:
                     scores.setdefault(result.name, {}).setdefault(split, []).append(float(value))
+    best = max(scores, key=lambda name: np.mean(scores[name].get("validation", [0.0])), default=None)
+    for results in comparisons:  # each seed's strategies scored the same test rows: differences are paired
+        by_name = {r.name: r for r in results if r.error is None}
+        for name, result in by_name.items():
+            rows = paired_rows(by_name[best].test, result.test) if best in by_name else None
+            if rows is not None:
+                gaps.setdefault(name, []).append(float(np.mean(rows[2] == rows[0]) - np.mean(rows[1] == rows[0])))
     lines = [f"# Strategies over {count} seeds ({', '.join(map(str, seeds))})", "",
-             "| strategy | val acc, mean ± std | test acc, mean ± std | test acc per seed |", "|---|---|---|---|"]
+             f"| strategy | val acc, mean ± std | test acc, mean ± std | test acc per seed | test acc − {best}, "
+             f"paired per seed: mean ± std |", "|---|---|---|---|---|"]
     for name, by_split in scores.items():
         cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "—"
-                 for v in (by_split.get("validation", []), by_split.get("test", []))]
+                 for v in (by_split.get("validation", []), by_split.get("test", []), gaps.get(name, []))]
         each = ", ".join(f"{v:.3f}" for v in by_split.get("test", []))
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {each} |")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {each} | {cells[2]} |")
+    lines += ["", f"{best} has the best mean validation accuracy. The last column is, per seed, this strategy's test "
+              f"accuracy minus {best}'s on the same test rows; its spread over seeds is the noise a choice between "
+              f"them has to beat."]
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "seeds.json", {"seeds": seeds, "accuracy": scores})
+    write_json(out / "seeds.json", {"seeds": seeds, "accuracy": scores, "paired_test_gap_vs_best": {
+        "against": best, "per_seed": gaps}})
     (out / "seeds.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "seeds.md"

@@ -23,8 +23,8 @@ from afinar.core.runs import Run, read_json, write_atomic
 from afinar.evaluation.diagnosis import diagnose
 from afinar.evaluation.metrics import with_interval
 
-COLUMNS = ["strategy", "model", "val acc", "test acc [95% CI]", "test macro-F1", "train time", "inference texts/s",
-           "peak memory", "trainable params"]  # the comparison table
+COLUMNS = ["strategy", "model", "val acc", "test acc [95% CI]", "vs best, paired [95% CI]", "test macro-F1",
+           "train time", "inference texts/s", "peak memory", "trainable params"]  # the comparison table
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}
@@ -382,7 +382,9 @@ def write_comparison_report(folder: str | Path) -> Path:
     sections = ["<h2>Recommendation</h2>", f"<p>{_markdown_bold(comparison['recommendation'])}</p>",
                 "<h2>Results</h2>", _table(COLUMNS, comparison_rows(comparison["results"])),
                 f"<p class='muted'>{_e(', '.join(f'{n:,} {split}' for split, n in comparison['rows'].items()))} "
-                f"rows: the same splits and seed for every strategy. Peak memory: {_e(comparison['memory'])}. "
+                f"rows: the same splits and seed for every strategy. vs best: test accuracy points above the strategy "
+                f"with the best validation accuracy, on the same rows, 95% paired bootstrap interval (* beyond "
+                f"noise). Peak memory: {_e(comparison['memory'])}. "
                 f"Prompting rows show calibrated accuracy, raw in brackets.</p>"]
     if rows:
         sections += [_img(plot_comparison_accuracy(rows, majority), "accuracy per strategy"),
@@ -465,6 +467,19 @@ def write_search_report(folder: str | Path) -> Path:
     return path
 
 
+def _paired_cell(result: dict) -> str:
+    """`+1.2 [-0.3, +2.7]`: test accuracy points above the validation-best strategy, paired on the same rows;
+    `best` on that strategy's own row."""
+    paired = result.get("details", {}).get("paired_vs_best")
+    if paired is None:
+        return "—"
+    if "accuracy" not in paired:
+        return "best"
+    gap = paired["accuracy"]
+    return (f"{100 * gap['delta']:+.1f} [{100 * gap['ci95'][0]:+.1f}, {100 * gap['ci95'][1]:+.1f}]"
+            + ("" if gap["within_noise"] else " *"))
+
+
 def comparison_rows(results: list[dict]) -> list[list[str]]:
     """The comparison table's cells (for comparison.md and report.html), from results as comparison.json holds
     them; prompting rows show the raw accuracy beside the calibrated one."""
@@ -472,7 +487,7 @@ def comparison_rows(results: list[dict]) -> list[list[str]]:
     for r in results:
         if r.get("error"):
             first = next((line for line in r["error"].splitlines() if line.strip()), "")
-            rows.append([r["name"], r.get("model") or "", f"failed: {first[:100]}", *[""] * 6])
+            rows.append([r["name"], r.get("model") or "", f"failed: {first[:100]}", *[""] * (len(COLUMNS) - 3)])
             continue
         raw = r.get("variants", {}).get("raw", {})
 
@@ -484,7 +499,7 @@ def comparison_rows(results: list[dict]) -> list[list[str]]:
             return shown + (f" (raw {raw[split]:.3f})" if split in raw else "")
 
         f1 = (r.get("test") or {}).get("macro_f1")
-        rows.append([r["name"], r["model"], accuracy("validation"), accuracy("test"),
+        rows.append([r["name"], r["model"], accuracy("validation"), accuracy("test"), _paired_cell(r),
                      "—" if f1 is None else f"{f1:.3f}", f"{r['train_seconds']:,.1f} s",
                      f"{r['infer_texts_per_s']:,.1f}" if r.get("infer_texts_per_s") else "—",
                      f"{r['peak_memory_mb']:,.0f} MB" if r.get("peak_memory_mb") else "—",

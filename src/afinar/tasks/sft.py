@@ -53,7 +53,7 @@ from afinar.training.lifecycle import TaskData
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SFT", "label_log_probs"]
+__all__ = ["SFT", "LabelScores", "label_log_probs"]
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"  # around the tokens the loss sees, in the data report's examples
 
@@ -131,12 +131,14 @@ def chat_answer(messages: chat.Messages) -> str:
 
 def _encode_split(tokenizer, conversations: list[chat.Messages], max_length: int, name: str
                   ) -> tuple[Dataset, dict]:
-    """Tokens and masked labels; rows whose answer truncation leaves empty are dropped and counted."""
+    """Tokens and masked labels; prompts shortened to fit, answers cut, and rows whose answer truncation leaves
+    empty (dropped) are counted."""
     encoded = [chat.encode(tokenizer, c, max_length) for c in conversations]
     kept = [e for e in encoded if e.trained > 0]
     lengths = np.array([len(e.input_ids) for e in encoded] or [0])
     stats = {"rows": len(encoded), "dropped_empty_answer": len(encoded) - len(kept),
-             "answers_cut": sum(e.cut for e in encoded), "tokens_p50": int(np.percentile(lengths, 50)),
+             "answers_cut": sum(e.cut for e in encoded), "prompts_shortened": sum(e.shortened for e in encoded),
+             "tokens_p50": int(np.percentile(lengths, 50)),
              "tokens_p95": int(np.percentile(lengths, 95)), "tokens_max": int(lengths.max()),
              "trained_tokens": sum(e.trained for e in kept)}
     if not kept:
@@ -194,9 +196,9 @@ def format_checked(checked: CheckedConversations) -> str:
     lines = [f"data checks ({checked.kind}; on the prompts, or the texts of classification data):",
              format_report(checked.report), "", "tokens per conversation (chat template applied):"]
     for name, s in checked.stats.items():
-        lines.append(f"  {name}: p50 {s['tokens_p50']}, p95 {s['tokens_p95']}, max {s['tokens_max']}; answers cut "
-                     f"by data.max_length {s['answers_cut']:,}, rows dropped (no answer left) "
-                     f"{s['dropped_empty_answer']:,}")
+        lines.append(f"  {name}: p50 {s['tokens_p50']}, p95 {s['tokens_p95']}, max {s['tokens_max']}; prompts "
+                     f"shortened to fit data.max_length {s['prompts_shortened']:,}, answers cut by it "
+                     f"{s['answers_cut']:,}, rows dropped (no answer left) {s['dropped_empty_answer']:,}")
     if checked.labels:
         lines.append(f"answers come from a label set: {', '.join(checked.labels)}")
     for example in checked.examples:
@@ -207,26 +209,58 @@ def format_checked(checked: CheckedConversations) -> str:
 # ---------------------------------------------------------------- label continuation scoring
 
 
-def label_log_probs(model, tokenizer, prompts: list[chat.Messages], labels: list[str], max_length: int,
-                    batch_size: int = 16) -> np.ndarray:
-    """(prompts x labels) summed log-probability of each label's assistant turn (its tokens and end of turn,
-    exactly as training renders them) after each prompt: constrained scoring, no free text.
+@dataclass
+class LabelScores:
+    """Each prompt's log-probability of each label, and what fitting the prompts into `max_length` did."""
 
-    Each prompt is run once (left-padded, positions from the mask) and its key/value cache reused for every
-    label's continuation, so scoring C labels costs one prompt pass plus C short ones, not C full passes."""
+    scores: np.ndarray  # (prompts x labels); NaN on a skipped row
+    shortened: int  # prompts whose user text was shortened to fit (`chat.fit_prompt`)
+    skipped: np.ndarray  # bool per prompt: it cannot fit even shortened, so it is not scored
+
+    @property
+    def predictions(self) -> np.ndarray:
+        """argmax over labels, for the scored rows only."""
+        return self.scores[~self.skipped].argmax(axis=1)
+
+
+def _label_continuations(tokenizer, prompt: chat.Messages, labels: list[str]) -> tuple[list[int], list[list[int]]]:
+    before = chat.render_ids(tokenizer, prompt, generation_prompt=True)
+    return before, [chat.encode(tokenizer, [*prompt, {"role": "assistant", "content": label}], 10**9
+                                ).input_ids[len(before):] for label in labels]
+
+
+def label_log_probs(model, tokenizer, prompts: list[chat.Messages], labels: list[str], max_length: int,
+                    batch_size: int = 16) -> LabelScores:
+    """Summed log-probability of each label's assistant turn (its tokens and end of turn, exactly as training
+    renders them) after each prompt: constrained scoring, no free text.
+
+    Every prompt is scored whole, generation prompt included: one too long for `max_length` with its longest
+    label has its user text shortened (`chat.fit_prompt`, as training did); one that cannot fit even then is
+    skipped and counted, never scored on a cut prompt (whose last tokens would be the prompt's, the same for
+    every label). Each prompt is run once (left-padded, positions from the mask) and its key/value cache reused
+    for every label's continuation, so scoring C labels costs one prompt pass plus C short ones."""
     import copy
 
     import torch
 
     rows = []  # per prompt: its rendered ids and each label's continuation ids
-    for prompt in prompts:
-        before = chat.render_ids(tokenizer, prompt, generation_prompt=True)[:max_length - 1]
-        continuations = []
-        for label in labels:
-            encoded = chat.encode(tokenizer, [*prompt, {"role": "assistant", "content": label}], 10**9)
-            continuations.append(encoded.input_ids[len(before):][:max(1, max_length - len(before))])
+    shortened = 0
+    skipped = np.zeros(len(prompts), dtype=bool)
+    for index, prompt in enumerate(prompts):
+        before, continuations = _label_continuations(tokenizer, prompt, labels)
+        longest = max(len(c) for c in continuations)
+        if len(before) + longest > max_length:
+            fitted = chat.fit_prompt(tokenizer, prompt, max_length - longest)
+            skipped[index] = fitted is None
+            if fitted is None:
+                continue
+            shortened += 1
+            before, continuations = _label_continuations(tokenizer, fitted, labels)
         rows.append((before, continuations))
-    scores = np.zeros((len(prompts), len(labels)))
+    scored = np.flatnonzero(~skipped)
+    scores = np.full((len(prompts), len(labels)), np.nan)
+    if not rows:
+        return LabelScores(scores, shortened, skipped)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths share a batch
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -255,17 +289,24 @@ def label_log_probs(model, tokenizer, prompts: list[chat.Messages], labels: list
                     following = torch.log_softmax(step.logits[:, :-1].float(), -1)
                     picked = following.gather(-1, tail_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
                     total = total + (picked * tail_mask[:, 1:]).sum(-1)
-                scores[chosen, j] = total.cpu().numpy()
+                scores[scored[chosen], j] = total.cpu().numpy()
     model.train(was_training)
-    return scores
+    return LabelScores(scores, shortened, skipped)
 
 
 def _label_report(model, tokenizer, ds: Dataset, labels: list[str], max_length: int, batch_size: int) -> dict:
+    """The classification report on the rows that could be scored whole, with how many prompts were shortened
+    and how many rows were skipped (the report's figures are over `scored_rows`, not the split)."""
     conversations = _messages(ds)
     gold = np.array([labels.index(chat_answer(c)) for c in conversations])
-    scores = label_log_probs(model, tokenizer, [chat.prompt_of(c) for c in conversations], labels, max_length,
+    scored = label_log_probs(model, tokenizer, [chat.prompt_of(c) for c in conversations], labels, max_length,
                              batch_size)
-    return classification_report(gold, scores.argmax(axis=1), labels)
+    if scored.skipped.all():
+        raise AfinarError(f"no prompt fits data.max_length={max_length} with its answer, even with its text "
+                          f"shortened (the system prompt and template alone are too long); raise data.max_length")
+    return {**classification_report(gold[~scored.skipped], scored.predictions, labels),
+            "scored_rows": int((~scored.skipped).sum()), "prompts_shortened": scored.shortened,
+            "rows_skipped": int(scored.skipped.sum())}
 
 
 # ---------------------------------------------------------------- generation
@@ -312,6 +353,9 @@ class SFT(LanguageModelTask):
         splits, stats = checked.splits, checked.stats
         notes = list(splits.notes)
         for name, s in stats.items():
+            if s["prompts_shortened"]:
+                notes.append(f"{name}: {s['prompts_shortened']:,} prompts had their text shortened (middle cut) to "
+                             f"fit data.max_length={config.data.max_length} with their whole answer")
             if s["dropped_empty_answer"] or s["answers_cut"]:
                 notes.append(f"{name}: {s['answers_cut']:,} answers cut at data.max_length={config.data.max_length}"
                              f" tokens, {s['dropped_empty_answer']:,} rows dropped because nothing of the answer "
@@ -405,8 +449,11 @@ def sft_summary(config: Config, metrics: dict, notes: list[str]) -> str:
              f"- validation loss on responses (best model): {v['loss']:.4f} (perplexity {v['perplexity']:.2f})"]
     for split in ("validation", "test"):
         if "accuracy" in metrics.get(split, {}):
-            lines.append(f"- {split} accuracy by label continuation: {metrics[split]['accuracy']:.4f} "
-                         f"(macro-F1 {metrics[split]['macro_f1']:.4f})")
+            scored = metrics[split]
+            lines.append(f"- {split} accuracy by label continuation: {scored['accuracy']:.4f} (macro-F1 "
+                         f"{scored['macro_f1']:.4f}) on {scored['scored_rows']:,} rows, every prompt whole with its "
+                         f"generation prompt ({scored['prompts_shortened']:,} had their text shortened to fit, "
+                         f"{scored['rows_skipped']:,} could not fit and were skipped)")
     free = metrics.get("free_generation")
     if free:
         lines.append(f"- free generation on {free['rows']} validation prompts: {free['valid_label_rate']:.1%} valid "
