@@ -14,7 +14,16 @@ import afinar
 from afinar import cli
 from afinar.core.config import load_config
 from afinar.core.errors import AfinarError
-from afinar.tasks.multilabel import MultiLabelClassifier, _label_set, multilabel_report, tune_thresholds
+from afinar.evaluation.diagnosis import baseline_of, diagnose, majority_class
+from afinar.tasks.multilabel import (
+    MIN_POSITIVES,
+    MultiLabelClassifier,
+    _label_set,
+    cross_fitted,
+    multilabel_report,
+    text_blind_macro_f1,
+    tune_thresholds,
+)
 
 GOEMOTIONS = SHARED / "goemotions"
 
@@ -42,10 +51,56 @@ def test_thresholds_are_tuned_per_label_on_validation():
     probabilities = np.clip(targets * 0.3 + rng.random((400, 3)) * 0.6, 0, 1)  # label 1 needs a low threshold
     best_global, per_label = tune_thresholds(targets, probabilities)
     assert 0.05 <= best_global <= 0.95 and per_label.shape == (3,)
-    tuned = multilabel_report(targets, probabilities, per_label, ["a", "b", "c"])
-    fixed = multilabel_report(targets, probabilities, np.full(3, 0.5), ["a", "b", "c"])
+    tuned = multilabel_report(targets, probabilities >= per_label, ["a", "b", "c"])
+    fixed = multilabel_report(targets, probabilities >= 0.5, ["a", "b", "c"])
     assert tuned["macro_f1"] >= fixed["macro_f1"]
     assert set(tuned) >= {"micro_f1", "macro_f1", "accuracy", "cardinality", "per_class", "n"}
+
+
+def test_a_label_with_few_validation_positives_keeps_the_global_threshold():
+    """Two positives would pick a threshold by chance: below `MIN_POSITIVES` a label keeps the global one."""
+    rng = np.random.default_rng(1)
+    targets = (rng.random((300, 2)) < [0.4, 0.0]).astype(int)
+    targets[:2, 1] = 1  # label 1: two positives, both scored low
+    probabilities = np.clip(targets * 0.4 + rng.random((300, 2)) * 0.5, 0, 1)
+    probabilities[:2, 1] = 0.06
+    best_global, per_label = tune_thresholds(targets, probabilities)
+    assert per_label[1] == best_global and per_label[1] != 0.05  # not the threshold fitted to its two rows
+    targets[:MIN_POSITIVES, 1], probabilities[:MIN_POSITIVES, 1] = 1, 0.06
+    assert tune_thresholds(targets, probabilities)[1][1] == 0.05  # enough positives: its own threshold
+
+
+def test_validation_figures_come_from_cross_fitted_thresholds_not_the_ones_they_chose():
+    """Noise-only probabilities: thresholds chosen on the same rows find a macro-F1 above what unseen rows get;
+    cross-fitted ones read what test reads."""
+    rng = np.random.default_rng(2)
+    targets = (rng.random((60, 6)) < 0.15).astype(int)  # a small validation split
+    probabilities = rng.random((60, 6))  # nothing learnt
+    _, per_label = tune_thresholds(targets, probabilities)
+    same_rows = multilabel_report(targets, probabilities >= per_label, list("abcdef"))["macro_f1"]
+    unseen_targets, unseen = (rng.random((5000, 6)) < 0.15).astype(int), rng.random((5000, 6))
+    unseen_f1 = multilabel_report(unseen_targets, unseen >= per_label, list("abcdef"))["macro_f1"]
+    crossed = multilabel_report(targets, cross_fitted(targets, probabilities, seed=0)[0], list("abcdef"))["macro_f1"]
+    assert same_rows > unseen_f1 + 0.02 and abs(crossed - unseen_f1) < same_rows - unseen_f1
+
+
+def test_the_diagnosis_baseline_for_label_sets_is_text_blind_macro_f1():
+    """Sparse labels: the commonest label set is the empty one, and subset accuracy against it called a model
+    that learnt every label "nothing useful". The text-blind macro-F1 (all rows or none per label) is the bar."""
+    targets = np.zeros((100, 4), dtype=int)
+    targets[:10, 0] = targets[10:20, 1] = targets[20:30, 2] = targets[30:40, 3] = 1  # 60 rows with no label
+    assert text_blind_macro_f1(targets) == pytest.approx(2 * 0.1 / 1.1)
+    learnt = targets.copy()
+    learnt[:40:2] = 0  # half of each label found
+    report = multilabel_report(targets, learnt, list("abcd"))
+    assert report["accuracy"] == 0.8 and report["baseline"]["metric"] == "macro_f1"
+    log = [{"step": s, "loss": 1.0 - s / 10} for s in range(1, 9)] + \
+          [{"step": s, "eval_loss": 1.0 - s / 20, "eval_macro_f1": f, "eval_accuracy": 0.6}
+           for s, f in ((2, 0.3), (4, 0.5), (6, 0.66), (8, report["macro_f1"]))]
+    diagnosis = diagnose(log, baseline_of(report))
+    assert diagnosis.verdict == "good fit" and "validation macro-F1 0.667" in diagnosis.reasons[0]
+    # against the commonest label set (all-empty: 0.6 of rows) subset accuracy 0.6 read as nothing learnt
+    assert diagnose(log, majority_class(0.6)).verdict == "under-fitting"
 
 
 def test_multilabel_run_end_to_end_on_goemotions_rows(tiny_bert, tmp_path, capsys):

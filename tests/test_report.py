@@ -11,7 +11,7 @@ from afinar.core.config import CheckArgs, load_config
 from afinar.core.runs import Run
 from afinar.data.checks import run_checks
 from afinar.data.sources import Splits, _to_dataset
-from afinar.evaluation.diagnosis import diagnose
+from afinar.evaluation.diagnosis import diagnose, majority_class
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -30,14 +30,14 @@ def falling(start, end, n):
 
 def test_diagnose_over_fitting():
     log = history(falling(1.1, 0.05, 12), [0.9, 0.7, 0.6, 0.66, 0.75, 0.86], [0.6, 0.7, 0.74, 0.73, 0.72, 0.71])
-    result = diagnose(log, majority_baseline=0.4)
+    result = diagnose(log, majority_class(0.4))
     assert result.verdict == "over-fitting"
     assert "rose for the last 3 evaluations" in result.reasons[0] and "step 30" in result.reasons[0]
 
 
 def test_diagnose_under_fitting():
     flat = history([1.10, 1.09, 1.10, 1.08, 1.09, 1.09], [1.09, 1.09, 1.08, 1.09], [0.41, 0.40, 0.42, 0.41])
-    result = diagnose(flat, majority_baseline=0.40)
+    result = diagnose(flat, majority_class(0.40))
     assert result.verdict == "under-fitting"
     assert "majority class" in result.reasons[0] and "both losses are flat" in result.reasons[1]
     assert diagnose(flat).verdict == "under-fitting"  # no baseline: the flat losses alone
@@ -45,10 +45,10 @@ def test_diagnose_under_fitting():
 
 def test_diagnose_good_fit_and_too_short():
     good = history(falling(1.1, 0.45, 12), [0.9, 0.7, 0.6, 0.58, 0.57, 0.575], [0.6, 0.7, 0.75, 0.77, 0.78, 0.78])
-    result = diagnose(good, majority_baseline=0.4)
+    result = diagnose(good, majority_class(0.4))
     assert result.verdict == "good fit" and "38.0 points above" in result.reasons[0]
     assert "not (yet) enough" in result.reasons[-1]  # one small rise is noise, not over-fitting
-    assert diagnose(history([1.0, 0.9], [0.8, 0.7], [0.5, 0.6]), 0.4).verdict == "too short to tell"
+    assert diagnose(history([1.0, 0.9], [0.8, 0.7], [0.5, 0.6]), majority_class(0.4)).verdict == "too short to tell"
     assert diagnose([], None).verdict == "too short to tell"
 
 

@@ -37,7 +37,10 @@ def test_test_split_is_read_once_after_all_trials(tiny_bert, tweets_jsonl, tmp_p
                     pruner="none")
     assert reads.count(str(test_file)) == 1 and reads[-1] == str(test_file)  # once, after every trial
     assert reads.count(str(train_file)) == 4  # three trials and the final scoring
-    assert result.test["n"] == 60 and 0 <= result.test["accuracy"] <= 1
+    gold = [json.loads(line)["label"] for line in test_file.read_text().splitlines()]  # scored in file order
+    scored = result.test["rows"]
+    assert scored["gold"] == gold and result.test["accuracy"] == pytest.approx(
+        sum(g == p for g, p in zip(gold, scored["predicted"])) / 60)
     saved = json.loads((result.path / "search.json").read_text())
     assert saved["test_scored_once_for"] == f"trial-{saved['best_trial']}"
     assert len(saved["trials"]) == 3 and all(row["seed"] == 42 for row in saved["trials"])

@@ -166,7 +166,8 @@ def test_info_reports_run_labels_metrics_and_limits(run_dir, classifier):
     assert info["run"] == run_dir.name
     assert info["labels"] == ["negative", "neutral", "positive"]
     assert set(info["metrics"]) == {"validation", "test"}
-    assert info["metrics"]["test"]["n"] == 60 and 0 <= info["metrics"]["test"]["accuracy"] <= 1
+    measured = json.loads((run_dir / "metrics.json").read_text())
+    assert info["metrics"]["test"]["n"] == 60 and info["metrics"]["test"]["accuracy"] == measured["test"]["accuracy"]
     assert info["limits"]["max_texts"] == 32 and info["limits"]["max_batch"] == 64
 
 

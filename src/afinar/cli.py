@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     curve = _with_config_args(commands.add_parser(
         "curve", help="how much data do I need? one strategy on growing nested subsets of train, a fitted curve"))
     curve.add_argument("--strategy", default="full", help="full (default), lora, setfit, linear_probe, ...")
-    curve.add_argument("--sizes", help="comma-separated training rows (default: 16 per class, then x4 to all)")
+    curve.add_argument("--sizes", help="comma-separated training rows (default: all, then /4 down to --per-class rows per class)")
     curve.add_argument("--per-class", type=int, default=16, help="rows per class in the smallest, balanced subset")
     curve.add_argument("--out", help="curve folder (default: <output_dir>/curve-<time>)")
     curve.add_argument("--resume", dest="continue_curve", action="store_true",

@@ -7,7 +7,35 @@ from dataclasses import dataclass
 RISES = 2  # consecutive validation-loss rises at the end that count as over-fitting ...
 RISE_MARGIN = 0.02  # ... when the last is also this much (relative) above the minimum
 FLAT = 0.10  # a loss that fell by less than this share of its first value is flat
-NEAR_MAJORITY = 0.02  # best validation accuracy within this of the majority class: nothing useful learnt
+NEAR_BASELINE = 0.02  # best validation score within this of the text-blind baseline: nothing useful learnt
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1"}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What a model that never reads its input scores on validation: the bar a run must clear to have learnt
+    anything. Each task states its own (the majority class for accuracy; for label sets, every label predicted
+    for all rows or none, whichever scores better, for macro-F1)."""
+
+    metric: str  # the validation metric it is compared with (logged as `eval_<metric>`)
+    value: float
+    name: str  # how a report says it: "always answering the majority class"
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "name": self.name}
+
+
+def majority_class(share: float) -> Baseline:
+    return Baseline("accuracy", share, "always answering the majority class")
+
+
+def baseline_of(report: dict | None) -> Baseline | None:
+    """A validation report's baseline: its `baseline` record, or the majority class of a run written before."""
+    if not report:
+        return None
+    if report.get("baseline"):
+        return Baseline(**report["baseline"])
+    return majority_class(report["majority_baseline"]) if report.get("majority_baseline") is not None else None
 
 
 @dataclass
@@ -20,11 +48,11 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def diagnose(log_history: list[dict], majority_baseline: float | None = None) -> Diagnosis:
-    """Read the training curves (`Trainer.state.log_history` rows: `loss`, `eval_loss`, `eval_accuracy`,
+def diagnose(log_history: list[dict], baseline: Baseline | None = None) -> Diagnosis:
+    """Read the training curves (`Trainer.state.log_history` rows: `loss`, `eval_loss`, `eval_<metric>`,
     `step`). Over-fitting: validation loss rose for the last `RISES` evaluations, ends `RISE_MARGIN` above its
-    minimum, while training loss kept falling. Under-fitting: the best validation accuracy is within
-    `NEAR_MAJORITY` of the majority class (or, without a baseline, both losses are flat)."""
+    minimum, while training loss kept falling. Under-fitting: the best validation score (the baseline's metric)
+    is within `NEAR_BASELINE` of the text-blind `baseline` (or, without one, both losses are flat)."""
     evals = [row for row in log_history if row.get("eval_loss") is not None]
     train = [row for row in log_history if row.get("loss") is not None and row.get("eval_loss") is None]
     if len(evals) < 3 or len(train) < 2:
@@ -40,9 +68,11 @@ def diagnose(log_history: list[dict], majority_baseline: float | None = None) ->
     train_at_best, train_end = _mean(before_best), _mean([row["loss"] for row in train[-3:]])
     train_drop = (train[0]["loss"] - train_end) / max(abs(train[0]["loss"]), 1e-12)
     val_drop = (losses[0] - losses[best]) / max(abs(losses[0]), 1e-12)
-    accuracies = [row["eval_accuracy"] for row in evals if row.get("eval_accuracy") is not None]
-    best_accuracy = max(accuracies) if accuracies else None
-    above = None if best_accuracy is None or majority_baseline is None else best_accuracy - majority_baseline
+    metric = baseline.metric if baseline else "accuracy"
+    said = METRIC_NAMES.get(metric, metric)
+    scores = [row[f"eval_{metric}"] for row in evals if row.get(f"eval_{metric}") is not None]
+    best_score = max(scores) if scores else None
+    above = None if best_score is None or baseline is None else best_score - baseline.value
     curves = (f"training loss {train[0]['loss']:.3f} → {train_end:.3f}; validation loss {losses[0]:.3f} → "
               f"minimum {losses[best]:.3f} at step {evals[best]['step']} → {losses[-1]:.3f} at the end")
     if rises >= RISES and losses[-1] > losses[best] * (1 + RISE_MARGIN) and train_end < train_at_best:
@@ -53,10 +83,10 @@ def diagnose(log_history: list[dict], majority_baseline: float | None = None) ->
             f"memorising the training set", curves,
             "the run keeps its best validation checkpoint, not the last; fewer epochs, more data, a lower learning "
             "rate, more weight decay or LoRA would over-fit less"])
-    if above is not None and above <= NEAR_MAJORITY:
+    if above is not None and above <= NEAR_BASELINE:
         return Diagnosis("under-fitting", [
-            f"best validation accuracy {best_accuracy:.3f} is within {NEAR_MAJORITY * 100:g} points of always "
-            f"answering the majority class ({majority_baseline:.3f}): nothing useful was learnt",
+            f"best validation {said} {best_score:.3f} is within {NEAR_BASELINE * 100:g} points of "
+            f"{baseline.name} ({baseline.value:.3f}): nothing useful was learnt",
             ("both losses are flat" if train_drop < FLAT and val_drop < FLAT else "the losses fall, but not far "
              "enough") + f" ({curves})",
             "train longer, raise the learning rate, unfreeze layers, or use a larger model"])
@@ -65,8 +95,8 @@ def diagnose(log_history: list[dict], majority_baseline: float | None = None) ->
                                            "train longer, raise the learning rate, or use a larger model"])
     reasons = [curves]
     if above is not None:
-        reasons.insert(0, f"best validation accuracy {best_accuracy:.3f}, {above * 100:.1f} points above the "
-                          f"majority class ({majority_baseline:.3f})")
+        reasons.insert(0, f"best validation {said} {best_score:.3f}, {above * 100:.1f} points above "
+                          f"{baseline.name} ({baseline.value:.3f})")
     if best == len(losses) - 1:
         reasons.append("validation loss was still falling at the last evaluation: more training may still help")
     elif losses[-1] > losses[best] * (1 + RISE_MARGIN) and train_end < train_at_best:

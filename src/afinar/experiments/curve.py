@@ -7,7 +7,11 @@ validation rows, the seed and the settings are the same for all (unset ones scal
 Validation scores every point; test is read once, for the full-size point. The fit is a straight line through
 the three largest points, so its slope is the accuracy gained per doubling of labelled data there; the same
 line through the three largest points *below* full size predicts the full-size score, and the report puts
-that prediction beside the measured one, so a user can see how far to trust the extrapolation.
+that prediction beside the measured one, so a user can see how far to trust the extrapolation. Sizes step down
+from the full size by a factor of 4, so the last point below it is two doublings away; a prediction across less
+than one doubling (user-chosen sizes) is not made, since it would test nothing. Both the slope and the
+prediction carry 95% intervals from resampling the validation rows (the same resample for every point, as they
+score the same rows): a single seed's curve is noisy, and the intervals say how much.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from afinar.core.models import load_tokenizer
 from afinar.core.runs import earlier_record, write_atomic, write_json
 from afinar.data import sources as data_lib
 from afinar.data.checks import checked_splits
+from afinar.evaluation.metrics import BOOTSTRAP_SAMPLES
 from afinar.experiments.compare import STRATEGIES, run_strategy
 
 log = logging.getLogger(__name__)
 
 FIT_POINTS = 3  # the largest points a learning-curve line goes through
+MIN_EXTRAPOLATION_DOUBLINGS = 1.0  # a full-size prediction must reach at least this far past its last point
 
 
 @dataclass
@@ -56,9 +62,17 @@ class CurveFit:
     rows: list[int]
     intercept: float
     slope: float  # validation accuracy gained per doubling of the training rows
+    slope_ci95: list[float] | None = None  # from resampled validation rows
+    resampled: np.ndarray | None = field(default=None, repr=False)  # (samples x 2): intercepts and slopes
 
     def predict(self, rows: int) -> float:
         return self.intercept + self.slope * math.log2(rows)
+
+    def predict_interval(self, rows: int) -> list[float] | None:
+        if self.resampled is None:
+            return None
+        return np.percentile(self.resampled[:, 0] + self.resampled[:, 1] * math.log2(rows), [2.5, 97.5]
+                             ).round(4).tolist()
 
 
 @dataclass
@@ -72,29 +86,63 @@ class CurveResult:
     predicted_full: float | None  # `extrapolation` at the full size ...
     measured_full: float | None  # ... and what the full size measured (validation)
     rows: dict[str, int] = field(default_factory=dict)
+    predicted_full_ci95: list[float] | None = None
+    no_prediction: str | None = None  # why the full size was not predicted, when it was not
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["path"] = str(self.path)
+        for fit in ("gain_from_doubling", "extrapolation"):
+            if out[fit]:
+                out[fit].pop("resampled")
         return out
 
 
 def curve_sizes(train_rows: int, classes: int, per_class: int = 16, factor: int = 4) -> list[int]:
-    """`per_class` rows of each class, then x`factor` until the full training split (always the last size)."""
-    sizes, size = [], per_class * classes
-    while size < train_rows:
+    """The full training split, then down by `factor` while above the balanced head (`per_class` rows of each
+    class, always the first size): the last point below the full size is log2(`factor`) doublings below it, so
+    predicting the full size from the smaller points tests a real extrapolation."""
+    smallest = min(per_class * classes, train_rows)
+    sizes, size = [train_rows], train_rows
+    while size // factor >= 2 * smallest:  # the head and the next size at least a doubling apart
+        size //= factor
         sizes.append(size)
-        size *= factor
-    return sizes + [train_rows]
+    return sorted({*sizes, smallest})
+
+
+def resampled_accuracies(points: list[CurvePoint], samples: int = BOOTSTRAP_SAMPLES, seed: int = 0
+                         ) -> np.ndarray | None:
+    """(samples x points) validation accuracies on resampled validation rows, the same resample for every point
+    (they score the same rows, so the resample is paired); None when the points did not keep their rows."""
+    rows = [p.validation.get("rows") for p in points]
+    if not all(rows) or any(r["gold"] != rows[0]["gold"] for r in rows):
+        return None
+    gold = np.asarray(rows[0]["gold"])
+    correct = np.stack([np.asarray(r["predicted"]) == gold for r in rows]).astype(float)  # points x n
+    picks = np.random.default_rng(seed).integers(0, len(gold), (samples, len(gold)))
+    counts = np.stack([np.bincount(pick, minlength=len(gold)) for pick in picks])  # samples x n
+    return counts @ correct.T / len(gold)
+
+
+def _lines(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares (intercept, slope) of each row of `y` on `x`: (rows x 2)."""
+    x_mean, y_mean = x.mean(), y.mean(axis=1)
+    slope = ((x - x_mean) * (y - y_mean[:, None])).sum(axis=1) / ((x - x_mean) ** 2).sum()
+    return np.stack([y_mean - slope * x_mean, slope], axis=1)
 
 
 def fit_line(points: list[CurvePoint]) -> CurveFit | None:
-    """Least squares of accuracy on log2(rows) through the last `FIT_POINTS` points (None with fewer than 2)."""
+    """Least squares of accuracy on log2(rows) through the last `FIT_POINTS` points (None with fewer than 2),
+    with a 95% interval on its slope from resampled validation rows."""
     chosen = points[-FIT_POINTS:]
     if len(chosen) < 2:
         return None
-    slope, intercept = np.polyfit([math.log2(p.rows) for p in chosen], [p.accuracy for p in chosen], 1)
-    return CurveFit([p.rows for p in chosen], float(intercept), float(slope))
+    x = np.array([math.log2(p.rows) for p in chosen])
+    intercept, slope = _lines(x, np.array([[p.accuracy for p in chosen]]))[0]
+    accuracies = resampled_accuracies(chosen)
+    resampled = None if accuracies is None else _lines(x, accuracies)
+    interval = None if resampled is None else np.percentile(resampled[:, 1], [2.5, 97.5]).round(4).tolist()
+    return CurveFit([p.rows for p in chosen], float(intercept), float(slope), interval, resampled)
 
 
 def _write_rows(path: Path, ds, label_names: list[str]) -> Path:
@@ -187,9 +235,15 @@ def learning_curve(config: Config, strategy: str = "full", sizes: list[int] | No
 def _summarise(out: Path, strategy: str, splits: data_lib.Splits, points: list[CurvePoint], full: int
                ) -> CurveResult:
     below = [p for p in points if p.rows < full]
-    extrapolation = fit_line(below)
+    extrapolation, no_prediction = fit_line(below), None
+    if extrapolation is not None and math.log2(full / below[-1].rows) < MIN_EXTRAPOLATION_DOUBLINGS:
+        no_prediction = (f"the largest point below the full size ({below[-1].rows:,} rows) is only "
+                         f"{math.log2(full / below[-1].rows):.2f} doublings below {full:,}: predicting the full "
+                         f"size from it would test no extrapolation")
+        extrapolation = None
     measured = next((p.accuracy for p in points if p.rows == full), None)
     return CurveResult(out, strategy, splits.label_names, points,
                        fit_line(points) if measured is not None else None, extrapolation,
                        extrapolation.predict(full) if extrapolation else None, measured,
-                       {split: len(ds) for split, ds in splits.items()})
+                       {split: len(ds) for split, ds in splits.items()},
+                       extrapolation.predict_interval(full) if extrapolation else None, no_prediction)

@@ -29,7 +29,7 @@ import yaml
 from afinar.core.config import Config, get_value, set_value, to_yaml
 from afinar.core.errors import AfinarError
 from afinar.core.runs import Run, read_json, write_atomic, write_json
-from afinar.evaluation.diagnosis import Diagnosis, diagnose
+from afinar.evaluation.diagnosis import Diagnosis, baseline_of, diagnose
 from afinar.reporting.pages import write_search_report
 from afinar.reporting.trackers import log_study, tracked_run
 
@@ -241,7 +241,7 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
     _write_table(folder / "trials.csv", rows)
     plots = _plots(study, folder)
     diagnosis = diagnose(Run.open(best_run).read_log(),
-                         read_json(best_run / "metrics.json")["validation"].get("majority_baseline"))
+                         baseline_of(read_json(best_run / "metrics.json")["validation"]))
     result = SearchResult(folder, best.params, best.value, test, rows)
     write_json(folder / "search.json", {"metric": metric, "best_trial": best.number, "best_params": best.params,
                                         "best_validation": best.value, "best_run": str(best_run),

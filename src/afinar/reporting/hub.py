@@ -63,7 +63,7 @@ def card_text(run: Run, config: Config, metrics: dict, pipeline_tag: str | None,
     metrics its model-index lists, and the paragraph on how to load the model."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from afinar.evaluation.diagnosis import diagnose
+    from afinar.evaluation.diagnosis import baseline_of, diagnose
 
     base, licence = _base_model(config)
     data = ModelCardData(base_model=base, datasets=[_dataset(config)], license=licence or "other",
@@ -87,7 +87,7 @@ def card_text(run: Run, config: Config, metrics: dict, pipeline_tag: str | None,
         lines += ["", "Other data (`afinar evaluate --data`):", ""]
         lines += [f"- {e['data']}: accuracy {e['accuracy']:.4f}, macro-F1 {e['macro_f1']:.4f} ({e['n']:,} rows)"
                   for e in evaluations]
-    verdict = diagnose(run.read_log(), (metrics.get("validation") or {}).get("majority_baseline"))
+    verdict = diagnose(run.read_log(), baseline_of(metrics.get("validation")))
     lines += ["", "## Training", "",
               f"- {train.get('steps', 0):,} steps in {train.get('seconds', 0):.0f} s; "
               f"{train.get('trainable_parameters', 0):,} of {train.get('total_parameters', 0):,} parameters trained"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from afinar.core.errors import AfinarError
 from afinar.core.runs import Run, read_json, write_atomic
-from afinar.evaluation.diagnosis import diagnose
+from afinar.evaluation.diagnosis import METRIC_NAMES, Baseline, baseline_of, diagnose
 from afinar.evaluation.metrics import with_interval
 
 COLUMNS = ["strategy", "model", "val acc", "test acc [95% CI]", "vs best, paired [95% CI]", "test macro-F1",
@@ -75,7 +75,7 @@ def plot_confusion(report: dict, title: str) -> str:
     return _png(fig)
 
 
-def plot_learning_curves(log_history: list[dict], majority_baseline: float | None) -> str:
+def plot_learning_curves(log_history: list[dict], baseline: Baseline | None) -> str:
     fig, (loss_ax, acc_ax) = _figure(8, 2.8, columns=2)
     train = [(r["step"], r["loss"]) for r in log_history if r.get("loss") is not None and r.get("eval_loss") is None]
     evals = [r for r in log_history if r.get("eval_loss") is not None]
@@ -83,12 +83,14 @@ def plot_learning_curves(log_history: list[dict], majority_baseline: float | Non
         loss_ax.plot(*zip(*train), label="train loss", lw=1)
     if evals:
         loss_ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label="validation loss")
-    accuracy = [(r["step"], r["eval_accuracy"]) for r in evals if r.get("eval_accuracy") is not None]
-    if accuracy:
-        acc_ax.plot(*zip(*accuracy), "o-", ms=3, color="C2", label="validation accuracy")
-    if majority_baseline is not None:
-        acc_ax.axhline(majority_baseline, color="gray", ls="--", lw=1, label="majority class")
-    for ax, title in ((loss_ax, "loss"), (acc_ax, "validation accuracy")):
+    metric = baseline.metric if baseline else "accuracy"
+    said = f"validation {METRIC_NAMES.get(metric, metric)}"
+    score = [(r["step"], r[f"eval_{metric}"]) for r in evals if r.get(f"eval_{metric}") is not None]
+    if score:
+        acc_ax.plot(*zip(*score), "o-", ms=3, color="C2", label=said)
+    if baseline is not None:
+        acc_ax.axhline(baseline.value, color="gray", ls="--", lw=1, label=baseline.name)
+    for ax, title in ((loss_ax, "loss"), (acc_ax, said)):
         ax.set_xlabel("step")
         ax.set_title(title, fontsize=9)
         ax.tick_params(labelsize=8)
@@ -327,14 +329,14 @@ def write_run_report(run_dir: str | Path, metrics_html: str, sections: list[str]
     if not metrics:
         raise AfinarError(f"{run.path} has no metrics.json yet (status: {run.status()}); report a finished run")
     history = run.read_log()
-    majority = (metrics.get("validation") or {}).get("majority_baseline")
-    diagnosis = diagnose(history, majority)
+    baseline = baseline_of(metrics.get("validation"))
+    diagnosis = diagnose(history, baseline)
     data_report = read_json(run.path / "data_report.json") if (run.path / "data_report.json").is_file() else None
     page = [f"<p class='muted'>{_e(run.path)} — status {_e(run.status())}</p>", "<h2>Metrics</h2>",
             metrics_html, training_paragraph(metrics),
             "<h2>Diagnosis</h2>", f"<p class='verdict'>{_e(diagnosis.verdict)}</p>",
             "<ul>" + "".join(f"<li>{_e(r)}</li>" for r in diagnosis.reasons) + "</ul>",
-            "<h2>Learning curves</h2>", _img(plot_learning_curves(history, majority), "learning curves"),
+            "<h2>Learning curves</h2>", _img(plot_learning_curves(history, baseline), "learning curves"),
             *sections, data_report_html(data_report)]
     path = run.path / "report.html"
     write_atomic(path, _page(f"afinar run {run.path.name}", page))
@@ -376,7 +378,7 @@ def write_comparison_report(folder: str | Path) -> Path:
         run_dir = r.get("details", {}).get("run_dir")
         report = Path(run_dir) / "report.html" if run_dir else None
         if report is not None and report.is_file():
-            verdict = diagnose(Run(Path(run_dir)).read_log(), (r["validation"] or {}).get("majority_baseline")).verdict
+            verdict = diagnose(Run(Path(run_dir)).read_log(), baseline_of(r["validation"])).verdict
             link = report.relative_to(folder) if report.is_relative_to(folder) else report
             runs.append(f"<li><a href='{_e(link)}'>{_e(r['name'])}</a>: {_e(verdict)}</li>")
     sections = ["<h2>Recommendation</h2>", f"<p>{_markdown_bold(comparison['recommendation'])}</p>",
@@ -404,15 +406,22 @@ def curve_findings(curve: dict) -> list[str]:
     lines = []
     gain = curve.get("gain_from_doubling")
     if gain:
+        interval = gain.get("slope_ci95")
         lines.append(f"Doubling the labelled data is expected to add {100 * gain['slope']:+.1f} points of validation "
-                     f"accuracy (slope of accuracy on log2 rows through {', '.join(f'{r:,}' for r in gain['rows'])} "
-                     "rows).")
+                     f"accuracy" + (f" (95% interval {100 * interval[0]:+.1f} to {100 * interval[1]:+.1f}, from "
+                                    f"resampled validation rows; one seed)" if interval else "")
+                     + f": the slope of accuracy on log2 rows through {', '.join(f'{r:,}' for r in gain['rows'])} "
+                     "rows.")
     if curve.get("predicted_full") is not None and curve.get("measured_full") is not None:
         error = 100 * (curve["predicted_full"] - curve["measured_full"])
-        fit = curve["extrapolation"]
+        fit, interval = curve["extrapolation"], curve.get("predicted_full_ci95")
         lines.append(f"The line through {', '.join(f'{r:,}' for r in fit['rows'])} rows predicted "
-                     f"{curve['predicted_full']:.3f} at the full size; it measured {curve['measured_full']:.3f} "
-                     f"({error:+.1f} points): trust the extrapolation to about that much.")
+                     f"{curve['predicted_full']:.3f} at the full size"
+                     + (f" (95% interval {interval[0]:.3f}-{interval[1]:.3f})" if interval else "")
+                     + f"; it measured {curve['measured_full']:.3f} ({error:+.1f} points): how far a prediction "
+                     f"across {math.log2(curve['rows']['train'] / fit['rows'][-1]):.1f} doublings can be trusted.")
+    elif curve.get("no_prediction"):
+        lines.append(f"No prediction of the full size: {curve['no_prediction']}.")
     test = next((p["test"] for p in curve["points"] if p.get("test")), None)
     if test:
         lines.append(f"Test (read once, full size): accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}.")

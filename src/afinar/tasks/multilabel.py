@@ -5,8 +5,9 @@ Labels come as a column of label sets (lists, JSON lists, `a,b` or `a|b` text, n
 (`data.label_columns`). The model is the encoder, mean pooling over its tokens and a linear head with a sigmoid
 per label under binary cross-entropy; the head learns at `train.head_learning_rate`. This checkpoint's stock
 `[CLS]`-pooler head never leaves the label prior under BCE (FACTS.md), while mean pooling (how the sentence
-encoder was trained) learns. Decision thresholds are tuned on validation (one global and one per label, each
-maximising F1); test is scored once with them. The thresholds travel with the model (`thresholds.json`).
+encoder was trained) learns. Decision thresholds are tuned on validation (one global and one per label with at
+least `MIN_POSITIVES` validation positives, each maximising F1); test is scored once with them, validation with
+thresholds cross-fitted on its halves. The thresholds travel with the model (`thresholds.json`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from afinar.core.errors import AfinarError
 from afinar.core.runs import Run, write_json
 from afinar.data import sources as data_lib
 from afinar.data.checks import apply_policies, format_report, run_checks_cached
+from afinar.evaluation.diagnosis import Baseline
 from afinar.reporting import pages
 from afinar.tasks.base import Task
 from afinar.training.lifecycle import TaskData
@@ -36,7 +38,10 @@ from afinar.training.lifecycle import TaskData
 log = logging.getLogger(__name__)
 
 THRESHOLDS_FILE = "thresholds.json"
+THRESHOLDS_TUNED = "tuned on validation"
+THRESHOLDS_CROSS_FITTED = "cross-fitted: each half of validation scored with thresholds tuned on the other half"
 GRID = np.round(np.arange(0.05, 0.96, 0.05), 2)  # candidate thresholds
+MIN_POSITIVES = 5  # validation positives a label needs for a threshold of its own
 
 
 # ---------------------------------------------------------------- data
@@ -268,20 +273,17 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits))
 
 
-def multilabel_report(targets: np.ndarray, probabilities: np.ndarray, thresholds: np.ndarray,
-                      label_names: list[str]) -> dict:
-    """Micro/macro-F1, subset accuracy, label cardinality and per-label precision/recall/F1/support."""
+def multilabel_report(targets: np.ndarray, predicted: np.ndarray, label_names: list[str]) -> dict:
+    """Micro/macro-F1, subset accuracy, label cardinality, per-label precision/recall/F1/support, and the
+    text-blind baseline the diagnosis compares macro-F1 with (`text_blind_macro_f1`)."""
     from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-    predicted = (probabilities >= thresholds).astype(int)
-    targets = targets.astype(int)
+    targets, predicted = targets.astype(int), predicted.astype(int)
     precision, recall, f1, support = precision_recall_fscore_support(targets, predicted, zero_division=0)
-    sets = [tuple(np.flatnonzero(row)) for row in targets]
-    common = max(set(sets), key=sets.count) if sets else ()
     return {"macro_f1": float(f1_score(targets, predicted, average="macro", zero_division=0)),
             "micro_f1": float(f1_score(targets, predicted, average="micro", zero_division=0)),
             "accuracy": float((predicted == targets).all(axis=1).mean()),  # subset accuracy: every label right
-            "majority_baseline": float(sets.count(common) / max(len(sets), 1)),  # the commonest label set
+            "baseline": Baseline("macro_f1", text_blind_macro_f1(targets), TEXT_BLIND).to_dict(),
             "cardinality": {"true": float(targets.sum(axis=1).mean()),
                             "predicted": float(predicted.sum(axis=1).mean())},
             "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
@@ -289,9 +291,20 @@ def multilabel_report(targets: np.ndarray, probabilities: np.ndarray, thresholds
             "n": int(len(targets))}
 
 
+TEXT_BLIND = "predicting each label for every row or for none, whichever scores better"
+
+
+def text_blind_macro_f1(targets: np.ndarray) -> float:
+    """The macro-F1 of the best predictor that never reads the text: per label, all rows (F1 = 2p / (1 + p) at
+    prevalence p) or none (F1 = 0). Sparse labels make it low, so a model is not called useless for missing
+    the commonest label set (mostly the empty one), as subset accuracy against it would."""
+    prevalence = targets.astype(float).mean(axis=0) if len(targets) else np.zeros(targets.shape[1])
+    return float(np.mean(2 * prevalence / (1 + prevalence)))
+
+
 def tune_thresholds(targets: np.ndarray, probabilities: np.ndarray) -> tuple[float, np.ndarray]:
-    """The global threshold with the best macro-F1, and per label the one with the best F1 (the global one for
-    a label without validation positives)."""
+    """The global threshold with the best macro-F1, and per label the one with the best F1; a label with fewer
+    than `MIN_POSITIVES` positives keeps the global one (one or two rows would pick a threshold by chance)."""
     from sklearn.metrics import f1_score
 
     targets = targets.astype(int)
@@ -299,10 +312,24 @@ def tune_thresholds(targets: np.ndarray, probabilities: np.ndarray) -> tuple[flo
                                                     zero_division=0), -abs(t - 0.5)))
     per_label = np.full(targets.shape[1], best_global)
     for j in range(targets.shape[1]):
-        if targets[:, j].any():
+        if targets[:, j].sum() >= MIN_POSITIVES:
             per_label[j] = max(GRID, key=lambda t: (f1_score(targets[:, j], (probabilities[:, j] >= t).astype(int),
                                                              zero_division=0), -abs(t - best_global)))
     return float(best_global), per_label
+
+
+def cross_fitted(targets: np.ndarray, probabilities: np.ndarray, seed: int, folds: int = 2
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions for the rows that tune the thresholds, each fold's with thresholds tuned on the other folds:
+    per-label and global. Scored with the thresholds they chose themselves, the same rows read optimistic."""
+    order = np.random.default_rng(seed).permutation(len(targets))
+    per_label, global_only = np.zeros_like(targets, dtype=int), np.zeros_like(targets, dtype=int)
+    for part in np.array_split(order, folds):
+        rest = np.setdiff1d(order, part)
+        best_global, thresholds = tune_thresholds(targets[rest], probabilities[rest])
+        per_label[part] = probabilities[part] >= thresholds
+        global_only[part] = probabilities[part] >= best_global
+    return per_label, global_only
 
 
 def trainer_metrics(eval_pred) -> dict[str, float]:
@@ -324,6 +351,7 @@ def trainer_metrics(eval_pred) -> dict[str, float]:
 class _Prepared:
     splits: data_lib.Splits
     profile: dict
+    seed: int  # for the validation halves of the cross-fitted thresholds
     thresholds: dict | None = None  # set by `score`, saved by `after_training`
 
 
@@ -371,7 +399,7 @@ class MultiLabel(Task):
                              "rows": {name: len(ds) for name, ds in splits.items()}, "multilabel": True},
                     "class_weights": None if weights is None else dict(zip(splits.label_names, weights))}
         return TaskData(tokenized["train"], tokenized["validation"], tokenized.get("test"), manifest, notes,
-                        {**report.to_dict(), "labels": profile}, _Prepared(splits, profile),
+                        {**report.to_dict(), "labels": profile}, _Prepared(splits, profile, config.train.seed),
                         None if weights is None else WeightedBCE(weights))
 
     def load_model(self, config: Config, model_path: str, tokenizer, data: TaskData):
@@ -391,13 +419,21 @@ class MultiLabel(Task):
         probabilities = {name: sigmoid(np.asarray(o.predictions)) for name, o in outputs.items()}
         targets = {name: np.asarray(o.label_ids) for name, o in outputs.items()}
         best_global, per_label = tune_thresholds(targets["validation"], probabilities["validation"])
-        prepared.thresholds = {"global": best_global, "per_label": dict(zip(names, per_label.tolist()))}
+        prepared.thresholds = {"global": best_global, "per_label": dict(zip(names, per_label.tolist())),
+                               "min_positives": MIN_POSITIVES}
+        predictions = {name: (probabilities[name] >= per_label, probabilities[name] >= best_global)
+                       for name in outputs}
+        # validation tuned the thresholds: its figures come from thresholds tuned on its other half
+        predictions["validation"] = cross_fitted(targets["validation"], probabilities["validation"],
+                                                 prepared.seed)
         scores = {}
         for name in outputs:
-            report = multilabel_report(targets[name], probabilities[name], per_label, names)
-            report["global_threshold"] = {k: v for k, v in multilabel_report(
-                targets[name], probabilities[name], np.full(len(names), best_global), names).items()
-                if k in ("macro_f1", "micro_f1", "accuracy")}
+            with_per_label, with_global = predictions[name]
+            report = multilabel_report(targets[name], with_per_label, names)
+            report["global_threshold"] = {k: v for k, v in multilabel_report(targets[name], with_global, names
+                                                                             ).items()
+                                          if k in ("macro_f1", "micro_f1", "accuracy")}
+            report["thresholds"] = THRESHOLDS_CROSS_FITTED if name == "validation" else THRESHOLDS_TUNED
             report["loss"] = float(outputs[name].metrics.get("eval_loss", float("nan")))
             scores[name] = report
         return scores
@@ -416,10 +452,13 @@ class MultiLabel(Task):
         for split in ("validation", "test"):
             if split in metrics:
                 m = metrics[split]
-                lines.append(f"| {split} | {m['macro_f1']:.4f} | {m['micro_f1']:.4f} | {m['accuracy']:.4f} | "
+                lines.append(f"| {split}{' (cross-fitted thresholds)' if split == 'validation' else ''} | {m['macro_f1']:.4f} | {m['micro_f1']:.4f} | {m['accuracy']:.4f} | "
                              f"{m['global_threshold']['macro_f1']:.4f} | {m['n']:,} |")
         lines += ["", f"Thresholds tuned on validation: one global ({metrics['thresholds']['global']:.2f}) and one "
-                      "per label (the table's headline).", "", "Notes:"] + [f"- {n}" for n in data.notes] + [""]
+                      f"per label with at least {MIN_POSITIVES} validation positives (the table's headline; the "
+                      f"others keep the global one). Test is scored with them; the validation row with thresholds "
+                      f"cross-fitted on its two halves, since scoring rows with the thresholds they chose reads "
+                      f"optimistic.", "", "Notes:"] + [f"- {n}" for n in data.notes] + [""]
         return "\n".join(lines)
 
     # ---------------------------------------------------------------- after training
@@ -433,12 +472,15 @@ class MultiLabel(Task):
             if m := metrics.get(split):
                 one = m["global_threshold"]
                 lines.append(f"{split}: macro-F1 {m['macro_f1']:.4f}  micro-F1 {m['micro_f1']:.4f}  subset accuracy "
-                             f"{m['accuracy']:.4f} (thresholds per label; one global threshold: macro-F1 "
-                             f"{one['macro_f1']:.4f}, micro-F1 {one['micro_f1']:.4f}; n={m['n']:,})")
+                             f"{m['accuracy']:.4f} (thresholds per label, {m.get('thresholds', THRESHOLDS_TUNED)}; "
+                             f"one global threshold: macro-F1 {one['macro_f1']:.4f}, micro-F1 "
+                             f"{one['micro_f1']:.4f}; n={m['n']:,})")
         return lines
 
     def metrics_html(self, metrics: dict) -> str:
-        return pages.metrics_table(metrics, ["macro_f1", "micro_f1", "loss"])
+        return (pages.metrics_table(metrics, ["macro_f1", "micro_f1", "loss"])
+                + f"<p class='muted'>Per-label thresholds. Test: {THRESHOLDS_TUNED}. Validation: "
+                  f"{THRESHOLDS_CROSS_FITTED}.</p>")
 
     def report_sections(self, run: Run, metrics: dict) -> list[str]:
         return pages.per_label_sections(metrics)
