@@ -81,8 +81,19 @@ def test_a_single_text_model_refuses_pairs_and_both_kinds_at_once(run_dir):
         both = client.post("/predict", json={"texts": ["x"], "pairs": [["a", "b"]]})
         neither = client.post("/predict", json={})
     assert pairs.status_code == 422 and "reads one text per input" in pairs.json()["detail"]
-    assert both.status_code == 422 and "either texts or pairs" in both.json()["detail"]
+    assert both.status_code == 422 and "reads one text per input" in both.json()["detail"]
     assert neither.status_code == 422
+
+
+def test_a_runs_schema_offers_only_the_inputs_it_reads(run_dir):
+    """schemathesis found `{"pairs": [["", ""]]}` valid by the schema and refused by a single-text run (ST202):
+    a run's /predict schema now names its own shape only."""
+    with TestClient(create_app(run_dir)) as client:
+        schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    request = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert set(request["properties"]) == {"texts"} and request["required"] == ["texts"]
+    assert request["additionalProperties"] is False and request["properties"]["texts"]["minItems"] == 1
 
 
 def test_concurrent_requests_share_micro_batches(classifier):

@@ -337,3 +337,29 @@ def test_a_template_without_a_generation_prompt_is_refused(gpt2_tokenizer):
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     with pytest.raises(AfinarError, match="adds nothing for add_generation_prompt"):
         chat.encode(tokenizer, CONVERSATION, 512)
+
+
+def test_the_openai_schema_and_server_agree_on_what_is_valid(sft_run):
+    """What schemathesis (`--checks all`) found: 0 taken for stream=false, a negative seed and a tiny temperature
+    failing with 500s, an empty prompt and max_tokens past the model's positions refused though schema-valid."""
+    from fastapi.testclient import TestClient
+
+    from afinar.serving.app import create_app
+
+    ask = {"model": "m", "messages": [{"role": "user", "content": "Name a colour."}]}
+    with TestClient(create_app(sft_run.run_dir)) as client:
+        schema = client.get("/openapi.json").json()["components"]["schemas"]
+        for body, message in (({**ask, "stream": 0}, "stream must be false"), ({**ask, "n": True}, "n must be"),
+                              ({**ask, "seed": -1}, "seed"), ({**ask, "max_tokens": True}, "max_tokens must be")):
+            refused = client.post("/v1/chat/completions", json=body)
+            assert refused.status_code == 422 and message in refused.json()["detail"], body
+        tiny = client.post("/v1/chat/completions", json={**ask, "temperature": 1e-271, "max_tokens": 3})
+        greedy = client.post("/v1/chat/completions", json={**ask, "temperature": 0, "max_tokens": 3})
+        assert tiny.status_code == 200 and tiny.json()["choices"] == greedy.json()["choices"]
+        long = client.post("/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 4096})
+        assert long.status_code == 200 and long.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        assert long.json()["usage"]["total_tokens"] <= 256  # the tiny Llama's positions
+        assert client.post("/v1/completions", json={"model": "m", "prompt": ""}).status_code == 422
+    assert schema["CompletionRequest"]["properties"]["prompt"]["minLength"] == 1
+    sampling = schema["ChatCompletionRequest"]["properties"]
+    assert sampling["seed"]["anyOf"][0]["minimum"] == 0 and sampling["stream"]["const"] is False

@@ -26,6 +26,8 @@ MAX_NEW_TOKENS = 128
 TEMPERATURE = 0.8  # 0 decodes greedily
 TOP_P = 0.95
 SEED = 0
+GREEDY_BELOW = 1e-4  # a temperature this small decodes greedily: dividing logits by it overflows to inf
+MAX_SEED = 2**32 - 1  # numpy's seed range, which `set_seed` seeds too
 
 
 @dataclass
@@ -116,23 +118,31 @@ class Generator:
             configured = self.tokenizer.eos_token_id
         return configured if isinstance(configured, list) else [configured]
 
-    def check_fits(self, prompt_ids: list[int], max_new_tokens: int) -> None:
-        if self.limit is not None and len(prompt_ids) + max_new_tokens > self.limit:
-            raise AfinarError(f"prompt ({len(prompt_ids)} tokens) plus {max_new_tokens} new tokens exceed the "
-                              f"model's {self.limit} positions")
+    def room(self, prompt_ids: list[int], max_new_tokens: int) -> int:
+        """New tokens the model can add after `prompt_ids`: `max_new_tokens` is "at most" (as in OpenAI's API),
+        so it is cut to the model's positions left (the answer then ends with finish reason "length"); a prompt
+        that leaves no position is an error."""
+        if self.limit is None:
+            return max_new_tokens
+        if len(prompt_ids) >= self.limit:
+            raise AfinarError(f"the prompt ({len(prompt_ids)} tokens) fills the model's {self.limit} positions; "
+                              f"shorten it")
+        return min(max_new_tokens, self.limit - len(prompt_ids))
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE,
                  top_p: float = TOP_P, seed: int | None = SEED) -> Generated:
         """New tokens after `prompt_ids`, up to and including a stop token. Sampling is seeded (same seed, same
-        device, same text; None: unseeded); `temperature=0` decodes greedily."""
+        device, same text; None: unseeded); a temperature below `GREEDY_BELOW` (0 included) decodes greedily."""
         import torch
         from transformers import set_seed
 
         if max_new_tokens <= 0 or temperature < 0 or not 0 < top_p <= 1:
             raise AfinarError(f"need max_new_tokens > 0, temperature >= 0 and 0 < top_p <= 1 (got {max_new_tokens}, "
                               f"{temperature}, {top_p})")
-        self.check_fits(prompt_ids, max_new_tokens)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise AfinarError(f"seed must be between 0 and {MAX_SEED} (got {seed})")
+        max_new_tokens = self.room(prompt_ids, max_new_tokens)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature >= GREEDY_BELOW else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         if seed is not None:
             set_seed(seed)

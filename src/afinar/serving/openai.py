@@ -20,14 +20,23 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from afinar.core.errors import AfinarError
 from afinar.core.runs import Run
-from afinar.inference.generation import MAX_NEW_TOKENS, SEED, TEMPERATURE, TOP_P, Generated, Generator
+from afinar.inference.generation import (
+    GREEDY_BELOW,
+    MAX_NEW_TOKENS,
+    MAX_SEED,
+    SEED,
+    TEMPERATURE,
+    TOP_P,
+    Generated,
+    Generator,
+)
 from afinar.serving.http import ErrorResponse, MicroBatcher, base_app
 from afinar.tasks import registry
 
@@ -38,28 +47,44 @@ class ChatMessage(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields such as `user` that change nothing here
+    """The sampling fields both endpoints share. What the schema calls invalid the server refuses (JSON's `true`
+    is not the number 1, nor `0` the boolean false, though pydantic's lax mode would take them); the features
+    this server lacks (streaming, several choices, stop sequences) are in the schema as their one supported
+    value, and asking for more gets a one-line 422 naming it."""
+
+    model_config = ConfigDict(extra="ignore")  # clients send fields such as `user`: ignored
 
     model: str = Field(description="Any name: the server serves one model.")
     max_tokens: int | None = Field(default=None, ge=1, le=4096,
-                                   description=f"New tokens at most (default {MAX_NEW_TOKENS}).")
-    temperature: float = Field(default=TEMPERATURE, ge=0, le=2, description="0 decodes greedily (deterministic).")
+                                   description=f"New tokens at most (default {MAX_NEW_TOKENS}); cut to the positions "
+                                               f"the model has left after the prompt (finish_reason length).")
+    temperature: float = Field(default=TEMPERATURE, ge=0, le=2, description=f"0 (or below {GREEDY_BELOW:g}) "
+                                                                             f"decodes greedily (deterministic).")
     top_p: float = Field(default=TOP_P, gt=0, le=1)
-    seed: int | None = Field(default=SEED, description="Seeds sampling; same seed, same answer (as afinar generate); "
-                                                       "null: unseeded.")
-    stream: bool = False
-    n: int = 1
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=SEED, ge=0, le=MAX_SEED, description="Seeds sampling; same seed, same answer (as "
+                                                                          "afinar generate); null: unseeded.")
+    stream: Literal[False] = Field(default=False, description="Streaming is not supported.")
+    n: Literal[1] = Field(default=1, description="One choice per request.")
+    stop: Annotated[list[str], Field(max_length=0)] | Literal[""] | None = Field(
+        default=None, description="Stop sequences are not supported: leave it out, null or empty.")
 
-    @model_validator(mode="after")
-    def _supported(self):
-        if self.stream:
-            raise ValueError("stream=true is not supported by this server; send stream=false")
-        if self.n != 1:
-            raise ValueError("n must be 1 on this server")
-        if self.stop:
-            raise ValueError("stop sequences are not supported by this server")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _supported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if data.get("stream") is True:
+                raise ValueError("stream=true is not supported by this server; send stream=false")
+            if "stream" in data and not isinstance(data["stream"], bool):
+                raise ValueError("stream must be false")
+            numbers = [key for key in ("max_tokens", "seed", "n", "temperature", "top_p")
+                       if isinstance(data.get(key), bool)]
+            if numbers:
+                raise ValueError(f"{numbers[0]} must be a number, not true or false")
+            if data.get("n", 1) != 1:
+                raise ValueError("n must be 1 on this server")
+            if data.get("stop"):
+                raise ValueError("stop sequences are not supported by this server")
+        return data
 
 
 class ChatCompletionRequest(_Sampling):
@@ -67,7 +92,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str = Field(description="Text to continue (a causal_lm run) or to answer (an sft run).")
+    prompt: str = Field(min_length=1, description="Text to continue (a causal_lm run) or to answer (an sft run).")
 
 
 class Usage(BaseModel):
@@ -159,9 +184,8 @@ def create_generation_app(run_dir: str | Path, token: str | None, max_text_chars
               503: {"model": ErrorResponse, "description": "Too many requests waiting, or generation took too long"}}
 
     def job(prompt_ids: list[int], request: _Sampling) -> GenerationJob:
-        max_tokens = request.max_tokens or default_max_tokens
         try:
-            generator.check_fits(prompt_ids, max_tokens)
+            max_tokens = generator.room(prompt_ids, request.max_tokens or default_max_tokens)
         except AfinarError as exc:
             raise HTTPException(413, str(exc)) from None
         return GenerationJob(prompt_ids, max_tokens, request.temperature, request.top_p, request.seed)

@@ -4,7 +4,7 @@ predictor a task loads for its runs (`Task.load_predictor`), on the shared HTTP 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,17 +24,21 @@ def _texts_or_pairs(schema: dict) -> None:
     schema["oneOf"] = [{"required": ["texts"]}, {"required": ["pairs"]}]
 
 
-class PredictRequest(BaseModel):
-    """Either `texts` or `pairs`, never both: the schema says so (`oneOf`), as the validators do."""
+class _Inputs(BaseModel):
+    """What every request shape shares: no unknown fields, no explicit nulls, no text the tokenizer would choke
+    on."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_texts_or_pairs)
+    model_config = ConfigDict(extra="forbid")
+    refuses: ClassVar[tuple[str, str] | None] = None  # (the other shape's field, what to send instead)
 
-    texts: list[str] | None = Field(default=None, min_length=1,
-                                    description="Texts to classify; predictions come back in this order.")
-    pairs: list[tuple[str, str]] | None = Field(default=None, min_length=1,
-                                                description="Sentence pairs, for a model trained on pairs.")
+    @model_validator(mode="before")
+    @classmethod
+    def _right_shape(cls, data: Any) -> Any:
+        if cls.refuses and isinstance(data, dict) and cls.refuses[0] in data:
+            raise ValueError(cls.refuses[1])
+        return data
 
-    @field_validator("texts", "pairs", mode="before")
+    @field_validator("texts", "pairs", mode="before", check_fields=False)
     @classmethod
     def _not_null(cls, items: Any) -> Any:
         """An explicit null is not a list: the schema does not allow it, so neither does the server."""
@@ -42,7 +46,7 @@ class PredictRequest(BaseModel):
             raise ValueError("must be a list; leave the field out instead of sending null")
         return items
 
-    @field_validator("texts", "pairs")
+    @field_validator("texts", "pairs", check_fields=False)
     @classmethod
     def _encodable(cls, items: list | None) -> list | None:
         """JSON can carry lone surrogates (`"\\ud800"`); the tokenizer would fail on them mid-batch and take the
@@ -55,14 +59,48 @@ class PredictRequest(BaseModel):
                 raise ValueError(f"text {i} is not valid Unicode (it holds a lone surrogate)") from None
         return items
 
+    def inputs(self) -> list[str] | list[tuple[str, str]]:
+        texts = getattr(self, "texts", None)
+        return texts if texts is not None else [tuple(p) for p in self.pairs]
+
+
+TEXTS = "Texts to classify; predictions come back in this order."
+PAIRS = "Sentence pairs, for a model trained on pairs; predictions come back in this order."
+
+
+class TextsRequest(_Inputs):
+    """A run that reads one text per input: `texts` only, so the schema offers nothing the server refuses."""
+
+    refuses = ("pairs", "this model reads one text per input: send {\"texts\": [...]}")
+    texts: list[str] = Field(min_length=1, description=TEXTS)
+
+
+class PairsRequest(_Inputs):
+    """A run trained on sentence pairs: `pairs` only."""
+
+    refuses = ("texts", "this model reads sentence pairs: send {\"pairs\": [[a, b], ...]}")
+    pairs: list[tuple[str, str]] = Field(min_length=1, description=PAIRS)
+
+
+class PredictRequest(_Inputs):
+    """Either `texts` or `pairs`, never both, for a classifier served without a run (which could read either):
+    the schema says so (`oneOf`), as the validators do."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_texts_or_pairs)
+
+    texts: list[str] | None = Field(default=None, min_length=1, description=TEXTS)
+    pairs: list[tuple[str, str]] | None = Field(default=None, min_length=1, description=PAIRS)
+
     @model_validator(mode="after")
     def _one_kind(self):
         if (self.texts is None) == (self.pairs is None):
             raise ValueError("give either texts or pairs")
         return self
 
-    def inputs(self) -> list[str] | list[tuple[str, str]]:
-        return self.texts if self.texts is not None else [tuple(p) for p in self.pairs]
+
+def request_model(pairs: bool | None) -> type[_Inputs]:
+    """The request shape a run reads (`None`: no run, so either)."""
+    return PredictRequest if pairs is None else PairsRequest if pairs else TextsRequest
 
 
 class ScoredLabel(BaseModel):
@@ -105,8 +143,8 @@ def create_predict_app(run: Run | None, classifier: Scorer, token: str | None, m
     `run` is None: /info then reports no run and either texts or pairs are accepted)."""
     labels = list(classifier.labels)
     pairs = reads_pairs(run) if run else None  # None: a classifier given without a run, either kind accepted
-    metrics = {split: scores for split, scores in (run.metrics() if run else {}).items()
-               if split in ("validation", "test")}
+    metrics = {split: {key: value for key, value in scores.items() if key != "rows"}  # per-row labels stay home
+               for split, scores in (run.metrics() if run else {}).items() if split in ("validation", "test")}
     info = InfoResponse(run=run.path.name if run else None, model=run.config().model.name if run else None,
                         labels=labels, metrics=metrics, backend=getattr(classifier, "backend", None),
                         limits=Limits(max_batch=max_batch, max_texts=max_texts, max_text_chars=max_text_chars,
@@ -122,17 +160,10 @@ def create_predict_app(run: Run | None, classifier: Scorer, token: str | None, m
         """The run, its labels, its validation and test metrics, and the request limits."""
         return info
 
-    @app.post("/predict", response_model=PredictResponse, dependencies=guarded, responses={
-        **errors, 413: {"model": ErrorResponse, "description": "Too many texts, a text or the body too long"},
-        408: {"model": ErrorResponse, "description": "The body did not arrive in time"},
-        503: {"model": ErrorResponse, "description": "Too many requests waiting, or scoring took too long"}})
     async def predict(request: PredictRequest) -> PredictResponse:
         """The most probable label and every label's probability for each text (or sentence pair), in input
         order."""
         inputs = request.inputs()
-        if pairs is not None and (request.pairs is not None) != pairs:
-            raise HTTPException(422, "this model reads sentence pairs: send {\"pairs\": [[a, b], ...]}" if pairs
-                                else "this model reads one text per input: send {\"texts\": [...]}")
         if len(inputs) > max_texts:
             raise HTTPException(413, f"{len(inputs):,} texts in one request; the limit is max_texts={max_texts:,}")
         for i, item in enumerate(inputs):
@@ -151,5 +182,10 @@ def create_predict_app(run: Run | None, classifier: Scorer, token: str | None, m
                         labels=None if thresholds is None else
                         [name for name, p, t in zip(labels, row, thresholds) if p >= t]) for row in rows])
 
+    predict.__annotations__["request"] = request_model(pairs)  # the run's own shape, in the schema and validation
+    app.post("/predict", response_model=PredictResponse, dependencies=guarded, responses={
+        **errors, 413: {"model": ErrorResponse, "description": "Too many texts, a text or the body too long"},
+        408: {"model": ErrorResponse, "description": "The body did not arrive in time"},
+        503: {"model": ErrorResponse, "description": "Too many requests waiting, or scoring took too long"}})(predict)
     return app
 
