@@ -95,7 +95,7 @@ def test_halving_the_batch_and_doubling_accumulation_keeps_every_step_s_rows(tin
 
 def resumable(model, train_file, test_file, out, name):
     return tiny_overrides(model, train_file, test_file, out, **{
-        "train.run_name": name, "train.max_steps": 60, "train.eval_every": 20, "train.batch_size": 8,
+        "train.run_name": name, "train.max_steps": 40, "train.eval_every": 20, "train.batch_size": 8,
         "train.logging_steps": 5, "train.learning_rate": 3e-4, "train.keep_checkpoints": True,
         "train.precision": "fp32"})
 
@@ -133,7 +133,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_bert, tweets_json
     got = json.loads((killed / "metrics.json").read_text())
     for split in ("validation", "test"):
         assert got[split] == expected[split]  # exactly, on CPU
-    assert got["train"]["steps"] == expected["train"]["steps"] == 60
+    assert got["train"]["steps"] == expected["train"]["steps"] == 40
     assert Run.open(killed).status() == "finished"
 
 
