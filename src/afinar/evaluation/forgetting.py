@@ -139,9 +139,14 @@ def _windows(n_tokens: int, block_size: int, stride: int) -> list[tuple[int, int
     return windows
 
 
+LOGITS_BUDGET_BYTES = 512 * 2**20  # the window batch's logits (three fp32 copies: output, .float(), log-softmax)
+
+
 def perplexity_stats(model, tokenizer, text: str, block_size: int, stride: int, max_tokens: int | None = None,
                      batch_size: int = 4) -> dict:
-    """Perplexity and the number of tokens it scored; see `perplexity`."""
+    """Perplexity and the number of tokens it scored; see `perplexity`. The window batch is capped so that its
+    logits stay within `LOGITS_BUDGET_BYTES`: 32 windows of 256 tokens over SmolLM2's 49,152-word vocabulary are
+    1.6 GB of fp32 logits per copy, and the forgetting check after an sft run peaked at 9.9 GB of RAM."""
     import torch
     import torch.nn.functional as F
 
@@ -157,6 +162,8 @@ def perplexity_stats(model, tokenizer, text: str, block_size: int, stride: int, 
     if len(ids) < 2:
         raise AfinarError("perplexity needs a text of at least two tokens")
     device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    batch_size = max(1, min(batch_size, LOGITS_BUDGET_BYTES // (block_size * vocab * 4 * 3)))
     was_training = model.training
     model.eval()
     nll, scored = 0.0, 0
