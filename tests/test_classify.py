@@ -226,7 +226,7 @@ def test_bootstrap_intervals_cover_the_point_estimate_and_shrink_with_more_rows(
     assert bootstrap_interval(gold, predicted, 3) == report["ci95"]  # seeded: the same interval every time
 
 
-def test_every_interval_holds_its_point_whatever_the_classes_present():
+def test_intervals_hold_their_point_with_absent_classes_and_tiny_n():
     """Random confusion matrices with absent classes and tiny n: the point (sklearn, over the classes the rows
     mention) lies inside its interval. The quickstart model on negative/positive tweets only, a class it never
     predicts, read macro-F1 0.9711 with an interval of [0.6379, 0.6570] when absent classes counted as 0."""
@@ -267,3 +267,7 @@ def test_a_paired_interval_says_a_real_gap_is_real_and_none_is_noise():
     assert paired_difference(gold, a, a, 3)["accuracy"] == {"delta": 0.0, "ci95": [0.0, 0.0], "within_noise": True}
     with pytest.raises(ValueError, match="the same rows"):
         paired_difference(gold, a, b[:-1], 3)
+    from afinar.evaluation.metrics import paired_rows
+
+    empty = {"rows": {"gold": [], "predicted": []}, "labels": ["a"]}
+    assert paired_rows(empty, empty) is None and paired_rows({"accuracy": 0.5}, empty) is None  # nothing to pair

@@ -117,4 +117,8 @@ def test_diff_of_runs_on_different_rows_shows_separate_intervals_and_claims_no_n
     assert cli.main(["diff", str(a.run_dir), str(other)]) == 0
     test_lines = capsys.readouterr().out.split("test metrics (B - A):")[1]
     assert "not the same rows, so not paired" in test_lines and "noise" not in test_lines
+    del metrics["test"]["rows"]  # as a run written before rows were recorded
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    assert cli.main(["diff", str(a.run_dir), str(other)]) == 0
+    assert "a run did not record its rows, so not paired" in capsys.readouterr().out
 

@@ -82,6 +82,8 @@ def test_validation_figures_come_from_cross_fitted_thresholds_not_the_ones_they_
     unseen_f1 = multilabel_report(unseen_targets, unseen >= per_label, list("abcdef"))["macro_f1"]
     crossed = multilabel_report(targets, cross_fitted(targets, probabilities, seed=0)[0], list("abcdef"))["macro_f1"]
     assert same_rows > unseen_f1 + 0.02 and abs(crossed - unseen_f1) < same_rows - unseen_f1
+    one_row = cross_fitted(targets[:1], probabilities[:1], seed=0)  # no half to tune on: no crash
+    assert one_row[0].shape == (1, 6)
 
 
 def test_the_diagnosis_baseline_for_label_sets_is_text_blind_macro_f1():

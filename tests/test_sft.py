@@ -350,7 +350,8 @@ def test_the_openai_schema_and_server_agree_on_what_is_valid(sft_run):
     with TestClient(create_app(sft_run.run_dir)) as client:
         schema = client.get("/openapi.json").json()["components"]["schemas"]
         for body, message in (({**ask, "stream": 0}, "stream must be false"), ({**ask, "n": True}, "n must be"),
-                              ({**ask, "seed": -1}, "seed"), ({**ask, "max_tokens": True}, "max_tokens must be")):
+                              ({**ask, "seed": -1}, "seed"), ({**ask, "max_tokens": True}, "max_tokens must be"),
+                              ({**ask, "temperature": "0.7"}, "temperature must be a number")):
             refused = client.post("/v1/chat/completions", json=body)
             assert refused.status_code == 422 and message in refused.json()["detail"], body
         tiny = client.post("/v1/chat/completions", json={**ask, "temperature": 1e-271, "max_tokens": 3})

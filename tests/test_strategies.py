@@ -292,3 +292,13 @@ def test_setfit_few_shot_fine_tuning_learns_from_48_real_tweets(tmp_path):
     assert result.test_accuracy >= majority + 0.05, (result.test_accuracy, majority)
     assert result.details["pairs"] == 320 and result.details["package"] == "setfit"
     assert result.trainable_params > 22_000_000  # the whole encoder is tuned, then the head
+
+
+def test_strategies_that_cannot_be_paired_are_said_so_and_warnings_are_shown(tmp_path):
+    from afinar.experiments.compare import ComparisonResult, markdown
+
+    old = [StrategyResult("a", "m", validation={"accuracy": 0.70}), StrategyResult("b", "m", validation={"accuracy": 0.69})]
+    assert "no paired comparison says whether their 1.0-point gap is noise" in recommend(old, 0.5)[1]
+    old[1].details["warning"] = "prompts that could not fit data.max_length were skipped, not scored: 3 test rows"
+    table = markdown(ComparisonResult(tmp_path, old, "a", "x", {"train": 1}, LABELS, {}, "m"))
+    assert "- b: prompts that could not fit data.max_length were skipped" in table

@@ -212,8 +212,9 @@ def fit_prompt(tokenizer, prompt: Messages, budget: int) -> Messages | None:
             if not content:
                 break
             fitted[index]["content"] = _without_middle(tokenizer, content, max(0, len(content) - excess))
-        else:
-            fitted[index]["content"] = ""
+        else:  # eight cuts did not settle it: empty this turn unless the last cut already fits
+            if len(render_ids(tokenizer, fitted, generation_prompt=True)) > budget:
+                fitted[index]["content"] = ""
     return fitted if len(render_ids(tokenizer, fitted, generation_prompt=True)) <= budget else None
 
 

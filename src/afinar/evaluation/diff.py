@@ -73,7 +73,8 @@ def diff_runs(run_a: str | Path, run_b: str | Path) -> RunDiff:
                 result.metrics.setdefault(split, {})[key] = {
                     "a": scored_a[key], "b": scored_b[key], "delta": scored_b[key] - scored_a[key],
                     "ci95_a": (scored_a.get("ci95") or {}).get(key), "ci95_b": (scored_b.get("ci95") or {}).get(key),
-                    "paired_ci95": (paired.get(key) or {}).get("ci95")}
+                    "paired_ci95": (paired.get(key) or {}).get("ci95"),
+                    "rows_recorded": bool(scored_a.get("rows") and scored_b.get("rows"))}
     return result
 
 
@@ -93,7 +94,8 @@ def format_diff(diff: RunDiff) -> str:
                 noise = (f"; same rows, 95% paired interval [{low:+.4f}, {high:+.4f}]: "
                          + ("within noise" if low <= 0 <= high else "beyond noise"))
             elif row["ci95_a"] and row["ci95_b"]:
-                noise = (f"; not the same rows, so not paired: 95% intervals [{row['ci95_a'][0]:.4f}, "
+                why = "not the same rows" if row.get("rows_recorded") else "a run did not record its rows"
+                noise = (f"; {why}, so not paired: 95% intervals [{row['ci95_a'][0]:.4f}, "
                          f"{row['ci95_a'][1]:.4f}] and [{row['ci95_b'][0]:.4f}, {row['ci95_b'][1]:.4f}]")
             lines.append(f"  {key}: {row['a']:.4f} -> {row['b']:.4f} ({row['delta']:+.4f}{noise})")
     return "\n".join(lines)

@@ -162,7 +162,8 @@ def perplexity_stats(model, tokenizer, text: str, block_size: int, stride: int, 
     if len(ids) < 2:
         raise AfinarError("perplexity needs a text of at least two tokens")
     device = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0]
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
     batch_size = max(1, min(batch_size, LOGITS_BUDGET_BYTES // (block_size * vocab * 4 * 3)))
     was_training = model.training
     model.eval()

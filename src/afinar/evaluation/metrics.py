@@ -37,6 +37,17 @@ def classification_report(labels: np.ndarray, predictions: np.ndarray, label_nam
             "rows": {"gold": labels.tolist(), "predicted": predictions.tolist()}}
 
 
+RESAMPLE_CHUNK = 50  # resamples drawn at once: memory is chunk x rows indices, not samples x rows
+
+
+def resamples(n: int, samples: int, seed: int):
+    """Row-index matrices (at most `RESAMPLE_CHUNK` resamples of `n` rows each) from one seeded generator, so a
+    bootstrap over 400,000 rows does not hold 1,000 x 400,000 indices at once."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, samples, RESAMPLE_CHUNK):
+        yield rng.integers(0, n, (min(RESAMPLE_CHUNK, samples - start), n))
+
+
 def _resampled_scores(labels: np.ndarray, predictions: np.ndarray, classes: int, rows: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Accuracy and macro-F1 of each resample (one per row of `rows`, a matrix of row indices), scored from its
@@ -64,8 +75,8 @@ def bootstrap_interval(labels: np.ndarray, predictions: np.ndarray, classes: int
     n = len(labels)
     if n == 0:
         return {"accuracy": [float("nan")] * 2, "macro_f1": [float("nan")] * 2}
-    rows = np.random.default_rng(seed).integers(0, n, (samples, n))
-    accuracy, macro_f1 = _resampled_scores(labels, predictions, classes, rows)
+    scored = [_resampled_scores(labels, predictions, classes, rows) for rows in resamples(n, samples, seed)]
+    accuracy, macro_f1 = (np.concatenate(part) for part in zip(*scored))
     return {"accuracy": np.percentile(accuracy, [2.5, 97.5]).round(4).tolist(),
             "macro_f1": np.percentile(macro_f1, [2.5, 97.5]).round(4).tolist()}
 
@@ -82,11 +93,14 @@ def paired_difference(labels: np.ndarray, predictions_a: np.ndarray, predictions
         raise ValueError(f"a paired comparison needs the same rows: {len(labels)} gold, {len(a)} and {len(b)} "
                          f"predictions")
     point_a, point_b = headline(labels, a), headline(labels, b)
-    rows = np.random.default_rng(seed).integers(0, len(labels), (samples, len(labels)))
-    scores_a, scores_b = _resampled_scores(labels, a, classes, rows), _resampled_scores(labels, b, classes, rows)
+    differences = []  # per chunk: (accuracy, macro-F1) of B minus A on the same resampled rows
+    for rows in resamples(len(labels), samples, seed):
+        scores_a, scores_b = _resampled_scores(labels, a, classes, rows), _resampled_scores(labels, b, classes, rows)
+        differences.append([scores_b[k] - scores_a[k] for k in range(2)])
     out = {}
     for index, key in enumerate(("accuracy", "macro_f1")):
-        interval = np.percentile(scores_b[index] - scores_a[index], [2.5, 97.5]).round(4).tolist()
+        difference = np.concatenate([chunk[index] for chunk in differences])
+        interval = np.percentile(difference, [2.5, 97.5]).round(4).tolist()
         out[key] = {"delta": point_b[key] - point_a[key], "ci95": interval,
                     "within_noise": bool(interval[0] <= 0 <= interval[1])}
     return out
@@ -96,7 +110,8 @@ def paired_rows(report_a: dict | None, report_b: dict | None) -> tuple[np.ndarra
     """Gold labels and both predictions when two reports scored the same rows (the same gold labels in the same
     order, the same label names), else None: then only their separate intervals can be shown."""
     rows_a, rows_b = (report_a or {}).get("rows"), (report_b or {}).get("rows")
-    if not rows_a or not rows_b or rows_a["gold"] != rows_b["gold"] or report_a.get("labels") != report_b.get("labels"):
+    if not rows_a or not rows_b or not rows_a["gold"] or rows_a["gold"] != rows_b["gold"] \
+            or report_a.get("labels") != report_b.get("labels"):
         return None
     return np.asarray(rows_a["gold"]), np.asarray(rows_a["predicted"]), np.asarray(rows_b["predicted"])
 

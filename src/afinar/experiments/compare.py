@@ -425,6 +425,11 @@ def _instruction_tune(config: Config, args: CompareArgs, prompt: PromptArgs, spl
     result = _trained_result("sft", prompt.model, trained, splits, args.sft_overrides)
     scored = trained.metrics.get("test") or trained.metrics["validation"]
     result.infer_texts_per_s = scored.get("texts_per_second")  # label continuations scored, texts/s
+    skipped = {split: trained.metrics[split]["rows_skipped"] for split in ("validation", "test")
+               if (trained.metrics.get(split) or {}).get("rows_skipped")}
+    if skipped:  # their accuracy is over fewer rows than the other strategies', and cannot be paired with them
+        result.details["warning"] = (f"prompts that could not fit data.max_length were skipped, not scored: "
+                                     f"{', '.join(f'{n:,} {split}' for split, n in skipped.items())} rows")
     result.details.update({"template": config.sft.template, "free_generation": trained.metrics.get("free_generation")})
     return result
 
@@ -505,6 +510,10 @@ def recommend(results: list[StrategyResult], tolerance_points: float = 1.0,
                     f"{runner_up.name} (95% paired bootstrap interval {100 * low:+.1f} to {100 * high:+.1f}): "
                     + ("within noise, so the two are not told apart." if gap["within_noise"] else
                        "a difference beyond noise."))
+    elif runner_up is not None:
+        text.append(f"{best.name} and {runner_up.name}, the best two on validation, did not record scoring the "
+                    f"same rows (an earlier afinar's result, or rows skipped), so no paired comparison says whether "
+                    f"their {100 * (best.val_accuracy - runner_up.val_accuracy):.1f}-point gap is noise.")
     if choice.test_accuracy is not None:
         text.append(f"Its test accuracy is {choice.test_accuracy:.3f}"
                     + (f" (majority class: {majority:.3f})." if majority is not None else "."))
@@ -534,6 +543,8 @@ def markdown(result: ComparisonResult) -> str:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells) + " |"
               for cells in comparison_rows([dataclasses.asdict(r) for r in result.results])]
+    warnings = [f"- {r.name}: {r.details['warning']}" for r in result.results if r.details.get("warning")]
+    lines += ["", "Warnings:", *warnings] if warnings else []
     bases = sorted({round(r.base_memory_mb) for r in result.results if r.base_memory_mb})
     held = f"{bases[0]:,}" if len(bases) == 1 else f"{bases[0]:,}–{bases[-1]:,}" if bases else ""
     lines += ["", f"Peak memory: {result.memory}" + (f" (that process held {held} MB before the strategy started)."

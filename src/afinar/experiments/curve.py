@@ -33,7 +33,7 @@ from afinar.core.models import load_tokenizer
 from afinar.core.runs import earlier_record, write_atomic, write_json
 from afinar.data import sources as data_lib
 from afinar.data.checks import checked_splits
-from afinar.evaluation.metrics import BOOTSTRAP_SAMPLES
+from afinar.evaluation.metrics import BOOTSTRAP_SAMPLES, resamples
 from afinar.experiments.compare import STRATEGIES, run_strategy
 
 log = logging.getLogger(__name__)
@@ -115,13 +115,12 @@ def resampled_accuracies(points: list[CurvePoint], samples: int = BOOTSTRAP_SAMP
     """(samples x points) validation accuracies on resampled validation rows, the same resample for every point
     (they score the same rows, so the resample is paired); None when the points did not keep their rows."""
     rows = [p.validation.get("rows") for p in points]
-    if not all(rows) or any(r["gold"] != rows[0]["gold"] for r in rows):
+    if not all(rows) or not rows[0]["gold"] or any(r["gold"] != rows[0]["gold"] for r in rows):
         return None
     gold = np.asarray(rows[0]["gold"])
     correct = np.stack([np.asarray(r["predicted"]) == gold for r in rows]).astype(float)  # points x n
-    picks = np.random.default_rng(seed).integers(0, len(gold), (samples, len(gold)))
-    counts = np.stack([np.bincount(pick, minlength=len(gold)) for pick in picks])  # samples x n
-    return counts @ correct.T / len(gold)
+    return np.concatenate([np.stack([np.bincount(pick, minlength=len(gold)) for pick in picks]) @ correct.T
+                           for picks in resamples(len(gold), samples, seed)]) / len(gold)
 
 
 def _lines(x: np.ndarray, y: np.ndarray) -> np.ndarray:

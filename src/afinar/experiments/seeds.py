@@ -104,16 +104,17 @@ def compare_seeds(config: Config, strategies: str | list[str], out_dir: str | Pa
             if rows is not None:
                 gaps.setdefault(name, []).append(float(np.mean(rows[2] == rows[0]) - np.mean(rows[1] == rows[0])))
     lines = [f"# Strategies over {count} seeds ({', '.join(map(str, seeds))})", "",
-             f"| strategy | val acc, mean ± std | test acc, mean ± std | test acc per seed | test acc − {best}, "
+             f"| strategy | val acc, mean ± std | test acc, mean ± std | test acc per seed | test acc − {best or 'best'}, "
              f"paired per seed: mean ± std |", "|---|---|---|---|---|"]
     for name, by_split in scores.items():
         cells = [f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else "—"
                  for v in (by_split.get("validation", []), by_split.get("test", []), gaps.get(name, []))]
         each = ", ".join(f"{v:.3f}" for v in by_split.get("test", []))
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {each} | {cells[2]} |")
-    lines += ["", f"{best} has the best mean validation accuracy. The last column is, per seed, this strategy's test "
-              f"accuracy minus {best}'s on the same test rows; its spread over seeds is the noise a choice between "
-              f"them has to beat."]
+    if best is not None:
+        lines += ["", f"{best} has the best mean validation accuracy. The last column is, per seed, this strategy's "
+                  f"test accuracy minus {best}'s on the same test rows (— where they did not score the same rows); "
+                  f"its spread over seeds is the noise a choice between them has to beat."]
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "seeds.json", {"seeds": seeds, "accuracy": scores, "paired_test_gap_vs_best": {
         "against": best, "per_seed": gaps}})

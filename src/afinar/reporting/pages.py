@@ -388,6 +388,10 @@ def write_comparison_report(folder: str | Path) -> Path:
                 f"with the best validation accuracy, on the same rows, 95% paired bootstrap interval (* beyond "
                 f"noise). Peak memory: {_e(comparison['memory'])}. "
                 f"Prompting rows show calibrated accuracy, raw in brackets.</p>"]
+    warnings = [f"<li>{_e(r['name'])}: {_e(r['details']['warning'])}</li>" for r in rows
+                if r.get("details", {}).get("warning")]
+    if warnings:
+        sections.append("<p>Warnings:</p><ul>" + "".join(warnings) + "</ul>")
     if rows:
         sections += [_img(plot_comparison_accuracy(rows, majority), "accuracy per strategy"),
                      _img(plot_comparison_cost(rows), "accuracy against cost")]

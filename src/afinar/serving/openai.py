@@ -48,7 +48,8 @@ class ChatMessage(BaseModel):
 
 class _Sampling(BaseModel):
     """The sampling fields both endpoints share. What the schema calls invalid the server refuses (JSON's `true`
-    is not the number 1, nor `0` the boolean false, though pydantic's lax mode would take them); the features
+    or `"5"` is not a number, nor `0` the boolean false, though pydantic's lax mode would take them; `5.0` is an
+    integer to JSON Schema, so lax mode stays for the rest); the features
     this server lacks (streaming, several choices, stop sequences) are in the schema as their one supported
     value, and asking for more gets a one-line 422 naming it."""
 
@@ -77,9 +78,9 @@ class _Sampling(BaseModel):
             if "stream" in data and not isinstance(data["stream"], bool):
                 raise ValueError("stream must be false")
             numbers = [key for key in ("max_tokens", "seed", "n", "temperature", "top_p")
-                       if isinstance(data.get(key), bool)]
+                       if isinstance(data.get(key), (bool, str))]
             if numbers:
-                raise ValueError(f"{numbers[0]} must be a number, not true or false")
+                raise ValueError(f"{numbers[0]} must be a number, not {data[numbers[0]]!r}")
             if data.get("n", 1) != 1:
                 raise ValueError("n must be 1 on this server")
             if data.get("stop"):

@@ -235,7 +235,8 @@ def label_log_probs(model, tokenizer, prompts: list[chat.Messages], labels: list
     renders them) after each prompt: constrained scoring, no free text.
 
     Every prompt is scored whole, generation prompt included: one too long for `max_length` with its longest
-    label has its user text shortened (`chat.fit_prompt`, as training did); one that cannot fit even then is
+    label has its user text shortened (`chat.fit_prompt`, as training shortens it to fit its own answer, so a
+    scored prompt is cut at most by the longest label's extra tokens more); one that cannot fit even then is
     skipped and counted, never scored on a cut prompt (whose last tokens would be the prompt's, the same for
     every label). Each prompt is run once (left-padded, positions from the mask) and its key/value cache reused
     for every label's continuation, so scoring C labels costs one prompt pass plus C short ones."""
@@ -301,7 +302,7 @@ def _label_report(model, tokenizer, ds: Dataset, labels: list[str], max_length: 
     gold = np.array([labels.index(chat_answer(c)) for c in conversations])
     scored = label_log_probs(model, tokenizer, [chat.prompt_of(c) for c in conversations], labels, max_length,
                              batch_size)
-    if scored.skipped.all():
+    if len(conversations) and scored.skipped.all():
         raise AfinarError(f"no prompt fits data.max_length={max_length} with its answer, even with its text "
                           f"shortened (the system prompt and template alone are too long); raise data.max_length")
     return {**classification_report(gold[~scored.skipped], scored.predictions, labels),
@@ -387,7 +388,8 @@ class SFT(LanguageModelTask):
                 started = time.perf_counter()
                 scores[name].update(_label_report(trainer.model, prepared.tokenizer, split, prepared.labels,
                                                   prepared.max_length, prepared.batch_size))
-                scores[name]["texts_per_second"] = len(split) / max(time.perf_counter() - started, 1e-9)
+                scores[name]["texts_per_second"] = scores[name]["scored_rows"] / max(time.perf_counter() - started,
+                                                                                  1e-9)
         return scores
 
     def after_training(self, run: Run, config: Config, model_path: str, data: TaskData, metrics: dict) -> None:
