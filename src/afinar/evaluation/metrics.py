@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from afinar.evaluation.diagnosis import majority_class
-
 BOOTSTRAP_SAMPLES = 1000
 
 
@@ -28,8 +26,7 @@ def classification_report(labels: np.ndarray, predictions: np.ndarray, label_nam
     counts = np.bincount(labels, minlength=len(label_names))
     return {**headline(labels, predictions),
             "ci95": bootstrap_interval(labels, predictions, len(label_names)),
-            "majority_baseline": float(counts.max() / max(counts.sum(), 1)),
-            "baseline": majority_class(float(counts.max() / max(counts.sum(), 1))).to_dict(),
+            "majority_baseline": float(counts.max() / max(counts.sum(), 1)),  # the diagnosis' bar (`baseline_of`)
             "n": int(len(labels)),
             "per_class": per_class,
             "confusion_matrix": confusion_matrix(labels, predictions, labels=ids).tolist(),

@@ -428,8 +428,9 @@ def _instruction_tune(config: Config, args: CompareArgs, prompt: PromptArgs, spl
     skipped = {split: trained.metrics[split]["rows_skipped"] for split in ("validation", "test")
                if (trained.metrics.get(split) or {}).get("rows_skipped")}
     if skipped:  # their accuracy is over fewer rows than the other strategies', and cannot be paired with them
-        result.details["warning"] = (f"prompts that could not fit data.max_length were skipped, not scored: "
-                                     f"{', '.join(f'{n:,} {split}' for split, n in skipped.items())} rows")
+        result.details["warning"] = "; ".join(filter(None, [
+            result.details.get("warning"), f"prompts that could not fit data.max_length were skipped, not scored: "
+                                           f"{', '.join(f'{n:,} {split}' for split, n in skipped.items())} rows"]))
     result.details.update({"template": config.sft.template, "free_generation": trained.metrics.get("free_generation")})
     return result
 
@@ -532,7 +533,7 @@ def _cell(value: float | None) -> str:
 
 
 def markdown(result: ComparisonResult) -> str:
-    from afinar.reporting.pages import COLUMNS, comparison_rows
+    from afinar.reporting.pages import COLUMNS, PAIRED_LEGEND, comparison_rows
 
     rows = result.rows
     lines = [f"# Strategy comparison ({', '.join(result.label_names)})", "",
@@ -549,13 +550,27 @@ def markdown(result: ComparisonResult) -> str:
     held = f"{bases[0]:,}" if len(bases) == 1 else f"{bases[0]:,}–{bases[-1]:,}" if bases else ""
     lines += ["", f"Peak memory: {result.memory}" + (f" (that process held {held} MB before the strategy started)."
                                                      if bases else "."),
-              "vs best: test accuracy points above the strategy with the best validation accuracy, on the same "
-              "test rows, with a 95% paired bootstrap interval (* = the interval excludes 0: beyond noise).",
+              PAIRED_LEGEND,
               "Train time: fine-tuning, indexing, or the prompt's cached prefix and calibration (loading pretrained "
               "weights not counted). Prompting rows show "
               "calibrated accuracy (each class's mean score on train texts subtracted) and raw accuracy in brackets.",
               "", "## Recommendation", "", result.recommendation, ""]
     return "\n".join(lines)
+
+
+def experiment_folder(config: Config, out_dir: str | Path | None, kind: str) -> Path:
+    """`out_dir`, or `<train.output_dir>/<kind>-<time>` when none is given."""
+    return Path(out_dir or Path(config.train.output_dir) / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def checked_into(out: Path, config: Config) -> data_lib.Splits:
+    """Start an experiment's folder: the resolved config, then the data read and checked once (the report beside
+    it); every strategy or curve point shares the splits returned."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "config.yaml", to_yaml(config))
+    splits, report = checked_splits(config, load_tokenizer(config.model))
+    write_json(out / "data_report.json", report.to_dict())
+    return splits
 
 
 def _earlier_results(out: Path, config: Config, resume: bool) -> dict[str, StrategyResult]:
@@ -617,12 +632,9 @@ def compare(config: Config, strategies: Sequence[str] | str, out_dir: str | Path
     names = parse_strategies(strategies)
     args, prompt = args or config.compare, prompt or config.prompt
     config = copy.deepcopy(config).validate()
-    out = Path(out_dir or Path(config.train.output_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = experiment_folder(config, out_dir, "compare")
     earlier = _earlier_results(out, config, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.yaml", to_yaml(config))
-    splits, report = checked_splits(config, load_tokenizer(config.model))
-    write_json(out / "data_report.json", report.to_dict())
+    splits = checked_into(out, config)
     results: list[StrategyResult] = []
     for name in names:
         if name in earlier:

@@ -21,20 +21,17 @@ import dataclasses
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from afinar.core.config import Config, to_yaml
+from afinar.core.config import Config
 from afinar.core.errors import AfinarError
-from afinar.core.models import load_tokenizer
 from afinar.core.runs import earlier_record, write_atomic, write_json
 from afinar.data import sources as data_lib
-from afinar.data.checks import checked_splits
 from afinar.evaluation.metrics import BOOTSTRAP_SAMPLES, resamples
-from afinar.experiments.compare import STRATEGIES, run_strategy
+from afinar.experiments.compare import STRATEGIES, checked_into, experiment_folder, run_strategy
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +187,9 @@ def learning_curve(config: Config, strategy: str = "full", sizes: list[int] | No
     if strategy not in STRATEGIES:
         raise AfinarError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     config = copy.deepcopy(config).validate()
-    out = Path(out_dir or Path(config.train.output_dir) / f"curve-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = experiment_folder(config, out_dir, "curve")
     earlier = _earlier_points(out, config, strategy, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.yaml", to_yaml(config))
-    splits, report = checked_splits(config, load_tokenizer(config.model))
-    write_json(out / "data_report.json", report.to_dict())
+    splits = checked_into(out, config)
     labels = splits.train.select_columns("label")[:]["label"]
     order, _ = data_lib.class_balanced_order(labels, config.train.seed, per_class)
     full = len(order)

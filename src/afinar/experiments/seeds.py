@@ -75,13 +75,11 @@ def format_seeds(result: SeedsResult) -> str:
 def compare_seeds(config: Config, strategies: str | list[str], out_dir: str | Path | None, count: int) -> Path:
     """`afinar compare` once per seed (into `<out>/seed-<K>`), then each strategy's mean ± standard deviation of
     validation and test accuracy over the seeds, written to `<out>/seeds.md` and `seeds.json`."""
-    import time
-
-    from afinar.experiments.compare import compare
+    from afinar.experiments.compare import compare, experiment_folder
 
     if count < 2:
         raise AfinarError(f"--seeds needs at least 2 seeds to measure a spread (got {count})")
-    out = Path(out_dir or Path(config.train.output_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = experiment_folder(config, out_dir, "compare")
     scores: dict[str, dict[str, list[float]]] = {}
     gaps: dict[str, list[float]] = {}  # per strategy: test accuracy minus the first seed's best, per seed
     seeds = [config.train.seed + k for k in range(count)]

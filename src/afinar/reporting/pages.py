@@ -25,6 +25,8 @@ from afinar.evaluation.metrics import with_interval
 
 COLUMNS = ["strategy", "model", "val acc", "test acc [95% CI]", "vs best, paired [95% CI]", "test macro-F1",
            "train time", "inference texts/s", "peak memory", "trainable params"]  # the comparison table
+PAIRED_LEGEND = ("vs best: test accuracy points above the strategy with the best validation accuracy, on the same "
+                 "test rows, with a 95% paired bootstrap interval (* = the interval excludes 0: beyond noise).")
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}
@@ -384,9 +386,8 @@ def write_comparison_report(folder: str | Path) -> Path:
     sections = ["<h2>Recommendation</h2>", f"<p>{_markdown_bold(comparison['recommendation'])}</p>",
                 "<h2>Results</h2>", _table(COLUMNS, comparison_rows(comparison["results"])),
                 f"<p class='muted'>{_e(', '.join(f'{n:,} {split}' for split, n in comparison['rows'].items()))} "
-                f"rows: the same splits and seed for every strategy. vs best: test accuracy points above the strategy "
-                f"with the best validation accuracy, on the same rows, 95% paired bootstrap interval (* beyond "
-                f"noise). Peak memory: {_e(comparison['memory'])}. "
+                f"rows: the same splits and seed for every strategy. {_e(PAIRED_LEGEND)} Peak memory: "
+                f"{_e(comparison['memory'])}. "
                 f"Prompting rows show calibrated accuracy, raw in brackets.</p>"]
     warnings = [f"<li>{_e(r['name'])}: {_e(r['details']['warning'])}</li>" for r in rows
                 if r.get("details", {}).get("warning")]

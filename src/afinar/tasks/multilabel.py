@@ -424,11 +424,10 @@ class MultiLabel(Task):
         best_global, per_label = tune_thresholds(targets["validation"], probabilities["validation"])
         prepared.thresholds = {"global": best_global, "per_label": dict(zip(names, per_label.tolist())),
                                "min_positives": MIN_POSITIVES}
-        predictions = {name: (probabilities[name] >= per_label, probabilities[name] >= best_global)
-                       for name in outputs}
         # validation tuned the thresholds: its figures come from thresholds tuned on its other half
-        predictions["validation"] = cross_fitted(targets["validation"], probabilities["validation"],
-                                                 prepared.seed)
+        predictions = {name: cross_fitted(targets[name], probabilities[name], prepared.seed) if name == "validation"
+                       else (probabilities[name] >= per_label, probabilities[name] >= best_global)
+                       for name in outputs}
         scores = {}
         for name in outputs:
             with_per_label, with_global = predictions[name]
