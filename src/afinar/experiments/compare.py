@@ -8,6 +8,8 @@
     setfit              few-shot fine-tuning (the `setfit` package): the encoder tuned contrastively on pairs of
                         train texts, then a logistic-regression head on its embeddings; for 8-64 rows per class
     lora, full          fine-tuning as ordinary classification runs (`tasks.registry.train`; LoRA / all weights)
+    from_scratch        `full` on the same architecture and tokenizer with randomly initialised (seeded) weights,
+                        the same data and step budget; `from_scratch_3x` trains 3x the steps: what pretraining buys
     sft                 instruction tuning of the prompting model (`task: sft`, LoRA) on the train rows as
                         instructions (`sft.template`, or the prompt's instruction), scored by label continuation
 
@@ -51,8 +53,10 @@ from afinar.tasks.sft import SFT
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("zero_shot", "few_shot", "retrieval_few_shot", "knn_retrieval", "linear_probe", "setfit", "sft", "lora",
-              "full")
-PAIR_STRATEGIES = ("linear_probe", "lora", "full")  # the ones that read sentence pairs
+              "full", "from_scratch", "from_scratch_3x")
+PAIR_STRATEGIES = ("linear_probe", "lora", "full", "from_scratch", "from_scratch_3x")  # the ones that read pairs
+FROM_SCRATCH = {"from_scratch": 1, "from_scratch_3x": 3}  # `full` from random weights: times full's optimizer steps
+FINE_TUNING = ("lora", "full", *FROM_SCRATCH)  # ordinary training runs (`_fine_tune`)
 COST_TEXTS = 10_000  # the recommendation's cost: seconds to fit once and then label this many texts
 
 
@@ -398,13 +402,40 @@ def _trained_result(name: str, model: str, trained, splits: data_lib.Splits, ove
     return result
 
 
+def _full_steps(config: Config, args: CompareArgs, rows: int) -> int:
+    """The optimizer steps `full` plans on `rows` training rows: its overrides, its task's changes, then the unset
+    settings scaled to the data, as its run resolves them (`training.scaling`)."""
+    from afinar.tasks.registry import for_config
+    from afinar.training.scaling import planned_steps, scale_to_data
+
+    config = copy.deepcopy(config)
+    for override in args.full_overrides:
+        set_value(config, *override.split("=", 1))
+    task = for_config(config)
+    task.configure(config)
+    scale_to_data(config, rows, task.lora_task_type)
+    return planned_steps(rows, config.train)
+
+
 def _fine_tune(name: str, config: Config, args: CompareArgs, splits: data_lib.Splits, out_dir: Path) -> StrategyResult:
-    """LoRA or full fine-tuning through the core training path; its run folder holds the model and curves."""
+    """LoRA, full, or full from random weights (`FROM_SCRATCH`) through the core training path; its run folder
+    holds the model and curves."""
     from afinar.inference.predictors import Classifier
 
-    overrides = args.lora_overrides if name == "lora" else args.full_overrides
+    overrides = list(args.lora_overrides if name == "lora" else args.full_overrides)
+    factor, budget = FROM_SCRATCH.get(name), None
+    if factor:  # `full`'s run from random weights; above 1x, with that many times the steps `full` plans
+        overrides.append("model.from_scratch=true")
+        if factor > 1:
+            budget = factor * _full_steps(config, args, len(splits.train))
+            log.info("%s: %dx the optimizer steps full plans on these rows: %d", name, factor, budget)
+            overrides.append(f"train.max_steps={budget}")
     config, trained = _train_in_comparison(name, config, overrides, out_dir)
-    result = _trained_result(name, config.model.name, trained, splits, overrides)
+    result = _trained_result(name, config.model.name + (" (random init)" if factor else ""), trained, splits,
+                             overrides)
+    if budget:
+        result.details["budget"] = (f"{budget:,} optimizer steps ({factor}x full's plan on these rows); "
+                                    f"took {result.details['steps']:,}")
     texts = data_lib.inputs(splits.test or splits.validation)  # prediction speed of the saved model
     classifier = Classifier(trained.run_dir / "model", config.data.max_length)
     started = time.perf_counter()
@@ -446,7 +477,7 @@ def run_strategy(name: str, config: Config, splits: data_lib.Splits, out_dir: Pa
                           f"{', '.join(PAIR_STRATEGIES)}")
     set_seed(config.train.seed)
     with PeakRSS() as memory:
-        if name in ("lora", "full"):
+        if name in FINE_TUNING:
             result = _fine_tune(name, config, args, splits, out_dir)
         elif name == "sft":
             result = _instruction_tune(config, args, prompt, splits, out_dir)
@@ -652,7 +683,7 @@ def compare(config: Config, strategies: Sequence[str] | str, out_dir: str | Path
             log.error("strategy %s failed:\n%s", name, traceback.format_exc())
             result = StrategyResult(name, "", error=f"{type(exc).__name__}: {str(exc).strip()}")
         results.append(result)
-        if config.train.report_to and result.error is None and name not in ("lora", "full", "sft"):
+        if config.train.report_to and result.error is None and name not in (*FINE_TUNING, "sft"):
             from afinar.reporting.trackers import log_strategy
 
             log_strategy(out, config.train.report_to, dataclasses.asdict(result))
