@@ -159,7 +159,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from afinar.core.runs import Run, reads_pairs
     from afinar.data.sources import read_texts
 
-    texts = list(args.texts)
+    texts = list(args.texts) + list(args.question or [])
     if args.pair:
         if len(args.pair) != len(texts):
             raise AfinarError(f"{len(texts)} texts but {len(args.pair)} --pair values; give one --pair per text")
@@ -169,12 +169,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not texts:
         raise AfinarError("nothing to predict: give texts as arguments or --file texts.txt/.csv/.jsonl")
     for p in api.predict(args.run, texts, backend=args.backend):
-        if args.json:
-            print(json.dumps({"text": p.text, "label": p.label, "scores": p.scores,
-                              **({"labels": p.labels} if p.labels is not None else {})}))
-        else:
-            scores = "  ".join(f"{k}={v:.3f}" for k, v in p.scores.items())
-            print(f"{p.label if p.labels is None else ','.join(p.labels) or '(none)'}\t{scores}\t{p.text}")
+        print(json.dumps(p.to_dict(), ensure_ascii=False) if args.json else p.line())
     return 0
 
 
@@ -309,13 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the full report as JSON")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    predict = commands.add_parser("predict", help="label texts with a saved run")
+    predict = commands.add_parser("predict", help="label texts (entities, answers) with a saved run")
     predict.add_argument("run", help="run folder")
-    predict.add_argument("texts", nargs="*", help="texts to label")
+    predict.add_argument("texts", nargs="*", help="texts to label (questions, for question answering)")
+    predict.add_argument("--question", action="append", help="question answering: a question (after any texts; "
+                                                             "repeat, each with its --context)")
     predict.add_argument("--file", help=".txt (one text per line), .csv, .jsonl or .parquet with a text column")
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
-    predict.add_argument("--pair", action="append", help="sentence-pair models: the second text of each text, in "
-                                                         "order (repeat once per text)")
+    predict.add_argument("--pair", "--context", action="append", dest="pair",
+                         help="sentence-pair models: the second text of each text; question answering: the context "
+                              "of each question; in order (repeat once per text)")
     predict.set_defaults(func=cmd_predict)
 
     search = _with_config_args(commands.add_parser(

@@ -23,6 +23,7 @@ from afinar.core.errors import AfinarError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POLICIES = ("error", "drop", "warn")
 CALIBRATIONS = ("train", "content_free", "none")
+BEST_MODEL_METRICS = ("accuracy", "macro_f1", "f1", "exact_match", "loss")  # which a task reports: its `best_model_metrics`
 
 
 @dataclass
@@ -75,7 +76,8 @@ class TrainArgs:
     eval_every: int | None = None  # evaluate (and checkpoint) every N optimizer steps; None: 8 times per run
     logging_steps: int = 50
     early_stopping_patience: int | None = 3  # evaluations without improvement before stopping; None: off
-    metric_for_best_model: str = "accuracy"  # accuracy | macro_f1 | loss (macro_f1 for imbalanced classes)
+    metric_for_best_model: str = "accuracy"  # accuracy | macro_f1 | loss (macro_f1 for imbalanced classes); tagging
+    #                                          and question answering read accuracy as their F1 (f1, exact_match)
     head_learning_rate: float | None = None  # the classification head's own rate (None: learning_rate; multilabel: 1e-3)
     report_to: list[str] = field(default_factory=list)  # trackers: tensorboard, mlflow, trackio, wandb (extras)
     class_weights: str = "none"  # none | balanced (n / (classes x count)) | per label, e.g. "negative=1,positive=5"
@@ -126,6 +128,36 @@ class SFTArgs:
     validity_samples: int = 100  # validation prompts generated freely to measure the valid-label rate
     generation_samples: int = 4  # validation prompts whose generations the report shows
     max_new_tokens: int = 48  # for those generations
+    prompt_column: str | None = None  # prompt -> response data in any two columns: the prompt's (wrapped in
+    #                                   sft.template's {text} when set) ...
+    response_column: str | None = None  # ... and the response's
+    reference_columns: list[str] | None = None  # several reference answers per row (e.g. summary1,summary2,...):
+    #                                             sft.metrics scores against all; a split without response_column
+    #                                             trains and validates on the first
+    metrics: list[str] = field(default_factory=list)  # rouge | squad: greedy generations of the test split (else
+    #                                                   validation), by the tuned and the base (zero-shot) model
+    metric_new_tokens: int = 128  # longest generation scored by sft.metrics
+
+
+@dataclass
+class TaggingArgs:
+    """Token classification (`task: token_classification`): named entities and any BIO/IOB2 tagging."""
+
+    tag_column: str | None = None  # records: the tags list's column (default tags, ner_tags, labels); CoNLL
+    #                                files: the tag's column number (default the last)
+    repair_iob: bool = False  # an I-X that starts an entity (after O or another type) becomes B-X; counted
+    #                           either way, and strict IOB2 scoring does not count an entity that starts with I-
+    stride: int = 32  # sub-tokens shared by consecutive windows of a sentence longer than data.max_length
+
+
+@dataclass
+class QAArgs:
+    """Extractive question answering (`task: question_answering`), SQuAD format."""
+
+    max_length: int = 384  # sub-tokens per window of question + context
+    stride: int = 128  # context sub-tokens shared by consecutive windows of a long context
+    max_answer_tokens: int = 30  # the longest answer span considered, in sub-tokens
+    best_spans: int = 20  # start and end candidates per window searched for the best valid span
 
 
 @dataclass
@@ -202,6 +234,8 @@ class Config:
     checks: CheckArgs = field(default_factory=CheckArgs)
     lm: LMArgs = field(default_factory=LMArgs)
     sft: SFTArgs = field(default_factory=SFTArgs)
+    tagging: TaggingArgs = field(default_factory=TaggingArgs)
+    qa: QAArgs = field(default_factory=QAArgs)
     prompt: PromptArgs = field(default_factory=PromptArgs)
     compare: CompareArgs = field(default_factory=CompareArgs)
 
@@ -213,9 +247,10 @@ class Config:
         if not 0 < self.checks.near_duplicate_threshold <= 1:
             raise AfinarError("checks.near_duplicate_threshold must be in (0, 1] "
                               f"(got {self.checks.near_duplicate_threshold})")
-        _one_of("train.metric_for_best_model", self.train.metric_for_best_model, ("accuracy", "macro_f1", "loss"))
+        _one_of("train.metric_for_best_model", self.train.metric_for_best_model, BEST_MODEL_METRICS)
         for key in ("train.batch_size", "train.gradient_accumulation_steps", "data.max_length", "data.max_text_chars",
-                    "train.logging_steps", "lora.r", "lm.block_size", "lm.stride", "lm.forgetting_ratio"):
+                    "train.logging_steps", "lora.r", "lm.block_size", "lm.stride", "lm.forgetting_ratio", "qa.max_length", "qa.stride",
+                    "qa.max_answer_tokens", "qa.best_spans"):
             _positive(key, get_value(self, key))
         for key in ("train.eval_batch_size", "train.eval_every", "train.learning_rate", "train.epochs",
                     "data.max_train_samples", "data.train_per_class", "data.max_eval_samples",
@@ -244,12 +279,19 @@ class Config:
         if self.lora.enabled and (self.train.fsdp or self.train.deepspeed):
             raise AfinarError("lora.enabled with train.fsdp or train.deepspeed: merging the adapters needs the whole "
                               "model in one process; train LoRA with DDP (afinar train --nproc N) instead")
+        unknown_metrics = [m for m in self.sft.metrics if m not in ("rouge", "squad")]
+        if unknown_metrics:
+            raise AfinarError(f"sft.metrics: unknown metric {unknown_metrics[0]!r}; choose from rouge, squad")
+        if bool(self.sft.prompt_column) != bool(self.sft.response_column or self.sft.reference_columns):
+            raise AfinarError("sft.prompt_column needs sft.response_column (or sft.reference_columns), and they need "
+                              "it: set both")
         self.prompt.validate()
         return self
 
 
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "lora": LoraArgs, "checks": CheckArgs,
-            "lm": LMArgs, "sft": SFTArgs, "prompt": PromptArgs, "compare": CompareArgs}
+            "lm": LMArgs, "sft": SFTArgs, "tagging": TaggingArgs, "qa": QAArgs, "prompt": PromptArgs,
+            "compare": CompareArgs}
 MAIN_FIELD = {"model": "name", "data": "source", "lora": "enabled"}
 
 

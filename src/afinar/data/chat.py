@@ -148,6 +148,32 @@ def from_labels(texts: list[str], labels: list[int], label_names: list[str], tem
              {"role": "assistant", "content": label_names[label]}] for text, label in zip(texts, labels)]
 
 
+def from_columns(frame: pd.DataFrame, where: str, prompt_column: str, response_column: str | None,
+                 reference_columns: list[str] | None, template: str | None = None, system: str | None = None
+                 ) -> tuple[list[Messages], list[list[str]]]:
+    """Prompt -> response conversations from two named columns (the prompt wrapped in `template`'s {text} when
+    given), and each row's reference answers: `reference_columns` where the split has them, else the response.
+    A split without `response_column` (a test file with several references) trains on its first reference."""
+    columns = [str(c) for c in frame.columns]
+    references = [c for c in reference_columns or [] if c in columns]
+    answer_column = response_column if response_column in columns else (references[0] if references else None)
+    if prompt_column not in columns or answer_column is None:
+        wanted = [prompt_column, response_column or "", *(reference_columns or [])]
+        raise AfinarError(f"{where}: needs column {prompt_column!r} and {response_column or 'a reference'!r} "
+                          f"(or one of sft.reference_columns); columns: {', '.join(columns)} (asked for "
+                          f"{', '.join(w for w in wanted if w)})")
+    if template and "{text}" not in template:
+        raise AfinarError(f"sft.template must contain {{text}} where the prompt goes (got {template!r})")
+    head = [{"role": "system", "content": system}] if system else []
+    found, all_references = [], []
+    for row in frame.to_dict("records"):
+        prompt = _text(row[prompt_column])
+        found.append([*head, {"role": "user", "content": template.format(text=prompt) if template else prompt},
+                      {"role": "assistant", "content": _text(row[answer_column])}])
+        all_references.append([_text(row[c]) for c in (references or [answer_column]) if _text(row[c]).strip()])
+    return found, all_references
+
+
 def prompt_of(messages: Messages) -> Messages:
     """The conversation up to its last assistant turn: what a user sends to get that answer."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")

@@ -45,6 +45,15 @@ class Prediction:
     scores: dict[str, float]
     labels: list[str] | None = None  # multi-label models: every label at or above its threshold
 
+    def to_dict(self) -> dict:
+        return {"text": self.text, "label": self.label, "scores": self.scores,
+                **({"labels": self.labels} if self.labels is not None else {})}
+
+    def line(self) -> str:
+        """`afinar predict`'s line: the label (or labels), every score, the text."""
+        scores = "  ".join(f"{k}={v:.3f}" for k, v in self.scores.items())
+        return f"{self.label if self.labels is None else ','.join(self.labels) or '(none)'}\t{scores}\t{self.text}"
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))

@@ -136,23 +136,67 @@ class InfoResponse(BaseModel):
 
 
 
+class SpanOut(BaseModel):
+    text: str = Field(description="The span's text: the input's characters start..end.")
+    type: str = Field(description="The entity type, or `answer`.")
+    start: int = Field(description="Character offset of the span's first character in the input (the context, for "
+                                   "question answering).")
+    end: int = Field(description="Character offset just after the span's last character.")
+    score: float = Field(description="The model's probability for the span.")
+
+
+class SpansOut(BaseModel):
+    text: str = Field(description="The input text (the question, for question answering).")
+    spans: list[SpanOut] = Field(description="Entities in input order, or the answer (none when no span fits).")
+
+
+class SpansResponse(BaseModel):
+    predictions: list[SpansOut]
+
+
+def _info(run: Run | None, labels: list[str], backend: str | None, limits: Limits) -> InfoResponse:
+    metrics = {split: {key: value for key, value in scores.items() if key != "rows"}  # per-row results stay home
+               for split, scores in (run.metrics() if run else {}).items() if split in ("validation", "test")}
+    return InfoResponse(run=run.path.name if run else None, model=run.config().model.name if run else None,
+                        labels=labels, metrics=metrics, backend=backend, limits=limits)
+
+
+async def _scored(batcher: MicroBatcher, inputs: list, max_texts: int, max_text_chars: int, timeout_s: float):
+    """`inputs` scored in the shared batches, after the per-request limits (413) and within the timeout (503)."""
+    if len(inputs) > max_texts:
+        raise HTTPException(413, f"{len(inputs):,} texts in one request; the limit is max_texts={max_texts:,}")
+    for i, item in enumerate(inputs):
+        size = sum(map(len, item)) if isinstance(item, tuple) else len(item)
+        if size > max_text_chars:
+            raise HTTPException(413, f"text {i} has {size:,} characters; the limit is max_text_chars={max_text_chars:,}")
+    try:
+        return await asyncio.wait_for(batcher.scores(inputs), timeout_s)
+    except asyncio.TimeoutError:
+        raise HTTPException(503, f"scoring took longer than score_timeout_s={timeout_s:g}; retry later",
+                            headers={"Retry-After": "1"}) from None
+
+
+PREDICT_ERRORS = {413: {"model": ErrorResponse, "description": "Too many texts, a text or the body too long"},
+                  408: {"model": ErrorResponse, "description": "The body did not arrive in time"},
+                  503: {"model": ErrorResponse, "description": "Too many requests waiting, or scoring took too long"}}
+
+
 def create_predict_app(run: Run | None, classifier: Scorer, token: str | None, max_batch: int, max_texts: int,
                        max_text_chars: int, batch_wait_ms: float, max_body_bytes: int, max_queue: int,
                        score_timeout_s: float, read_timeout_s: float) -> FastAPI:
     """`POST /predict` and `GET /info` over `classifier` (a finished run's predictor, or a test's wrapper when
-    `run` is None: /info then reports no run and either texts or pairs are accepted)."""
+    `run` is None: /info then reports no run and either texts or pairs are accepted). A predictor of spans
+    (`spans = True`: entities, answers) answers with spans and offsets instead of labels and scores."""
+    spans = getattr(classifier, "spans", False)
     labels = list(classifier.labels)
     pairs = reads_pairs(run) if run else None  # None: a classifier given without a run, either kind accepted
-    metrics = {split: {key: value for key, value in scores.items() if key != "rows"}  # per-row labels stay home
-               for split, scores in (run.metrics() if run else {}).items() if split in ("validation", "test")}
-    info = InfoResponse(run=run.path.name if run else None, model=run.config().model.name if run else None,
-                        labels=labels, metrics=metrics, backend=getattr(classifier, "backend", None),
-                        limits=Limits(max_batch=max_batch, max_texts=max_texts, max_text_chars=max_text_chars,
-                                      max_body_bytes=max_body_bytes, batch_wait_ms=batch_wait_ms,
-                                      max_queue=max_queue, score_timeout_s=score_timeout_s,
-                                      read_timeout_s=read_timeout_s))
+    info = _info(run, labels, getattr(classifier, "backend", None),
+                 Limits(max_batch=max_batch, max_texts=max_texts, max_text_chars=max_text_chars,
+                        max_body_bytes=max_body_bytes, batch_wait_ms=batch_wait_ms, max_queue=max_queue,
+                        score_timeout_s=score_timeout_s, read_timeout_s=read_timeout_s))
     batcher = MicroBatcher(classifier, max_batch, batch_wait_ms / 1000, max_queue, stall_seconds=2 * score_timeout_s)
-    app, guarded, errors = base_app("Text classification with a fine-tuned model", batcher, token, max_body_bytes,
+    app, guarded, errors = base_app("Entities and answers from a fine-tuned model" if spans else
+                                    "Text classification with a fine-tuned model", batcher, token, max_body_bytes,
                                     read_timeout_s)
 
     @app.get("/info", response_model=InfoResponse, dependencies=guarded, responses=errors)
@@ -163,29 +207,22 @@ def create_predict_app(run: Run | None, classifier: Scorer, token: str | None, m
     async def predict(request: PredictRequest) -> PredictResponse:
         """The most probable label and every label's probability for each text (or sentence pair), in input
         order."""
-        inputs = request.inputs()
-        if len(inputs) > max_texts:
-            raise HTTPException(413, f"{len(inputs):,} texts in one request; the limit is max_texts={max_texts:,}")
-        for i, item in enumerate(inputs):
-            size = sum(map(len, item)) if isinstance(item, tuple) else len(item)
-            if size > max_text_chars:
-                raise HTTPException(413, f"text {i} has {size:,} characters; the limit is "
-                                         f"max_text_chars={max_text_chars:,}")
-        try:
-            rows = await asyncio.wait_for(batcher.scores(inputs), score_timeout_s)
-        except asyncio.TimeoutError:
-            raise HTTPException(503, f"scoring took longer than score_timeout_s={score_timeout_s:g}; retry later",
-                                headers={"Retry-After": "1"}) from None
+        rows = await _scored(batcher, request.inputs(), max_texts, max_text_chars, score_timeout_s)
         thresholds = getattr(classifier, "thresholds", None)  # a multi-label model
         return PredictResponse(predictions=[
             ScoredLabel(label=labels[int(row.argmax())], scores=dict(zip(labels, row.tolist())),
                         labels=None if thresholds is None else
                         [name for name, p, t in zip(labels, row, thresholds) if p >= t]) for row in rows])
 
-    predict.__annotations__["request"] = request_model(pairs)  # the run's own shape, in the schema and validation
-    app.post("/predict", response_model=PredictResponse, dependencies=guarded, responses={
-        **errors, 413: {"model": ErrorResponse, "description": "Too many texts, a text or the body too long"},
-        408: {"model": ErrorResponse, "description": "The body did not arrive in time"},
-        503: {"model": ErrorResponse, "description": "Too many requests waiting, or scoring took too long"}})(predict)
-    return app
+    async def predict_spans(request: PredictRequest) -> SpansResponse:
+        """The entities of each text (or the answer to each question in its context, sent as a pair), with
+        character offsets into the text (the context), in input order."""
+        found = await _scored(batcher, request.inputs(), max_texts, max_text_chars, score_timeout_s)
+        return SpansResponse(predictions=[SpansOut(text=p.text, spans=[SpanOut(**s.to_dict()) for s in p.spans])
+                                          for p in found])
 
+    endpoint, response = (predict_spans, SpansResponse) if spans else (predict, PredictResponse)
+    endpoint.__annotations__["request"] = request_model(pairs)  # the run's own shape, in the schema and validation
+    app.post("/predict", response_model=response, dependencies=guarded,
+             responses={**errors, **PREDICT_ERRORS})(endpoint)
+    return app

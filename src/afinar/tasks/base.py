@@ -30,6 +30,7 @@ class Task:
     lora_task_type: str = ""  # peft's TaskType
     compute_metrics: Any = None  # `Trainer` hooks (None: loss only)
     preprocess_logits_for_metrics: Any = None
+    best_model_metrics: tuple[str, ...] = ("accuracy", "macro_f1", "loss")  # `train.metric_for_best_model` choices
 
     pipeline_tag: str | None = None  # the model card's `pipeline_tag`: None when no `pipeline()` can load the model
     card_metrics: tuple[str, ...] = ("loss",)  # test metrics the card's model-index lists

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 BUILT_IN = {"classification": "afinar.tasks.classification:Classification",
             "multilabel": "afinar.tasks.multilabel:MultiLabel",
             "causal_lm": "afinar.tasks.causal_lm:CausalLM",
-            "sft": "afinar.tasks.sft:SFT"}
+            "sft": "afinar.tasks.sft:SFT",
+            "token_classification": "afinar.tasks.token_classification:TokenClassification",
+            "question_answering": "afinar.tasks.question_answering:QuestionAnswering"}
 _registered: dict[str, Task] = {}
 
 

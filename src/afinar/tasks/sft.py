@@ -19,6 +19,8 @@ needs `{% generation %}` markers that SmolLM2's template lacks.
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import json
 import logging
 import random
@@ -45,7 +47,8 @@ from afinar.data.sources import (
     split_files,
 )
 from afinar.evaluation import forgetting
-from afinar.evaluation.metrics import classification_report
+from afinar.evaluation.generated import METRIC_KEYS, generation_report, paired_gain
+from afinar.evaluation.metrics import classification_report, with_interval
 from afinar.inference.generation import GenerationFormat, Generator
 from afinar.reporting import pages
 from afinar.tasks.causal_lm import LanguageModelTask, held_out_losses
@@ -71,18 +74,26 @@ def _chat_template(config: Config, tokenizer) -> None:
     chat.template_of(tokenizer)
 
 
-def _rows(conversations: list[chat.Messages], texts: list[str] | None = None, labels: list[int] | None = None
-          ) -> Dataset:
-    """The columns the checks read (`text`: the prompt, or the classified text; `label`) plus the conversation."""
+def _rows(conversations: list[chat.Messages], texts: list[str] | None = None, labels: list[int] | None = None,
+          references: list[list[str]] | None = None) -> Dataset:
+    """The columns the checks read (`text`: the prompt, or the classified text; `label`) plus the conversation and
+    its reference answers (the answer itself unless the data has several)."""
+    references = references or [[chat_answer(c)] for c in conversations]
     return Dataset.from_dict({"text": texts if texts is not None else [chat.prompt_text(c) for c in conversations],
                               "label": labels if labels is not None else [0] * len(conversations),
-                              "messages": [json.dumps(c, ensure_ascii=False) for c in conversations]})
+                              "messages": [json.dumps(c, ensure_ascii=False) for c in conversations],
+                              "references": [json.dumps(r, ensure_ascii=False) for r in references]})
+
+
+def labels_as_instructions(config: Config) -> bool:
+    """Labelled classification data given as instructions (`sft.template` without `sft.prompt_column`)."""
+    return bool(config.sft.template) and not config.sft.prompt_column
 
 
 def read_conversation_splits(config: Config, with_test: bool = True) -> tuple[Splits, str]:
     """Conversations per split (in a `messages` JSON column) and the format they came in."""
     args = config.data
-    if config.sft.template:  # classification data as instructions
+    if labels_as_instructions(config):
         splits = read_splits(args, with_test)
         datasets = {}
         for name, ds in splits.items():
@@ -102,9 +113,19 @@ def read_conversation_splits(config: Config, with_test: bool = True) -> tuple[Sp
         frames = {split: read_table(path, args.encoding) for split, path in files.items()}
         sources = {split: str(path) for split, path in files.items()}
         fingerprints = {split: sha256_file(path) for split, path in files.items()}
-    kind = chat.detect_format([str(c) for c in frames["train"].columns])
-    datasets = {name: _rows(chat.conversations(frame, sources[name], config.sft.system))
-                for name, frame in frames.items()}
+    if config.sft.prompt_column:
+        kind = f"columns {config.sft.prompt_column} -> {config.sft.response_column or config.sft.reference_columns}"
+        sft = config.sft
+        datasets = {}
+        for name, frame in frames.items():
+            conversations, references = chat.from_columns(frame, sources[name], sft.prompt_column,
+                                                          sft.response_column, sft.reference_columns, sft.template,
+                                                          sft.system)
+            datasets[name] = _rows(conversations, references=references)
+    else:
+        kind = chat.detect_format([str(c) for c in frames["train"].columns])
+        datasets = {name: _rows(chat.conversations(frame, sources[name], config.sft.system))
+                    for name, frame in frames.items()}
     return Splits(datasets["train"], datasets.get("validation"), datasets.get("test"), ["response"], sources,
                   fingerprints, []), kind
 
@@ -115,7 +136,7 @@ def _messages(ds: Dataset) -> list[chat.Messages]:
 
 def detect_label_set(splits: Splits, config: Config) -> list[str] | None:
     """The answers, when they come from a small fixed set that covers every held-out answer; else None."""
-    if config.sft.template:
+    if labels_as_instructions(config):
         return list(splits.label_names)
     answers = {name: [chat_answer(m) for m in _messages(ds)] for name, ds in splits.items()}
     values = sorted(set(answers["train"]))
@@ -319,6 +340,43 @@ def generate_answers(generator: Generator, prompts: list[chat.Messages], max_new
                                temperature=0).text.strip() for prompt in prompts]
 
 
+def score_generations(config: Config, generator: Generator, base_model: str, name: str, ds: Dataset) -> dict:
+    """`sft.metrics` on greedy generations of split `name`'s prompts by the tuned model and by the base model it
+    started from (zero-shot: the same prompts, template and system prompt), and the gain, paired by row."""
+    conversations = _messages(ds)
+    references = [json.loads(r) for r in ds["references"]]
+    prompts = [chat.prompt_of(c) for c in conversations]
+    limit = config.sft.metric_new_tokens
+    started = time.perf_counter()
+    tuned = generate_answers(generator, prompts, limit)
+    base = Generator(dataclasses.replace(config.model, name=base_model), generator.format)
+    base.tokenizer.chat_template = generator.tokenizer.chat_template  # the template training rendered through
+    zero_shot = generate_answers(base, prompts, limit)
+    del base
+    out = {"split": name, "rows": len(prompts), "max_new_tokens": limit,
+           "seconds": round(time.perf_counter() - started, 1),
+           "examples": [{"prompt": chat.prompt_text(p)[:500], "references": r, "tuned": t, "zero_shot": z}
+                        for p, r, t, z in list(zip(prompts, references, tuned, zero_shot))[:3]]}
+    for metric in config.sft.metrics:
+        tuned_report = generation_report(metric, tuned, references)
+        zero_shot_report = generation_report(metric, zero_shot, references)
+        out[metric] = {"tuned": tuned_report, "zero_shot": zero_shot_report,
+                       "gain": paired_gain(zero_shot_report, tuned_report)}
+    return out
+
+
+def generation_score_lines(scores: dict) -> list[str]:
+    """One line per metric key: tuned [CI], zero-shot [CI], paired gain [CI]."""
+    lines = [f"{scores['split']} generations ({scores['rows']:,} prompts, greedy, at most {scores['max_new_tokens']} "
+             f"new tokens), fine-tuned vs the base model zero-shot:"]
+    for metric in (m for m in METRIC_KEYS if m in scores):
+        tuned, zero, gain = scores[metric]["tuned"], scores[metric]["zero_shot"], scores[metric]["gain"]
+        for key in METRIC_KEYS[metric]:
+            lines.append(f"  {key}: {with_interval(tuned, key)} vs {with_interval(zero, key)}; gain "
+                         f"{gain[key]['delta']:+.4f} [{gain[key]['ci95'][0]:+.4f}, {gain[key]['ci95'][1]:+.4f}] paired")
+    return lines
+
+
 # ---------------------------------------------------------------- the task
 
 
@@ -396,7 +454,8 @@ class SFT(LanguageModelTask):
         prepared: _Prepared = data.extra
         # what every training prompt was: `chat.encode` renders through the template alone (no BOS of its own)
         GenerationFormat(chat=True, system=config.sft.system, template=config.sft.template,
-                         labels=list(prepared.splits.label_names) if config.sft.template else [], bos=False,
+                         labels=list(prepared.splits.label_names) if labels_as_instructions(config) else [],
+                         bos=False,
                          eos_token=prepared.tokenizer.eos_token).save(run.model_dir)
         generator = Generator.for_run(run, self.chat_prompts)
         tokenizer = generator.tokenizer
@@ -414,6 +473,11 @@ class SFT(LanguageModelTask):
             right = [a.strip().strip(".").lower() == chat_answer(c).lower() for a, c in zip(free, sample)]
             metrics["free_generation"] = {"rows": len(sample), "valid_label_rate": float(np.mean(valid)),
                                           "accuracy": float(np.mean(right))}
+        if config.sft.metrics:
+            name = "test" if prepared.splits.test is not None else "validation"
+            metrics["generation_scores"] = score_generations(config, generator, model_path, name,
+                                                             getattr(prepared.splits, name))
+            log.info("%s", "\n".join(generation_score_lines(metrics["generation_scores"])))
         del generator
         domain = "\n\n".join(tokenizer.apply_chat_template(c, tokenize=False) for c in validation)
         general = forgetting.general_corpus(config.lm)
@@ -426,6 +490,10 @@ class SFT(LanguageModelTask):
 
     def summary(self, config: Config, data: TaskData, metrics: dict) -> str:
         return sft_summary(config, metrics, data.notes)
+
+    def result_lines(self, metrics: dict) -> list[str]:
+        scores = metrics.get("generation_scores")
+        return super().result_lines(metrics) + (generation_score_lines(scores) if scores else [])
 
     # ---------------------------------------------------------------- after training
 
@@ -440,6 +508,8 @@ class SFT(LanguageModelTask):
         return (pages.confusion_sections(metrics)
                 + ([f"<p>Free generation on {free['rows']} validation prompts: {free['valid_label_rate']:.1%} valid "
                     f"labels, {free['accuracy']:.1%} right.</p>"] if free else [])
+                + ([f"<h2>Generation scores</h2><pre>{html.escape(chr(10).join(generation_score_lines(scores)))}"
+                    f"</pre>"] if (scores := metrics.get("generation_scores")) else [])
                 + pages.generations_sections(metrics, examples))
 
 
@@ -460,6 +530,11 @@ def sft_summary(config: Config, metrics: dict, notes: list[str]) -> str:
     if free:
         lines.append(f"- free generation on {free['rows']} validation prompts: {free['valid_label_rate']:.1%} valid "
                      f"labels, {free['accuracy']:.1%} right")
+    if scores := metrics.get("generation_scores"):
+        lines += ["", *generation_score_lines(scores), ""]
+        for example in scores["examples"]:
+            lines += [f"- prompt: {example['prompt'][:200]!r}", f"  - reference: {example['references'][0][:200]!r}",
+                      f"  - fine-tuned: {example['tuned'][:200]!r}", f"  - zero-shot: {example['zero_shot'][:200]!r}"]
     f = metrics["forgetting"]
     lines += ["", "| text | perplexity before | after | ratio |", "|---|---|---|---|"]
     for name, label in (("domain", "validation conversations"), ("general", f["general_source"])):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from afinar.core.config import Config
+from afinar.core.errors import AfinarError
 from afinar.core.models import load_tokenizer, resolve
 from afinar.core.runs import Run, is_main_process, machine, peak_memory, versions, wait_for_every_rank
 from afinar.training.scaling import scale_to_data
@@ -52,6 +53,8 @@ class TaskData:
     report: dict | None = None
     extra: Any = None
     compute_loss: Any = None  # replaces the model's own loss in `Trainer` (e.g. class weights); None: the model's
+    compute_metrics: Any = None  # replaces the task's `compute_metrics` when scoring needs the data (tag names,
+    #                              the windows of each question); None: the task's
 
 
 class TrainingTask(Protocol):
@@ -59,6 +62,7 @@ class TrainingTask(Protocol):
     lora_task_type: str  # peft's TaskType
     compute_metrics: Any  # `Trainer` hooks (None: loss only)
     preprocess_logits_for_metrics: Any
+    best_model_metrics: tuple[str, ...]  # what `train.metric_for_best_model` may name for this task
 
     def configure(self, config: Config) -> list[str]:
         """Adjust the (copied) config to what the task needs; returns a note per change."""
@@ -99,6 +103,9 @@ def run_task(config: Config, task: TrainingTask, callbacks: list | None = None, 
     changed = task.configure(config)
     config.lora.enabled = bool(config.lora.enabled)  # resolved: a task that wants LoRA by default set it above
     config.validate()
+    if config.train.metric_for_best_model not in task.best_model_metrics:
+        raise AfinarError(f"train.metric_for_best_model={config.train.metric_for_best_model} is not measured by task "
+                          f"{task.name!r}; use one of {', '.join(task.best_model_metrics)}")
     set_seed(config.train.seed)
     model_path = resolve(config.model)
     tokenizer = load_tokenizer(config.model, model_path)
@@ -118,7 +125,8 @@ def run_task(config: Config, task: TrainingTask, callbacks: list | None = None, 
         model = adapt_model(task.load_model(config, model_path, tokenizer, data), config, task.lora_task_type)
         trainable, total = trainable_parameters(model)
         trainer = build_trainer(run, config.train, model, tokenizer, data.train, data.validation,
-                                task.collator(tokenizer), task.compute_metrics, task.preprocess_logits_for_metrics,
+                                task.collator(tokenizer), data.compute_metrics or task.compute_metrics,
+                                task.preprocess_logits_for_metrics,
                                 callbacks, data.compute_loss)
         checkpoint = last_checkpoint(run) if config.train.resume else None
         if config.train.resume:

@@ -206,6 +206,14 @@ class LengthBucketTrainer(Trainer):
         unit = self._train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
         return LengthBucketSampler(lengths, unit, seed)
 
+    def _get_eval_sampler(self, eval_dataset):
+        """Held-out rows in their own order: `Trainer` (transformers 5) groups them by length when training does,
+        which returns predictions in a shuffled order, and a task that maps predictions back to its rows
+        (windows to sentences, features to questions, `rows` kept for paired comparisons) needs that order."""
+        if eval_dataset is None or not hasattr(eval_dataset, "__len__"):
+            return None
+        return torch.utils.data.SequentialSampler(eval_dataset)
+
 
 def typical_length(dataset) -> int:
     """The median tokens per training row: what a dynamically padded batch of `dataset` is about as long as."""

@@ -1,0 +1,411 @@
+"""Tagged sentences for token classification (named entities and any BIO/IOB2 tagging): reading them, checking
+their tags, and cutting them into model windows.
+
+Formats: CoNLL-style files (`.conll`, `.iob`, `.bio`, `.txt`, `.tsv`: a token and its tag per line, tab- or
+whitespace-separated, the tag in the last column or `tagging.tag_column`; a blank or whitespace-only line between
+sentences; `-DOCSTART-` lines skipped), JSONL / JSON / Parquet records with `tokens` and `tags` (or `ner_tags`,
+`labels`) lists, and hub datasets with `tokens` and `ner_tags` (a sequence of `ClassLabel`s, whose names are
+the tags).
+
+A sentence longer than `data.max_length` sub-tokens is never cut: it is split into windows of whole words that
+overlap by about `tagging.stride` sub-tokens, and every word is labelled (and later predicted) in exactly one
+window, the one where it has the most context on both sides. Labels sit on a word's first sub-token; the rest,
+and the special tokens, get -100 (the ignore index `DataCollatorForTokenClassification` pads with).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from afinar.core.config import DataArgs, TaggingArgs
+from afinar.core.errors import AfinarError
+from afinar.data.sources import SPLIT_ALIASES, Splits, read_table, read_text_file, sha256_file, subset_rows
+
+CONLL_SUFFIXES = (".conll", ".iob", ".bio", ".txt", ".tsv", ".iob2", ".conllu")
+TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
+TOKEN_COLUMNS = ("tokens", "words")
+TAG_COLUMNS = ("tags", "ner_tags", "labels", "tag", "ner")
+IGNORE = -100
+OUTSIDE = "O"
+
+
+@dataclass
+class Sentence:
+    tokens: list[str]
+    tags: list[str]
+
+
+@dataclass
+class TaggedSplits:
+    """Sentences per split, the tag names (train's, `O` first, then by type and B before I) and provenance."""
+
+    train: list[Sentence]
+    validation: list[Sentence] | None
+    test: list[Sentence] | None
+    tag_names: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def items(self) -> list[tuple[str, list[Sentence]]]:
+        return [(name, s) for name, s in (("train", self.train), ("validation", self.validation),
+                                          ("test", self.test)) if s is not None]
+
+    def as_rows(self) -> Splits:
+        """Each sentence as one row of text (its tokens joined by spaces), for the checks every task shares: empty,
+        damaged, duplicated and leaked sentences."""
+        from datasets import Dataset
+
+        def rows(sentences: list[Sentence] | None):
+            return None if sentences is None else Dataset.from_dict(
+                {"text": [" ".join(s.tokens) for s in sentences], "label": [0] * len(sentences)})
+
+        return Splits(rows(self.train), rows(self.validation), rows(self.test), ["sentence"], self.sources,
+                      self.fingerprints, list(self.notes))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_conll(path: Path, encoding: str = "utf-8", tag_column: str | None = None) -> list[Sentence]:
+    """Sentences of a CoNLL-style file. A line that has a token but no tag is an error naming its line."""
+    index = -1 if tag_column is None else _column_index(tag_column, path)
+    sentences, tokens, tags = [], [], []
+    for number, line in enumerate(read_text_file(path, encoding).splitlines(), start=1):
+        if not line.strip():
+            if tokens:
+                sentences.append(Sentence(tokens, tags))
+                tokens, tags = [], []
+            continue
+        fields = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
+        fields = [f.strip() for f in fields]
+        if fields[0] == "-DOCSTART-":
+            continue
+        if len(fields) < 2 or not (-len(fields) <= index < len(fields)) or index in (0, -len(fields)):
+            raise AfinarError(f"{path}:{number}: expected a token and its tag (column {index if index >= 0 else 'last'}),"
+                              f" got {line.strip()[:80]!r}; separate them with a tab or spaces, or set "
+                              f"tagging.tag_column")
+        tokens.append(fields[0])
+        tags.append(fields[index])
+    if tokens:
+        sentences.append(Sentence(tokens, tags))
+    if not sentences:
+        raise AfinarError(f"{path}: no tagged sentences (expected token and tag per line, blank lines between "
+                          f"sentences)")
+    return sentences
+
+
+def _column_index(tag_column: str, path: Path) -> int:
+    try:
+        return int(tag_column)
+    except ValueError:
+        raise AfinarError(f"tagging.tag_column={tag_column!r}: {path} is a CoNLL file, whose columns have no names;"
+                          f" give the tag's column number (0 is the token, -1 the last)") from None
+
+
+def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str, where: str) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise AfinarError(f"{where}: no column {wanted!r} for the {what} (columns: {', '.join(columns)})")
+        return wanted
+    found = next((c for c in candidates if c in columns), None)
+    if found is None:
+        raise AfinarError(f"{where}: no {what} column (looked for {', '.join(candidates)}; columns: "
+                          f"{', '.join(columns)}); set tagging.tag_column or rename it")
+    return found
+
+
+def _as_list(value, where: str, column: str) -> list:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise AfinarError(f"{where}: column {column!r} holds text that is not a JSON list") from None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, list):
+        raise AfinarError(f"{where}: column {column!r} must hold a list (got {type(value).__name__})")
+    return value
+
+
+def frame_sentences(frame: pd.DataFrame, where: str, tag_column: str | None = None,
+                    tag_names: list[str] | None = None) -> list[Sentence]:
+    """Sentences from records with a token list and a tag list per row; integer tags are indices into
+    `tag_names` (a hub dataset's ClassLabel names)."""
+    columns = [str(c) for c in frame.columns]
+    token_column = _pick(columns, None, TOKEN_COLUMNS, "tokens", where)
+    tags_column = _pick(columns, tag_column, TAG_COLUMNS, "tags", where)
+    sentences = []
+    for number, (tokens, tags) in enumerate(zip(frame[token_column], frame[tags_column])):
+        here = f"{where} row {number}"
+        tokens, tags = _as_list(tokens, here, token_column), _as_list(tags, here, tags_column)
+        if len(tokens) != len(tags):
+            raise AfinarError(f"{here}: {len(tokens)} tokens but {len(tags)} tags; give one tag per token")
+        if tags and all(isinstance(t, (int, np.integer)) for t in tags):
+            if tag_names is None:
+                raise AfinarError(f"{here}: tags are numbers, and no tag names came with them; write the tags as "
+                                  f"names (B-PER, I-PER, O)")
+            if max(tags) >= len(tag_names) or min(tags) < 0:
+                raise AfinarError(f"{here}: tag number {max(tags)} has no name (the names: {', '.join(tag_names)})")
+            tags = [tag_names[t] for t in tags]
+        sentences.append(Sentence([str(t) for t in tokens], [str(t) for t in tags]))
+    return sentences
+
+
+def read_tagged_file(path: Path, args: DataArgs, tagging: TaggingArgs) -> list[Sentence]:
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    suffix = suffixes[-1] if suffixes else ""
+    if suffix in TABLE_SUFFIXES:
+        return frame_sentences(read_table(path, args.encoding), str(path), tagging.tag_column)
+    if suffix in CONLL_SUFFIXES or not suffix:
+        return read_conll(path, args.encoding, tagging.tag_column)
+    raise AfinarError(f"{path}: unknown tagged-data format {suffix!r}; use a CoNLL file ({', '.join(CONLL_SUFFIXES)})"
+                      f" or records with tokens and tags ({', '.join(TABLE_SUFFIXES)})")
+
+
+def _split_files(args: DataArgs, with_test: bool) -> dict[str, Path] | None:
+    source = Path(args.source).expanduser()
+    if source.is_dir():
+        files: dict[str, Path] = {}
+        for file in sorted(source.iterdir()):
+            stem = file.name.split(".")[0].lower()
+            for split, aliases in SPLIT_ALIASES.items():
+                if split not in files and any(stem == a or stem.endswith(f"_{a}") for a in aliases):
+                    files[split] = file
+        if "train" not in files:
+            raise AfinarError(f"{source}: no train file found (expected train.conll, train.jsonl, ...)")
+    elif source.exists() or source.suffix:
+        files = {"train": source}
+    else:
+        return None
+    for split, path in (("validation", args.validation), ("test", args.test)):
+        if path:
+            files[split] = Path(path).expanduser()
+    if not with_test:
+        files.pop("test", None)
+    for path in files.values():
+        if not path.is_file():
+            raise AfinarError(f"{path}: file not found")
+    return files
+
+
+def _hub_sentences(args: DataArgs, tagging: TaggingArgs, with_test: bool) -> tuple[dict, dict, dict]:
+    from datasets import Sequence, load_dataset
+
+    try:
+        loaded = load_dataset(args.source)
+    except Exception as exc:  # network, auth and not-found errors come in many types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AfinarError(f"data source {args.source!r} is not a local file or folder and could not be loaded from "
+                          f"the Hugging Face hub ({first}); check the name or your connection") from None
+    sentences, sources, fingerprints = {}, {}, {}
+    for split, ds in loaded.items():
+        name = next((s for s, aliases in SPLIT_ALIASES.items() if split in aliases), None)
+        if name is None or (name == "test" and not with_test):
+            continue
+        column = _pick(list(ds.column_names), tagging.tag_column, TAG_COLUMNS, "tags", f"hub:{args.source} {split}")
+        feature = ds.features[column]
+        inner = getattr(feature, "feature", None) if isinstance(feature, Sequence) else \
+            (feature[0] if isinstance(feature, list) and feature else None)
+        names = list(inner.names) if hasattr(inner, "names") else None
+        sentences[name] = frame_sentences(ds.to_pandas(), f"hub:{args.source} {split}", column, names)
+        sources[name], fingerprints[name] = f"hub:{args.source}", f"hub:{args.source}:{ds._fingerprint}"
+    if "train" not in sentences:
+        raise AfinarError(f"hub dataset {args.source!r} has no train split (splits: {', '.join(loaded)})")
+    return sentences, sources, fingerprints
+
+
+def read_tagged_splits(args: DataArgs, tagging: TaggingArgs, with_test: bool = True) -> TaggedSplits:
+    """Sentences per split as given (nothing dropped, carved or repaired), with train's tag names."""
+    files = _split_files(args, with_test)
+    if files is None:
+        sentences, sources, fingerprints = _hub_sentences(args, tagging, with_test)
+    else:
+        sentences = {split: read_tagged_file(path, args, tagging) for split, path in files.items()}
+        sources = {split: str(path) for split, path in files.items()}
+        fingerprints = {split: sha256_file(path) for split, path in files.items()}
+    return TaggedSplits(sentences["train"], sentences.get("validation"), sentences.get("test"),
+                        tag_names(sentences["train"]), sources, fingerprints)
+
+
+# ---------------------------------------------------------------- tags
+
+
+def entity_type(tag: str) -> str | None:
+    return None if tag == OUTSIDE else tag[2:]
+
+
+def tag_names(sentences: list[Sentence]) -> list[str]:
+    """`O` first, then B- and I- of each type, types sorted: the same ids for the same tag set."""
+    types = sorted({entity_type(t) for s in sentences for t in s.tags} - {None})
+    return [OUTSIDE] + [f"{prefix}-{kind}" for kind in types for prefix in ("B", "I")]
+
+
+def check_scheme(splits: TaggedSplits) -> None:
+    """Every tag is `O`, `B-TYPE` or `I-TYPE`; an error names the first other one and where it is."""
+    for name, sentences in splits.items():
+        for number, sentence in enumerate(sentences):
+            for tag in sentence.tags:
+                if tag != OUTSIDE and not re.fullmatch(r"[BI]-\S+", tag):
+                    raise AfinarError(f"{splits.sources.get(name, name)} ({name}) sentence {number}: tag {tag!r} is "
+                                      f"not IOB2 (O, B-TYPE, I-TYPE); convert the tags (IOBES or bare types are not "
+                                      f"read)")
+
+
+def invalid_transitions(tags: list[str]) -> list[int]:
+    """Positions of `I-X` that do not continue an `X` entity (after `O`, after `B-Y`/`I-Y`, or first)."""
+    return [i for i, tag in enumerate(tags) if tag.startswith("I-")
+            and (i == 0 or tags[i - 1] == OUTSIDE or entity_type(tags[i - 1]) != entity_type(tag))]
+
+
+def repair_transitions(tags: list[str]) -> list[str]:
+    """Each invalid `I-X` becomes `B-X` (the start of the entity it must be)."""
+    fixed = list(tags)
+    for i in invalid_transitions(tags):
+        fixed[i] = "B-" + tags[i][2:]
+    return fixed
+
+
+def unseen_tags(splits: TaggedSplits) -> dict[str, list[str]]:
+    """Tags of validation/test that train never has: the model cannot predict them."""
+    known = set(splits.tag_names)
+    return {name: sorted({t for s in sentences for t in s.tags} - known)
+            for name, sentences in splits.items() if name != "train"}
+
+
+def entities(tags: list[list[str]]) -> list[list[tuple[int, int, str]]]:
+    """(start word, end word, type) of each entity of each sentence, as seqeval's strict IOB2 mode reads them: an
+    entity starts with `B-X` and continues with `I-X`; an `I-X` without its `B-X` starts none."""
+    from seqeval.scheme import IOB2, Entities
+
+    return [[(e.start, e.end, e.tag) for e in sentence] for sentence in Entities(tags, IOB2, suffix=False).entities]
+
+
+def tag_counts(sentences: list[Sentence]) -> dict[str, int]:
+    """Entities per type (a `B-` starts one; an invalid `I-` is counted as the start it will be scored as)."""
+    counts: dict[str, int] = {}
+    for s in sentences:
+        starts = set(invalid_transitions(s.tags))
+        for i, tag in enumerate(s.tags):
+            if tag.startswith("B-") or i in starts:
+                counts[tag[2:]] = counts.get(tag[2:], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def subset(sentences: list[Sentence], limit: int | None, seed: int) -> list[Sentence]:
+    rows = subset_rows(len(sentences), limit, seed)
+    return sentences if rows is None else [sentences[i] for i in rows]
+
+
+def replace(splits: TaggedSplits, **changes) -> TaggedSplits:
+    return dataclasses.replace(splits, **changes)
+
+
+# ---------------------------------------------------------------- windows
+
+
+@dataclass
+class Windows:
+    """Model inputs for a list of sentences: one row per window; `words[i]` lists (sentence, word) of the words
+    labelled in window i, in the order of their labelled positions."""
+
+    encodings: dict[str, list]
+    words: list[list[tuple[int, int]]]
+    split_sentences: int  # sentences longer than one window
+    cut_words: int  # single words longer than a whole window (their tail sub-tokens dropped)
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+def _word_spans(lengths: list[int], budget: int, stride: int) -> list[tuple[int, int]]:
+    """Windows [start, end) of whole words, each at most `budget` sub-tokens (a longer word alone), consecutive ones
+    overlapping by at least `stride` sub-tokens where the words allow."""
+    spans, start, n = [], 0, len(lengths)
+    while True:
+        end, used = start, 0
+        while end < n and (used + lengths[end] <= budget or end == start):
+            used += lengths[end]
+            end += 1
+        spans.append((start, end))
+        if end >= n:
+            return spans
+        back, overlap = end, 0
+        while back - 1 > start and overlap + lengths[back - 1] <= stride:
+            back -= 1
+            overlap += lengths[back]
+        start = back if back > start else end
+
+
+def _owners(spans: list[tuple[int, int]], n: int) -> list[int]:
+    """For each word, the window where it has the most words of context on its nearer side."""
+    owner = [0] * n
+    best = [-1] * n
+    for w, (start, end) in enumerate(spans):
+        for i in range(start, end):
+            context = min(i - start, end - 1 - i)
+            if context > best[i]:
+                best[i], owner[i] = context, w
+    return owner
+
+
+def encode_windows(tokenizer, sentences: list[list[str]], max_length: int, stride: int,
+                   tags: list[list[int]] | None = None) -> Windows:
+    """Windows of whole words within `max_length` sub-tokens (special tokens included); labels (from `tags`,
+    ids per word) on the first sub-token of each word the window owns, -100 elsewhere."""
+    budget = max_length - tokenizer.num_special_tokens_to_add()
+    if budget < 1:
+        raise AfinarError(f"data.max_length={max_length} leaves no room for a word after the special tokens")
+    pieces = tokenizer(sentences, is_split_into_words=True, add_special_tokens=False) if sentences else None
+    windows: list[tuple[int, int, int]] = []  # (sentence, start word, end word)
+    owned: list[list[int]] = []
+    split = cut = 0
+    for s, words in enumerate(sentences):
+        lengths = np.bincount([w for w in pieces.word_ids(s) if w is not None], minlength=len(words)).tolist() \
+            if words else []
+        lengths = [max(1, n) for n in lengths]  # a word the tokenizer drops still gets a window position
+        cut += sum(n > budget for n in lengths)
+        spans = _word_spans(lengths, budget, stride) if words else [(0, 0)]
+        split += len(spans) > 1
+        owner = _owners(spans, len(words))
+        for w, (start, end) in enumerate(spans):
+            windows.append((s, start, end))
+            owned.append([i for i in range(start, end) if owner[i] == w])
+    texts = [sentences[s][start:end] for s, start, end in windows]
+    batch = tokenizer(texts, is_split_into_words=True, truncation=True, max_length=max_length) if texts else None
+    encodings = {key: list(values) for key, values in batch.items()} if batch else {"input_ids": []}
+    labels, words = [], []
+    for row, (s, start, end) in enumerate(windows):
+        mine = set(owned[row])
+        seen: set[int] = set()
+        row_labels, row_words = [], []
+        for word in batch.word_ids(row):
+            index = None if word is None else start + word
+            if index is None or index in seen or index not in mine:
+                row_labels.append(IGNORE)
+                continue
+            seen.add(index)
+            row_labels.append(tags[s][index] if tags is not None else 0)
+            row_words.append((s, index))
+        labels.append(row_labels)
+        words.append(row_words)
+    encodings["labels"] = labels
+    return Windows(encodings, words, split, cut)
+
+
+def words_per_sentence(windows: Windows, predictions: list[list[int]], sentence_lengths: list[int],
+                       fill: int = 0) -> list[list[int]]:
+    """Predicted ids per word of each sentence from the windows' labelled positions (a word the tokenizer dropped
+    gets `fill`, the `O` tag)."""
+    out = [[fill] * n for n in sentence_lengths]
+    for row_words, row_predictions in zip(windows.words, predictions):
+        for (s, i), value in zip(row_words, row_predictions):
+            out[s][i] = value
+    return out

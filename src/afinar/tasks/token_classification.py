@@ -1,0 +1,327 @@
+"""Token classification (`task: token_classification`): named entities and any BIO/IOB2 tagging.
+
+Sentences are read by `data.tagging` (CoNLL, records, hub), their tags checked (the IOB2 scheme, tags that
+held-out splits have and train lacks, invalid `I-` transitions, repaired only on `tagging.repair_iob`), and the
+sentences checked as texts like every task's rows (empty, damaged, duplicated, leaked exactly or nearly into
+validation/test; the `checks.on_*` policies drop train sentences). Long sentences become overlapping windows,
+labels sit on first sub-tokens (`DataCollatorForTokenClassification` pads with -100), and the best checkpoint has
+the best validation entity F1. Scores are seqeval's strict IOB2 entity figures per sentence, with bootstrap
+intervals over sentences (`evaluation.entities`). After training its runs predict, evaluate and serve entities with
+character offsets (`inference.spans.EntityTagger`).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset
+
+from afinar.core.config import Config, DataArgs
+from afinar.core.errors import AfinarError
+from afinar.core.models import instantiate
+from afinar.core.runs import Run
+from afinar.data import tagging
+from afinar.data.checks import apply_policies, format_report, run_checks_cached
+from afinar.data.sources import carve_rows
+from afinar.evaluation.diagnosis import Baseline
+from afinar.evaluation.entities import entity_report, entity_scores, token_accuracy
+from afinar.evaluation.metrics import logits_to_predictions, with_interval
+from afinar.reporting import pages
+from afinar.tasks.base import NoTestSplit, Task
+from afinar.training.lifecycle import TaskData
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = 8  # test sentences the report shows with their gold and predicted entities
+
+
+@dataclass
+class _Prepared:
+    splits: tagging.TaggedSplits
+    windows: dict[str, tagging.Windows]
+    tag_names: list[str]
+    report_text: str
+
+
+def _window_tags(label_ids: np.ndarray, predictions: np.ndarray, names: list[str]
+                 ) -> tuple[list[list[str]], list[list[str]]]:
+    """Gold and predicted tags of the labelled positions of each window row."""
+    gold, predicted = [], []
+    for labels, row in zip(label_ids, predictions):
+        keep = labels != tagging.IGNORE
+        gold.append([names[i] for i in labels[keep]])
+        predicted.append([names[i] for i in row[keep]])
+    return gold, predicted
+
+
+class WindowMetrics:
+    """`Trainer`'s `compute_metrics` during training: entity figures over windows (each window a sequence, the
+    same as sentences unless one was split); the reported figures are per sentence (`TokenClassification.score`)."""
+
+    def __init__(self, tag_names: list[str]):
+        self.tag_names = tag_names
+
+    def __call__(self, eval_prediction) -> dict[str, float]:
+        gold, predicted = _window_tags(np.asarray(eval_prediction.label_ids), np.asarray(eval_prediction.predictions),
+                                       self.tag_names)
+        return {**entity_scores(gold, predicted), "accuracy": token_accuracy(gold, predicted)}
+
+
+def _checked_tags(splits: tagging.TaggedSplits, repair: bool) -> tuple[tagging.TaggedSplits, dict, list[str]]:
+    """The scheme checked, unseen held-out tags refused, invalid transitions counted (and repaired on request)."""
+    tagging.check_scheme(splits)
+    for name, tags in tagging.unseen_tags(splits).items():
+        if tags:
+            raise AfinarError(f"{splits.sources.get(name, name)} ({name}): tags {', '.join(tags)} never occur in "
+                              f"train, so the model cannot predict them; add training sentences that have them, or "
+                              f"map them to O")
+    invalid = {name: sum(len(tagging.invalid_transitions(s.tags)) for s in sentences)
+               for name, sentences in splits.items()}
+    notes = []
+    if any(invalid.values()):
+        counted = ", ".join(f"{name} {n:,}" for name, n in invalid.items() if n)
+        if repair:
+            splits = tagging.replace(splits, **{name: [tagging.Sentence(s.tokens, tagging.repair_transitions(s.tags))
+                                                       for s in sentences] for name, sentences in splits.items()})
+            notes.append(f"invalid I- transitions repaired to B- (tagging.repair_iob): {counted}")
+        else:
+            notes.append(f"invalid I- transitions kept ({counted}): strict IOB2 scoring starts no entity at them; "
+                         f"--set tagging.repair_iob=true makes each a B-")
+    return splits, invalid, notes
+
+
+def checked_sentences(config: Config, with_test: bool = True) -> tuple[tagging.TaggedSplits, dict, str]:
+    """What training sees: sentences read, tags checked, the row checks' policies applied to train, validation
+    carved when there is none, seeded subsets taken; plus the data report (as a dict and as text)."""
+    raw = tagging.read_tagged_splits(config.data, config.tagging, with_test)
+    raw, invalid, notes = _checked_tags(raw, config.tagging.repair_iob)
+    report = run_checks_cached(raw.as_rows(), config.checks, None, None)
+    kept_rows = apply_policies(raw.as_rows(), report, config.checks)
+    dropped = {row for action in report.actions if action["action"] == "drop" for row in action["rows"]}
+    train = [s for i, s in enumerate(raw.train) if i not in dropped]
+    validation, data = raw.validation, config.data
+    notes += kept_rows.notes
+    if validation is None:
+        kept, held, how = carve_rows(len(train), data.validation_fraction, config.train.seed)
+        train, validation = [train[i] for i in kept], [train[i] for i in held]
+        notes.append(f"validation carved from train: {len(held):,} sentences ({data.validation_fraction:.0%}, {how}, "
+                     f"seed {config.train.seed})")
+    seed = config.train.seed
+    splits = tagging.replace(raw, train=tagging.subset(train, data.max_train_samples, seed),
+                             validation=tagging.subset(validation, data.max_eval_samples, seed),
+                             test=None if raw.test is None else tagging.subset(raw.test, data.max_test_samples, seed),
+                             notes=notes)
+    record = {**report.to_dict(), "tagging": {
+        "tags": splits.tag_names, "invalid_transitions": invalid, "repaired": config.tagging.repair_iob,
+        "entities": {name: tagging.tag_counts(sentences) for name, sentences in splits.items()},
+        "sentences": {name: len(sentences) for name, sentences in splits.items()}}}
+    text = format_report(report) + "\n" + _tagging_text(record["tagging"])
+    return splits, record, text
+
+
+def _tagging_text(record: dict) -> str:
+    lines = [f"tags: {', '.join(record['tags'])}",
+             "invalid I- transitions: " + ", ".join(f"{k} {v:,}" for k, v in record["invalid_transitions"].items())
+             + (" (repaired)" if record["repaired"] else "")]
+    for name, counts in record["entities"].items():
+        lines.append(f"{name}: {record['sentences'][name]:,} sentences; entities "
+                     + ", ".join(f"{kind} {n:,}" for kind, n in counts.items()))
+    if "windows" in record:
+        lines.append("sentences longer than data.max_length, split into windows: "
+                     + ", ".join(f"{k} {v:,}" for k, v in record["windows"].items()))
+    return "\n".join(lines)
+
+
+def _spans_html(tokens: list[str], tags: list[str]) -> str:
+    """The sentence with each entity marked `[words]TYPE`."""
+    spans = {start: (end, kind) for start, end, kind in tagging.entities([tags])[0]}
+    out, i = [], 0
+    while i < len(tokens):
+        if i in spans:
+            end, kind = spans[i]
+            out.append(f"<mark>{html.escape(' '.join(tokens[i:end]))}</mark><sub>{html.escape(kind)}</sub>")
+            i = end
+        else:
+            out.append(html.escape(tokens[i]))
+            i += 1
+    return " ".join(out)
+
+
+class TokenClassification(Task):
+    """Tagged sentences, a token classifier, entity-level strict IOB2 scores with intervals."""
+
+    name = "token_classification"
+    lora_task_type = "TOKEN_CLS"
+    preprocess_logits_for_metrics = staticmethod(logits_to_predictions)
+    best_model_metrics = ("f1", "macro_f1", "loss")
+    pipeline_tag = "token-classification"
+    card_metrics = ("f1", "precision", "recall")
+
+    def configure(self, config: Config) -> list[str]:
+        if config.train.metric_for_best_model == "accuracy":
+            config.train.metric_for_best_model = "f1"
+            return ["train.metric_for_best_model = f1 (entity-level F1; most tokens are O, so token accuracy "
+                    "rewards tagging nothing)"]
+        return []
+
+    def prepare(self, config: Config, model_path: str, tokenizer, with_test: bool) -> TaskData:
+        splits, record, text = checked_sentences(config, with_test)
+        names = splits.tag_names
+        ids = {tag: i for i, tag in enumerate(names)}
+        windows = {name: tagging.encode_windows(tokenizer, [s.tokens for s in sentences], config.data.max_length,
+                                                config.tagging.stride, [[ids[t] for t in s.tags] for s in sentences])
+                   for name, sentences in splits.items()}
+        record["tagging"]["windows"] = {name: w.split_sentences for name, w in windows.items()}
+        notes = list(splits.notes)
+        for name, w in windows.items():
+            if w.split_sentences:
+                notes.append(f"{name}: {w.split_sentences:,} sentences longer than data.max_length="
+                             f"{config.data.max_length} sub-tokens split into overlapping windows (tagging.stride="
+                             f"{config.tagging.stride}); each word scored once")
+            if w.cut_words:
+                notes.append(f"{name}: {w.cut_words:,} single words longer than a whole window keep only their first "
+                             f"sub-tokens (their tag is on the first)")
+        text += "\n" + _tagging_text(record["tagging"])
+        log.info("data checks:\n%s", text)
+        datasets = {name: Dataset.from_dict(w.encodings) for name, w in windows.items()}
+        manifest = {"data": {"sources": splits.sources, "sha256": splits.fingerprints,
+                             "rows": {name: len(s) for name, s in splits.items()}, "tags": names,
+                             "windows": {name: len(w) for name, w in windows.items()}}}
+        return TaskData(datasets["train"], datasets["validation"], datasets.get("test"), manifest, notes, record,
+                        _Prepared(splits, windows, names, text), compute_metrics=WindowMetrics(names))
+
+    def load_model(self, config: Config, model_path: str, tokenizer, data: TaskData):
+        from transformers import AutoModelForTokenClassification
+
+        names = data.extra.tag_names
+        model = instantiate(AutoModelForTokenClassification, model_path, config.model, num_labels=len(names),
+                            id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.accepts_loss_kwargs = False  # a batch-mean loss: see `core.models.load_classifier`
+        return model
+
+    def collator(self, tokenizer):
+        from transformers import DataCollatorForTokenClassification
+
+        return DataCollatorForTokenClassification(tokenizer)
+
+    def score(self, trainer, data: TaskData) -> dict[str, dict]:
+        prepared: _Prepared = data.extra
+        scores = {}
+        for name, ds in (("validation", data.validation), ("test", data.test)):
+            if ds is None:
+                continue
+            output = trainer.predict(ds, metric_key_prefix="eval")
+            windows = prepared.windows[name]
+            labels, predictions = np.asarray(output.label_ids), np.asarray(output.predictions)
+            per_window = [row[labels_row != tagging.IGNORE].tolist() for labels_row, row in zip(labels, predictions)]
+            sentences = getattr(prepared.splits, name)
+            predicted_ids = tagging.words_per_sentence(windows, per_window, [len(s.tokens) for s in sentences])
+            gold = [s.tags for s in sentences]
+            predicted = [[prepared.tag_names[i] for i in row] for row in predicted_ids]
+            scores[name] = {**entity_report(gold, predicted), "accuracy": token_accuracy(gold, predicted),
+                            "loss": float(output.metrics.get("eval_loss", float("nan"))),
+                            "baseline": Baseline("f1", 0.0, "tagging every word O").to_dict()}  # the diagnosis' bar
+        return scores
+
+    def summary(self, config: Config, data: TaskData, metrics: dict) -> str:
+        prepared: _Prepared = data.extra
+        t = metrics["train"]
+        lines = [f"# {config.model.name} on {config.data.source} (token classification)", "",
+                 f"- tags: {', '.join(prepared.tag_names)}",
+                 "- sentences: " + ", ".join(f"{name} {len(s):,}" for name, s in prepared.splits.items()),
+                 f"- training: {t['seconds']:.0f} s, {t['steps']} steps, {t['samples_per_second']:.1f} windows/s, "
+                 f"{t['trainable_parameters']:,} trainable parameters" + (" (LoRA)" if config.lora.enabled else ""),
+                 "", "Entity-level, strict IOB2 (seqeval), micro-averaged; 95% bootstrap intervals over sentences.", "",
+                 "| split | F1 [95% CI] | precision | recall | macro-F1 | entities | sentences |",
+                 "|---|---|---|---|---|---|---|"]
+        for split in ("validation", "test"):
+            if m := metrics.get(split):
+                lines.append(f"| {split} | {with_interval(m, 'f1')} | {with_interval(m, 'precision')} | "
+                             f"{with_interval(m, 'recall')} | {m['macro_f1']:.4f} | {m['entities']:,} | {m['n']:,} |")
+        if test := metrics.get("test"):
+            lines += ["", "| type (test) | precision | recall | F1 | gold | predicted |", "|---|---|---|---|---|---|"]
+            lines += [f"| {kind} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} | {r['support']} | "
+                      f"{r['predicted']} |" for kind, r in test["per_type"].items()]
+        lines += ["", "Notes:"] + [f"- {note}" for note in data.notes]
+        lines += ["", "## Data checks", "", "```", prepared.report_text, "```", ""]
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------- after training
+
+    def check(self, config: Config) -> tuple[str, dict]:
+        _, record, text = checked_sentences(config)
+        return text, record
+
+    def result_lines(self, metrics: dict) -> list[str]:
+        return [f"{split}: entity F1 {with_interval(m, 'f1')}  precision {m['precision']:.4f}  recall "
+                f"{m['recall']:.4f}  macro-F1 {m['macro_f1']:.4f}  (strict IOB2; 95% bootstrap over sentences, "
+                f"n={m['n']:,} sentences, {m['entities']:,} entities)"
+                for split in ("validation", "test") if (m := metrics.get(split))]
+
+    def evaluation_lines(self, report: dict) -> list[str]:
+        return [f"{report['data']}: entity F1 {with_interval(report, 'f1')}  precision {report['precision']:.4f}  "
+                f"recall {report['recall']:.4f}  (n={report['n']:,} sentences, {report['entities']:,} entities)",
+                *[f"{kind}: precision {r['precision']:.4f}  recall {r['recall']:.4f}  F1 {r['f1']:.4f}  "
+                  f"gold {r['support']}" for kind, r in report["per_type"].items()]]
+
+    def metrics_html(self, metrics: dict) -> str:
+        return pages.metrics_table(metrics, ["f1", "precision", "recall", "macro_f1", "accuracy", "loss"])
+
+    def report_sections(self, run: Run, metrics: dict) -> list[str]:
+        test = metrics.get("test") or metrics.get("validation")
+        if not test:
+            return []
+        rows = "".join(f"<tr><td>{html.escape(kind)}</td><td>{r['precision']:.4f}</td><td>{r['recall']:.4f}</td>"
+                       f"<td>{r['f1']:.4f}</td><td>{r['support']}</td><td>{r['predicted']}</td></tr>"
+                       for kind, r in test["per_type"].items())
+        sections = [f"<h2>Entities per type</h2><table><tr><th>type</th><th>precision</th><th>recall</th><th>F1</th>"
+                    f"<th>gold</th><th>predicted</th></tr>{rows}</table>"]
+        tokens_of = self._test_tokens(run)
+        gold, predicted = test["rows"]["gold"], test["rows"]["predicted"]
+        shown = [i for i, g in enumerate(gold) if any(t != tagging.OUTSIDE for t in g + predicted[i])][:EXAMPLES]
+        if tokens_of is not None and shown:
+            items = "".join(f"<li>gold: {_spans_html(tokens_of[i], gold[i])}<br>predicted: "
+                            f"{_spans_html(tokens_of[i], predicted[i])}</li>" for i in shown)
+            sections.append(f"<h2>Example sentences</h2><ul>{items}</ul>")
+        return sections
+
+    @staticmethod
+    def _test_tokens(run: Run) -> list[list[str]] | None:
+        try:
+            splits, _, _ = checked_sentences(run.config())
+        except AfinarError:
+            return None
+        return [s.tokens for s in (splits.test if splits.test is not None else splits.validation)]
+
+    def load_predictor(self, run: Run, backend: str = "auto"):
+        from afinar.inference.spans import EntityTagger
+
+        if backend not in ("auto", "torch"):
+            raise AfinarError(f"backend {backend}: a {self.name} run predicts with torch only")
+        config = run.config()
+        return EntityTagger(run.model_dir, config.data.max_length, config.tagging.stride)
+
+    def evaluate(self, run: Run, data: str | Path | None, backend: str, batch_size: int) -> dict:
+        """Re-score the saved model on a tagged file, or on the run's own test split."""
+        config = run.config()
+        tagger = self.load_predictor(run, backend)
+        if data is not None:
+            sentences = tagging.read_tagged_file(Path(data), DataArgs(encoding=config.data.encoding), config.tagging)
+            if config.tagging.repair_iob:
+                sentences = [tagging.Sentence(s.tokens, tagging.repair_transitions(s.tags)) for s in sentences]
+        else:
+            splits, _, _ = checked_sentences(config)
+            if splits.test is None:
+                raise NoTestSplit(f"the data of {run.path} has no test split; pass a tagged file with --data")
+            sentences = splits.test
+        predicted = tagger.tag([s.tokens for s in sentences])
+        report = entity_report([s.tags for s in sentences], predicted)
+        report.pop("rows")
+        report["data"] = str(data) if data is not None else "the run's test split"
+        report["backend"] = tagger.backend
+        return report
