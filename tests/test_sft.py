@@ -364,3 +364,32 @@ def test_the_openai_schema_and_server_agree_on_what_is_valid(sft_run):
     assert schema["CompletionRequest"]["properties"]["prompt"]["minLength"] == 1
     sampling = schema["ChatCompletionRequest"]["properties"]
     assert sampling["seed"]["anyOf"][0]["minimum"] == 0 and sampling["stream"]["const"] is False
+
+
+def test_summaries_are_scored_by_rouge_against_every_reference_beside_the_zero_shot_base(tiny_llama, tmp_path):
+    """DialogSum's real rows: train has one `summary`, test three (`summary1..3`, no `summary`); the prompt column is
+    wrapped in sft.template; the tuned and the base model's greedy generations are scored on the same prompts."""
+    dialogsum = SHARED / "dialogsum"
+    for split, n in (("train", 40), ("test", 4)):
+        with open(dialogsum / f"{split}.jsonl", encoding="utf-8") as handle:
+            (tmp_path / f"{split}.jsonl").write_text("".join(next(handle) for _ in range(n)), encoding="utf-8")
+    result = afinar.train(load_config(overrides=_sft_overrides(tiny_llama, tmp_path / "train.jsonl", tmp_path, **{
+        "data.test": str(tmp_path / "test.jsonl"), "sft.prompt_column": "dialogue", "sft.response_column": "summary",
+        "sft.reference_columns": "summary1,summary2,summary3", "sft.template": "Summarize this dialogue:\n{text}",
+        "sft.metrics": "rouge", "sft.metric_new_tokens": 6, "train.max_steps": 4, "data.max_length": 96})))
+    scores = result.metrics["generation_scores"]
+    assert scores["split"] == "test" and scores["rows"] == 4 and scores["prompts_shortened"] == 4
+    assert scores["examples"][0]["prompt"].startswith("Summarize this dialogue:\n#Person1#")
+    assert len(scores["examples"][0]["references"]) == 3
+    rouge = scores["rouge"]
+    for key in ("rouge1", "rouge2", "rougeL"):
+        gain = np.mean(rouge["tuned"]["rows"][key]) - np.mean(rouge["zero_shot"]["rows"][key])
+        assert rouge["gain"][key]["delta"] == pytest.approx(gain)
+        assert 0 <= rouge["tuned"][key] <= 1
+    # a reference list scores the best of its references (score_multi), never their mean
+    from afinar.evaluation.generated import row_scores
+
+    best = row_scores("rouge", ["the cat sat"], [["a dog ran", "the cat sat"]])
+    assert best["rougeL"][0] == pytest.approx(1.0)
+    summary = (result.run_dir / "summary.md").read_text()
+    assert "fine-tuned vs the base model zero-shot" in summary and "rougeL:" in summary

@@ -340,20 +340,34 @@ def generate_answers(generator: Generator, prompts: list[chat.Messages], max_new
                                temperature=0).text.strip() for prompt in prompts]
 
 
+def fitted_prompts(tokenizer, conversations: list[chat.Messages], max_length: int, new_tokens: int
+                   ) -> tuple[list[chat.Messages | None], list[chat.Messages]]:
+    """Each conversation's prompt shortened as training shortened it (`chat.fit_prompt`), so that prompt and
+    `new_tokens` fit `max_length` (None: it cannot), and the prompts as asked."""
+    budget = max_length - new_tokens
+    if budget <= 0:
+        raise AfinarError(f"{new_tokens} new tokens leave no room for a prompt in data.max_length={max_length}; raise "
+                          f"data.max_length")
+    asked = [chat.prompt_of(c) for c in conversations]
+    return [chat.fit_prompt(tokenizer, p, budget) for p in asked], asked
+
+
 def score_generations(config: Config, generator: Generator, base_model: str, name: str, ds: Dataset) -> dict:
     """`sft.metrics` on greedy generations of split `name`'s prompts by the tuned model and by the base model it
     started from (zero-shot: the same prompts, template and system prompt), and the gain, paired by row."""
-    conversations = _messages(ds)
-    references = [json.loads(r) for r in ds["references"]]
-    prompts = [chat.prompt_of(c) for c in conversations]
     limit = config.sft.metric_new_tokens
+    fitted, asked = fitted_prompts(generator.tokenizer, _messages(ds), config.data.max_length, limit)
+    kept = [i for i, f in enumerate(fitted) if f is not None]
+    prompts = [fitted[i] for i in kept]
+    references = [json.loads(ds["references"][i]) for i in kept]
     started = time.perf_counter()
     tuned = generate_answers(generator, prompts, limit)
     base = Generator(dataclasses.replace(config.model, name=base_model), generator.format)
     base.tokenizer.chat_template = generator.tokenizer.chat_template  # the template training rendered through
     zero_shot = generate_answers(base, prompts, limit)
     del base
-    out = {"split": name, "rows": len(prompts), "max_new_tokens": limit,
+    out = {"split": name, "rows": len(prompts), "max_new_tokens": limit, "rows_skipped": len(asked) - len(kept),
+           "prompts_shortened": sum(fitted[i] != asked[i] for i in kept),
            "seconds": round(time.perf_counter() - started, 1),
            "examples": [{"prompt": chat.prompt_text(p)[:500], "references": r, "tuned": t, "zero_shot": z}
                         for p, r, t, z in list(zip(prompts, references, tuned, zero_shot))[:3]]}
@@ -367,8 +381,9 @@ def score_generations(config: Config, generator: Generator, base_model: str, nam
 
 def generation_score_lines(scores: dict) -> list[str]:
     """One line per metric key: tuned [CI], zero-shot [CI], paired gain [CI]."""
-    lines = [f"{scores['split']} generations ({scores['rows']:,} prompts, greedy, at most {scores['max_new_tokens']} "
-             f"new tokens), fine-tuned vs the base model zero-shot:"]
+    lines = [f"{scores['split']} generations ({scores['rows']:,} prompts, {scores['prompts_shortened']:,} shortened to "
+             f"fit data.max_length, {scores['rows_skipped']:,} skipped; greedy, at most {scores['max_new_tokens']} new "
+             f"tokens), fine-tuned vs the base model zero-shot:"]
     for metric in (m for m in METRIC_KEYS if m in scores):
         tuned, zero, gain = scores[metric]["tuned"], scores[metric]["zero_shot"], scores[metric]["gain"]
         for key in METRIC_KEYS[metric]:
@@ -460,15 +475,16 @@ class SFT(LanguageModelTask):
         generator = Generator.for_run(run, self.chat_prompts)
         tokenizer = generator.tokenizer
         validation = _messages(prepared.splits.validation)
-        shown = validation[:config.sft.generation_samples]
-        answers = generate_answers(generator, [chat.prompt_of(c) for c in shown], config.sft.max_new_tokens)
-        metrics["generations"] = [{"prompt": chat.prompt_text(chat.prompt_of(c)), "expected": chat_answer(c),
-                                   "generated": a} for c, a in zip(shown, answers)]
+        shown, prompts = self._fitting(tokenizer, validation[:config.sft.generation_samples], config,
+                                       config.sft.max_new_tokens)
+        answers = generate_answers(generator, prompts, config.sft.max_new_tokens)
+        metrics["generations"] = [{"prompt": chat.prompt_text(p), "expected": chat_answer(c),
+                                   "generated": a} for c, p, a in zip(shown, prompts, answers)]
         if prepared.labels:
-            sample = random.Random(config.train.seed).sample(validation, min(config.sft.validity_samples,
-                                                                             len(validation)))
             longest = max(len(tokenizer(label)["input_ids"]) for label in prepared.labels) + 2
-            free = generate_answers(generator, [chat.prompt_of(c) for c in sample], longest)
+            sample, prompts = self._fitting(tokenizer, random.Random(config.train.seed).sample(
+                validation, min(config.sft.validity_samples, len(validation))), config, longest)
+            free = generate_answers(generator, prompts, longest)
             valid = [a.strip().strip(".").lower() in {label.lower() for label in prepared.labels} for a in free]
             right = [a.strip().strip(".").lower() == chat_answer(c).lower() for a, c in zip(free, sample)]
             metrics["free_generation"] = {"rows": len(sample), "valid_label_rate": float(np.mean(valid)),
@@ -487,6 +503,14 @@ class SFT(LanguageModelTask):
         result["general_source"] = general.source
         metrics["forgetting"] = result
         metrics["data"] = prepared.stats
+
+    @staticmethod
+    def _fitting(tokenizer, conversations: list[chat.Messages], config: Config, new_tokens: int
+                 ) -> tuple[list[chat.Messages], list[chat.Messages]]:
+        """The conversations whose prompt fits with `new_tokens` (as training fitted them), and those prompts."""
+        fitted, _ = fitted_prompts(tokenizer, conversations, config.data.max_length, new_tokens)
+        kept = [(c, f) for c, f in zip(conversations, fitted) if f is not None]
+        return [c for c, _ in kept], [f for _, f in kept]
 
     def summary(self, config: Config, data: TaskData, metrics: dict) -> str:
         return sft_summary(config, metrics, data.notes)
