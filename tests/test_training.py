@@ -195,6 +195,7 @@ def test_non_finite_loss_stops_with_the_step_and_cause(tiny_bert, tweets_jsonl, 
     assert Run.open(Path(tmp_path) / "r").status() == "failed"
 
 
+@pytest.mark.slow  # the sft twin below runs the same lifecycle under torchrun in `make test`
 def test_two_process_torchrun_matches_one_process(tiny_bert, tweets_jsonl, tmp_path):
     """`afinar train --nproc 2` runs DDP (gloo on CPU) through torchrun; batch_size is global, so the
     effective batch and the step count match the single-process run, and only rank 0 writes the folder. The

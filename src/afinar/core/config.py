@@ -23,7 +23,7 @@ from afinar.core.errors import AfinarError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POLICIES = ("error", "drop", "warn")
 CALIBRATIONS = ("train", "content_free", "none")
-BEST_MODEL_METRICS = ("accuracy", "macro_f1", "f1", "exact_match", "loss")  # which a task reports: its `best_model_metrics`
+BEST_MODEL_METRICS = ("accuracy", "macro_f1", "f1", "exact_match", "loss")  # each task allows its `best_model_metrics`
 
 
 @dataclass
@@ -249,8 +249,8 @@ class Config:
                               f"(got {self.checks.near_duplicate_threshold})")
         _one_of("train.metric_for_best_model", self.train.metric_for_best_model, BEST_MODEL_METRICS)
         for key in ("train.batch_size", "train.gradient_accumulation_steps", "data.max_length", "data.max_text_chars",
-                    "train.logging_steps", "lora.r", "lm.block_size", "lm.stride", "lm.forgetting_ratio", "qa.max_length", "qa.stride",
-                    "qa.max_answer_tokens", "qa.best_spans"):
+                    "train.logging_steps", "lora.r", "lm.block_size", "lm.stride", "lm.forgetting_ratio",
+                    "qa.max_length", "qa.stride", "qa.max_answer_tokens", "qa.best_spans"):
             _positive(key, get_value(self, key))
         for key in ("train.eval_batch_size", "train.eval_every", "train.learning_rate", "train.epochs",
                     "data.max_train_samples", "data.train_per_class", "data.max_eval_samples",

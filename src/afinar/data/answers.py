@@ -20,7 +20,16 @@ import pandas as pd
 
 from afinar.core.config import DataArgs, QAArgs
 from afinar.core.errors import AfinarError
-from afinar.data.sources import SPLIT_ALIASES, read_table, read_text_file, sha256_file, subset_rows
+from afinar.data.sources import (
+    existing,
+    hub_split_name,
+    load_hub_dataset,
+    read_table,
+    read_text_file,
+    sha256_file,
+    split_files,
+    subset_rows,
+)
 
 
 @dataclass
@@ -127,46 +136,20 @@ def read_questions_file(path: Path, args: DataArgs) -> list[Question]:
 
 
 def read_question_splits(args: DataArgs, with_test: bool = True) -> QASplits:
-    source = Path(args.source).expanduser()
-    if source.is_dir():
-        files: dict[str, Path] = {}
-        for file in sorted(source.iterdir()):
-            stem = file.name.split(".")[0].lower()
-            for split, aliases in SPLIT_ALIASES.items():
-                if split not in files and stem in aliases:
-                    files[split] = file
-        if "train" not in files:
-            raise AfinarError(f"{source}: no train file found (expected train.json, train.jsonl, ...)")
-    elif source.exists() or source.suffix:
-        files = {"train": source}
-    else:
+    files = split_files(args, with_test, (".json", ".jsonl", ".csv", ".tsv", ".parquet"))
+    if files is None:
         return _hub_questions(args, with_test)
-    for split, path in (("validation", args.validation), ("test", args.test)):
-        if path:
-            files[split] = Path(path).expanduser()
-    if not with_test:
-        files.pop("test", None)
-    for path in files.values():
-        if not path.is_file():
-            raise AfinarError(f"{path}: file not found")
-    questions = {split: read_questions_file(path, args) for split, path in files.items()}
+    questions = {split: read_questions_file(path, args) for split, path in existing(files).items()}
     return QASplits(questions["train"], questions.get("validation"), questions.get("test"),
                     {s: str(p) for s, p in files.items()}, {s: sha256_file(p) for s, p in files.items()})
 
 
 def _hub_questions(args: DataArgs, with_test: bool) -> QASplits:
-    from datasets import load_dataset
-
-    try:
-        loaded = load_dataset(args.source)
-    except Exception as exc:  # network, auth and not-found errors come in many types
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise AfinarError(f"data source {args.source!r} is not a local file or folder and could not be loaded from "
-                          f"the Hugging Face hub ({first}); check the name or your connection") from None
+    loaded = load_hub_dataset(args.source)
     questions, sources, fingerprints = {}, {}, {}
     for split, ds in loaded.items():
-        name = next((s for s, aliases in SPLIT_ALIASES.items() if split in aliases), None)
-        if name is None or (name == "test" and not with_test):
+        name = hub_split_name(split, with_test)
+        if name is None:
             continue
         questions[name] = frame_questions(ds.to_pandas(), f"hub:{args.source} {split}")
         sources[name], fingerprints[name] = f"hub:{args.source}", f"hub:{args.source}:{ds._fingerprint}"

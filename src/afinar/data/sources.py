@@ -200,35 +200,47 @@ def read_table(path: str | Path, encoding: str = "utf-8") -> pd.DataFrame:
 # ---------------------------------------------------------------- finding the splits
 
 
-def find_split_files(folder: Path) -> dict[str, Path]:
+def find_split_files(folder: Path, suffixes: Sequence[str] = tuple(FORMATS)) -> dict[str, Path]:
+    """`train.*`, `dev.*` / `validation.*`, `test.*` (or `*_train.*`, ...) in `folder`, of the given suffixes."""
     found: dict[str, Path] = {}
     for file in sorted(folder.iterdir()):
         stem = file.name.split(".")[0].lower()
         for split, aliases in SPLIT_ALIASES.items():
             if split not in found and any(stem == a or stem.endswith(f"_{a}") for a in aliases) \
-                    and "".join(file.suffixes[-2:]).lower().removesuffix(".gz") in FORMATS:
+                    and "".join(file.suffixes[-2:]).lower().removesuffix(".gz") in suffixes:
                 found[split] = file
     if "train" not in found:
-        raise AfinarError(f"{folder}: no train file found (expected train.csv, train.jsonl, ... or *_train.*)")
+        raise AfinarError(f"{folder}: no train file found (expected train{suffixes[0]}, train{suffixes[1]}, ... or "
+                          f"*_train.*)")
     return found
+
+
+def load_hub_dataset(source: str):
+    """`datasets.load_dataset(source)`, or a one-line error when it cannot be reached."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(source)
+    except Exception as exc:  # network, auth and not-found errors come in many types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise AfinarError(f"data source {source!r} is not a local file or folder, not an embedded dataset "
+                          f"({', '.join(assets.DATASETS)}), and could not be loaded from the Hugging Face hub "
+                          f"({first}); check the name, or your connection (HF_HUB_OFFLINE is "
+                          f"{'set' if _offline() else 'unset'})") from None
+
+
+def hub_split_name(split: str, with_test: bool) -> str | None:
+    """afinar's name for a hub split (train, validation, test), or None for one it does not read."""
+    name = next((s for s, aliases in SPLIT_ALIASES.items() if split in aliases), None)
+    return None if name == "test" and not with_test else name
 
 
 def hub_splits(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]], dict[str, str]]:
     """A hub dataset id through `datasets.load_dataset`; raises a clear error when it cannot be reached."""
-    from datasets import load_dataset
-
-    try:
-        loaded = load_dataset(args.source)
-    except Exception as exc:  # network, auth and not-found errors come in many types
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise AfinarError(f"data source {args.source!r} is not a local file or folder, not an embedded dataset "
-                          f"({', '.join(assets.DATASETS)}), and could not be loaded from the Hugging Face hub "
-                          f"({first}); check the name, or your connection (HF_HUB_OFFLINE is "
-                          f"{'set' if _offline() else 'unset'})") from None
     frames, class_names, fingerprints = {}, {}, {}
-    for split, ds in loaded.items():
-        name = next((s for s, aliases in SPLIT_ALIASES.items() if split in aliases), None)
-        if name is None or (name == "test" and not with_test):
+    for split, ds in load_hub_dataset(args.source).items():
+        name = hub_split_name(split, with_test)
+        if name is None:
             continue
         frames[name] = ds.to_pandas()
         fingerprints[name] = f"hub:{args.source}:{ds._fingerprint}"
@@ -244,14 +256,15 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def split_files(args: DataArgs, with_test: bool) -> dict[str, Path] | None:
+def split_files(args: DataArgs, with_test: bool, suffixes: Sequence[str] = tuple(FORMATS)
+                ) -> dict[str, Path] | None:
     """The local file of each split, or None when `args.source` names a hub dataset. Without `with_test` the
-    test split is not listed (hyperparameter search must not see it)."""
+    test split is not listed (hyperparameter search must not see it); in a folder, files of `suffixes` count."""
     source = Path(args.source).expanduser()
     if args.source in assets.DATASETS:
         files = assets.dataset_files(args.source)
     elif source.is_dir():
-        files = find_split_files(source)
+        files = find_split_files(source, suffixes)
     elif source.exists() or source.suffix:  # anything that looks like a file is not a hub id
         files = {"train": source}
     else:
@@ -261,6 +274,14 @@ def split_files(args: DataArgs, with_test: bool) -> dict[str, Path] | None:
             files[split] = Path(path).expanduser()
     if not with_test:
         files.pop("test", None)
+    return files
+
+
+def existing(files: dict[str, Path]) -> dict[str, Path]:
+    """`files`, once each is known to exist (else a one-line error naming the first missing one)."""
+    for path in files.values():
+        if not path.is_file():
+            raise AfinarError(f"{path}: file not found")
     return files
 
 

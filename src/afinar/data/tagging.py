@@ -26,7 +26,17 @@ import pandas as pd
 
 from afinar.core.config import DataArgs, TaggingArgs
 from afinar.core.errors import AfinarError
-from afinar.data.sources import SPLIT_ALIASES, Splits, read_table, read_text_file, sha256_file, subset_rows
+from afinar.data.sources import (
+    Splits,
+    existing,
+    hub_split_name,
+    load_hub_dataset,
+    read_table,
+    read_text_file,
+    sha256_file,
+    split_files,
+    subset_rows,
+)
 
 CONLL_SUFFIXES = (".conll", ".iob", ".bio", ".txt", ".tsv", ".iob2", ".conllu")
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -89,9 +99,9 @@ def read_conll(path: Path, encoding: str = "utf-8", tag_column: str | None = Non
         if fields[0] == "-DOCSTART-":
             continue
         if len(fields) < 2 or not (-len(fields) <= index < len(fields)) or index in (0, -len(fields)):
-            raise AfinarError(f"{path}:{number}: expected a token and its tag (column {index if index >= 0 else 'last'}),"
-                              f" got {line.strip()[:80]!r}; separate them with a tab or spaces, or set "
-                              f"tagging.tag_column")
+            column = index if index >= 0 else "last"
+            raise AfinarError(f"{path}:{number}: expected a token and its tag (column {column}), got "
+                              f"{line.strip()[:80]!r}; separate them with a tab or spaces, or set tagging.tag_column")
         tokens.append(fields[0])
         tags.append(fields[index])
     if tokens:
@@ -170,45 +180,14 @@ def read_tagged_file(path: Path, args: DataArgs, tagging: TaggingArgs) -> list[S
                       f" or records with tokens and tags ({', '.join(TABLE_SUFFIXES)})")
 
 
-def _split_files(args: DataArgs, with_test: bool) -> dict[str, Path] | None:
-    source = Path(args.source).expanduser()
-    if source.is_dir():
-        files: dict[str, Path] = {}
-        for file in sorted(source.iterdir()):
-            stem = file.name.split(".")[0].lower()
-            for split, aliases in SPLIT_ALIASES.items():
-                if split not in files and any(stem == a or stem.endswith(f"_{a}") for a in aliases):
-                    files[split] = file
-        if "train" not in files:
-            raise AfinarError(f"{source}: no train file found (expected train.conll, train.jsonl, ...)")
-    elif source.exists() or source.suffix:
-        files = {"train": source}
-    else:
-        return None
-    for split, path in (("validation", args.validation), ("test", args.test)):
-        if path:
-            files[split] = Path(path).expanduser()
-    if not with_test:
-        files.pop("test", None)
-    for path in files.values():
-        if not path.is_file():
-            raise AfinarError(f"{path}: file not found")
-    return files
-
-
 def _hub_sentences(args: DataArgs, tagging: TaggingArgs, with_test: bool) -> tuple[dict, dict, dict]:
-    from datasets import Sequence, load_dataset
+    from datasets import Sequence
 
-    try:
-        loaded = load_dataset(args.source)
-    except Exception as exc:  # network, auth and not-found errors come in many types
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise AfinarError(f"data source {args.source!r} is not a local file or folder and could not be loaded from "
-                          f"the Hugging Face hub ({first}); check the name or your connection") from None
+    loaded = load_hub_dataset(args.source)
     sentences, sources, fingerprints = {}, {}, {}
     for split, ds in loaded.items():
-        name = next((s for s, aliases in SPLIT_ALIASES.items() if split in aliases), None)
-        if name is None or (name == "test" and not with_test):
+        name = hub_split_name(split, with_test)
+        if name is None:
             continue
         column = _pick(list(ds.column_names), tagging.tag_column, TAG_COLUMNS, "tags", f"hub:{args.source} {split}")
         feature = ds.features[column]
@@ -224,11 +203,11 @@ def _hub_sentences(args: DataArgs, tagging: TaggingArgs, with_test: bool) -> tup
 
 def read_tagged_splits(args: DataArgs, tagging: TaggingArgs, with_test: bool = True) -> TaggedSplits:
     """Sentences per split as given (nothing dropped, carved or repaired), with train's tag names."""
-    files = _split_files(args, with_test)
+    files = split_files(args, with_test, CONLL_SUFFIXES + TABLE_SUFFIXES)
     if files is None:
         sentences, sources, fingerprints = _hub_sentences(args, tagging, with_test)
     else:
-        sentences = {split: read_tagged_file(path, args, tagging) for split, path in files.items()}
+        sentences = {split: read_tagged_file(path, args, tagging) for split, path in existing(files).items()}
         sources = {split: str(path) for split, path in files.items()}
         fingerprints = {split: sha256_file(path) for split, path in files.items()}
     return TaggedSplits(sentences["train"], sentences.get("validation"), sentences.get("test"),

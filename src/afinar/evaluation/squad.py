@@ -2,8 +2,9 @@
 
 `normalize_answer`, `exact_match` and `token_f1` are the official evaluation script's (lowercase, punctuation and
 the articles a/an/the removed, whitespace collapsed; each prediction scored against every gold answer, the best
-kept). Figures are means over questions, as fractions (0.45 is SQuAD's "45.0"), with 95% percentile-bootstrap intervals over questions; `rows` keeps each
-question's scores so two results on the same questions can be compared paired.
+kept). Figures are means over questions, as fractions (0.45 is SQuAD's "45.0"), with 95% percentile-bootstrap
+intervals over questions; `rows` keeps each question's scores so two results on the same questions can be compared
+paired.
 """
 
 from __future__ import annotations

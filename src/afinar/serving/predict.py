@@ -168,7 +168,8 @@ async def _scored(batcher: MicroBatcher, inputs: list, max_texts: int, max_text_
     for i, item in enumerate(inputs):
         size = sum(map(len, item)) if isinstance(item, tuple) else len(item)
         if size > max_text_chars:
-            raise HTTPException(413, f"text {i} has {size:,} characters; the limit is max_text_chars={max_text_chars:,}")
+            raise HTTPException(413, f"text {i} has {size:,} characters; the limit is "
+                                     f"max_text_chars={max_text_chars:,}")
     try:
         return await asyncio.wait_for(batcher.scores(inputs), timeout_s)
     except asyncio.TimeoutError:

@@ -220,10 +220,11 @@ class QuestionAnswering(Task):
                  "- questions: " + ", ".join(f"{name} {len(q):,}" for name, q in prepared.splits.items()),
                  f"- training: {t['seconds']:.0f} s, {t['steps']} steps, {t['samples_per_second']:.1f} windows/s, "
                  f"{t['trainable_parameters']:,} trainable parameters" + (" (LoRA)" if config.lora.enabled else ""),
-                 "", "SQuAD v1.1 exact match and F1 (0.45 is SQuAD's 45.0), 95% bootstrap intervals over questions; the baseline "
-                 "answers with the context sentence sharing the most words with the question; the difference is "
-                 "paired (same questions).", "",
-                 "| split | exact match [95% CI] | F1 [95% CI] | baseline EM | baseline F1 | F1 - baseline [95% CI] | n |",
+                 "", "SQuAD v1.1 exact match and F1 (0.45 is SQuAD's 45.0), 95% bootstrap intervals over questions; "
+                 "the baseline answers with the context sentence sharing the most words with the question; the "
+                 "difference is paired (same questions).", "",
+                 "| split | exact match [95% CI] | F1 [95% CI] | baseline EM | baseline F1 | F1 - baseline [95% CI] "
+                 "| n |",
                  "|---|---|---|---|---|---|---|"]
         for split in ("validation", "test"):
             if m := metrics.get(split):

@@ -39,6 +39,7 @@ from afinar.data import chat
 from afinar.data.checks import DataReport, apply_policies, format_report, run_checks_cached
 from afinar.data.sources import (
     Splits,
+    existing,
     hub_splits_and_files,
     prepare_splits,
     read_splits,
@@ -107,10 +108,7 @@ def read_conversation_splits(config: Config, with_test: bool = True) -> tuple[Sp
     if files is None:
         frames, _, sources, fingerprints = hub_splits_and_files(args, with_test)
     else:
-        for path in files.values():
-            if not path.is_file():
-                raise AfinarError(f"{path}: file not found")
-        frames = {split: read_table(path, args.encoding) for split, path in files.items()}
+        frames = {split: read_table(path, args.encoding) for split, path in existing(files).items()}
         sources = {split: str(path) for split, path in files.items()}
         fingerprints = {split: sha256_file(path) for split, path in files.items()}
     if config.sft.prompt_column:

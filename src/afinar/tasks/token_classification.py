@@ -25,7 +25,7 @@ from afinar.core.errors import AfinarError
 from afinar.core.models import instantiate
 from afinar.core.runs import Run
 from afinar.data import tagging
-from afinar.data.checks import apply_policies, format_report, run_checks_cached
+from afinar.data.checks import Finding, apply_policies, format_report, run_checks_cached
 from afinar.data.sources import carve_rows
 from afinar.evaluation.diagnosis import Baseline
 from afinar.evaluation.entities import entity_report, entity_scores, token_accuracy
@@ -94,12 +94,29 @@ def _checked_tags(splits: tagging.TaggedSplits, repair: bool) -> tuple[tagging.T
     return splits, invalid, notes
 
 
+def _repeated_sentences(sentences: list[tagging.Sentence], examples: int) -> Finding:
+    """Sentences repeating an earlier one token for token and tag for tag. The row checks' duplicates compare
+    normalised text (lowercased, without @mentions and URLs), which would merge `Apple` the company with `apple`
+    the fruit and tweets that differ in the very mentions tagged as people."""
+    seen: set[tuple] = set()
+    rows = []
+    for row, sentence in enumerate(sentences):
+        key = (tuple(sentence.tokens), tuple(sentence.tags))
+        if key in seen:
+            rows.append(row)
+        seen.add(key)
+    return Finding(len(rows), rows, [{"row": i, "text": " ".join(sentences[i].tokens)[:200]} for i in rows[:examples]],
+                   {"verbatim": len(rows)})
+
+
 def checked_sentences(config: Config, with_test: bool = True) -> tuple[tagging.TaggedSplits, dict, str]:
     """What training sees: sentences read, tags checked, the row checks' policies applied to train, validation
     carved when there is none, seeded subsets taken; plus the data report (as a dict and as text)."""
     raw = tagging.read_tagged_splits(config.data, config.tagging, with_test)
     raw, invalid, notes = _checked_tags(raw, config.tagging.repair_iob)
     report = run_checks_cached(raw.as_rows(), config.checks, None, None)
+    for name, sentences in raw.items():
+        report.duplicates[name] = _repeated_sentences(sentences, config.checks.examples)
     kept_rows = apply_policies(raw.as_rows(), report, config.checks)
     dropped = {row for action in report.actions if action["action"] == "drop" for row in action["rows"]}
     train = [s for i, s in enumerate(raw.train) if i not in dropped]
