@@ -196,3 +196,21 @@ def test_predict_serve_and_evaluate_give_entities_with_offsets(tagger_run, capsy
     assert evaluated["f1"] == pytest.approx(trained["f1"]) and evaluated["n"] == trained["n"]
     words = EntityTagger(run_dir / "model").tag([["Taylor", "Swift"]])
     assert len(words[0]) == 2 and np.all([t in tagging.tag_names(wnut_sentences("train", 120)) for t in words[0]])
+
+
+def test_onnx_export_tags_as_torch_does(tagger_run, capsys):
+    from afinar.inference.spans import EntityTagger
+
+    run_dir, _ = tagger_run
+    assert cli.main(["export", str(run_dir), "--int8"]) == 0
+    printed = capsys.readouterr().out
+    assert "onnx: " in printed and "tags agree with torch" in printed
+    record = json.loads((run_dir / "onnx" / "export.json").read_text())
+    assert record["backends"]["onnx"]["max_abs_probability_diff"] <= 1e-4
+    assert record["check"]["sentences"] == 30 and record["labels"][0] == "O"
+    text = "Going to see Taylor Swift at Madison Square Garden tonight!!"
+    assert cli.main(["predict", str(run_dir), text, "--json", "--backend", "onnx"]) == 0
+    onnx_spans = json.loads(capsys.readouterr().out)["spans"]
+    torch_spans = [s.to_dict() for s in EntityTagger(run_dir / "model", 24).predict([text])[0].spans]
+    assert [(s["start"], s["end"], s["type"]) for s in onnx_spans] == [(s["start"], s["end"], s["type"])
+                                                                        for s in torch_spans]

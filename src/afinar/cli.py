@@ -104,14 +104,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from afinar import api
+    from afinar.core.runs import Run
+    from afinar.tasks import registry
 
     record = api.export(args.run, int8=args.int8, out=args.out)
-    for name, row in record["backends"].items():
-        extra = "" if name == "torch" else (f" ({row['accuracy_change_points']:+.2f} points, labels agree "
-                                            f"{row['label_agreement']:.1%}, max |logit diff| "
-                                            f"{row['max_abs_logit_diff']:.1e})")
-        print(f"{name}: accuracy {row['accuracy']:.4f}{extra}, {row['texts_per_second']:.0f} texts/s on "
-              f"{record['check']['texts']} validation texts")
+    print("\n".join(registry.for_run(Run.open(args.run)).export_lines(record)))
     return 0
 
 

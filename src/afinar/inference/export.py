@@ -87,16 +87,18 @@ def _root_logging_quiet():
         logging.disable(previous)
 
 
-def export_onnx(classifier: Classifier, path: Path) -> list[str]:
-    """Trace `classifier` into `path` (fp32); returns the input names. Any exporter failure is one line.
-    Architectures in `FUSABLE` are traced with eager attention, the pattern ONNX Runtime's optimizer fuses."""
+def export_onnx(classifier, path: Path, per_token: bool = False) -> list[str]:
+    """Trace `classifier` (its `model`, `tokenizer`, `max_length`) into `path` (fp32); returns the input names. Any
+    exporter failure is one line. Architectures in `FUSABLE` are traced with eager attention, the pattern ONNX
+    Runtime's optimizer fuses. `per_token`: logits per token (a token classifier), their sequence axis dynamic."""
     tokenizer, model = classifier.tokenizer, classifier.model.float().eval()
     if model.config.model_type in FUSABLE:
         model.set_attn_implementation("eager")
     example = tokenizer.pad(data_lib.encode(tokenizer, ["a", "a longer text, so that one row is padded"],
                                             classifier.max_length), return_tensors="pt")
     names = [name for name in INPUTS if name in example]
-    axes = {name: {0: "batch", 1: "sequence"} for name in names} | {"logits": {0: "batch"}}
+    axes = {name: {0: "batch", 1: "sequence"} for name in names} | \
+        {"logits": {0: "batch", 1: "sequence"} if per_token else {0: "batch"}}
     legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     try:
         with warnings.catch_warnings(), torch.no_grad():
@@ -232,3 +234,58 @@ def _compare(row: dict, torch_row: dict, logits: np.ndarray, reference: np.ndarr
             "label_agreement": float((logits.argmax(axis=1) == reference.argmax(axis=1)).mean()),
             "max_abs_logit_diff": float(np.abs(logits - reference).max())}
 
+
+
+def export_tagger(run: Run, sentences: list[list[str]], int8: bool = False, out: str | Path | None = None) -> dict:
+    """Export a finished token-classification run to ONNX (and int8 with `int8`), checked on `sentences` (the
+    run's validation sentences, which its task reads): fp32 word probabilities within `FP32_TOLERANCE` of
+    PyTorch's, else nothing is left behind; each backend's tag agreement and speed in `export.json`."""
+    from afinar.inference.spans import EntityTagger
+
+    run.require_finished()
+    config = run.config()
+    out_dir = Path(out) if out is not None else run.path / ONNX_DIR
+    tagger = EntityTagger(run.model_dir, config.data.max_length, config.tagging.stride)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*ONNX_FILES.values(), "export.json"]:
+        (out_dir / stale).unlink(missing_ok=True)
+    save_tokenizer(tagger.tokenizer, out_dir)
+    write_json(out_dir / "labels.json", tagger.labels)
+    fp32, started = out_dir / ONNX_FILES["onnx"], time.perf_counter()
+    names = export_onnx(tagger, fp32, per_token=True)
+    fused = fuse(fp32, tagger.model.config)
+    seconds = time.perf_counter() - started
+
+    def scored(predictor) -> tuple[np.ndarray, dict]:
+        began = time.perf_counter()
+        probabilities = np.concatenate(predictor.word_probabilities(sentences)) if sentences else np.zeros((0, 1))
+        return probabilities, {"sentences_per_second": round(len(sentences) / (time.perf_counter() - began), 1)}
+
+    reference, torch_row = scored(tagger)
+    backends = {"torch": torch_row}
+    for backend, file in (("onnx", fp32), *((("onnx-int8", out_dir / ONNX_FILES["onnx-int8"]),) if int8 else ())):
+        if backend == "onnx-int8":
+            started = time.perf_counter()
+            quantize_int8(fp32, file)
+            seconds = time.perf_counter() - started
+        probabilities, row = scored(EntityTagger(None, config.data.max_length, config.tagging.stride,
+                                                 backend=backend, onnx_dir=out_dir))
+        diff = float(np.abs(probabilities - reference).max()) if len(reference) else 0.0
+        if backend == "onnx" and not diff <= FP32_TOLERANCE:
+            fp32.unlink()
+            raise AfinarError(f"ONNX export of {run.path} does not match PyTorch: max |probability difference| "
+                              f"{diff:.2e} > {FP32_TOLERANCE:g} on {len(sentences)} validation sentences; nothing was "
+                              f"exported")
+        backends[backend] = {**row, "file": file.name, "megabytes": round(file.stat().st_size / 2**20, 1),
+                             "seconds_to_write": round(seconds, 2), "max_abs_probability_diff": diff,
+                             "tag_agreement": float((probabilities.argmax(1) == reference.argmax(1)).mean())
+                             if len(reference) else 1.0}
+    record = {"run": str(run.path.resolve()), "model_dir": str(run.model_dir.resolve()),
+              "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False)", "opset": OPSET, "inputs": names,
+              "fused_operators": fused, "labels": tagger.labels, "max_length": config.data.max_length,
+              "versions": {name: version(name) for name in ("torch", "transformers", "onnx", "onnxruntime")},
+              "check": {"sentences": len(sentences), "words": int(len(reference)), "split": "validation",
+                        "fp32_tolerance": FP32_TOLERANCE},
+              "backends": backends, "time": time.time()}
+    write_json(out_dir / "export.json", record)
+    return record

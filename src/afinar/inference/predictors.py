@@ -134,10 +134,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-class OnnxClassifier(Predictor):
-    """An exported classifier (`afinar export`) run in ONNX Runtime on the CPU, one intra-op thread per core."""
+class OnnxModel:
+    """An export (`afinar export`) in ONNX Runtime on the CPU, one intra-op thread per core: its session, labels
+    and tokenizer, and logits for a padded batch (per text, or per token of a token classifier)."""
 
-    def __init__(self, onnx_dir: str | Path, max_length: int = 128, int8: bool = False):
+    def __init__(self, onnx_dir: str | Path, int8: bool = False):
         import onnxruntime as ort
 
         self.backend = "onnx-int8" if int8 else "onnx"
@@ -150,18 +151,29 @@ class OnnxClassifier(Predictor):
         options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-            labels = read_json(onnx_dir / "labels.json")
+            self.labels = list(read_json(onnx_dir / "labels.json"))
             self.tokenizer = load_tokenizer(ModelArgs(name=str(onnx_dir)))
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid models
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise AfinarError(f"{self.path} cannot be loaded ({first}); export it again with `afinar export`") from None
-        self.labels = list(labels)
         self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {name: np.asarray(batch[name]).astype(np.int64, copy=False) for name in self.input_names}
+        return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+
+
+class OnnxClassifier(Predictor):
+    """An exported classifier run in ONNX Runtime (`OnnxModel`)."""
+
+    def __init__(self, onnx_dir: str | Path, max_length: int = 128, int8: bool = False):
+        self.onnx = OnnxModel(onnx_dir, int8)
+        self.backend, self.path, self.session = self.onnx.backend, self.onnx.path, self.onnx.session
+        self.labels, self.tokenizer = self.onnx.labels, self.onnx.tokenizer
         self.max_length = max_length
 
     def _logits(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        feed = {name: batch[name].astype(np.int64, copy=False) for name in self.input_names}
-        return self.session.run(None, feed)[0].astype(np.float32, copy=False)
+        return self.onnx.logits(batch)
 
 
 def _locate(path: Path) -> tuple[Path | None, Path | None, dict]:

@@ -90,17 +90,33 @@ def words_with_offsets(tokenizer, text: str) -> list[tuple[str, tuple[int, int]]
 
 
 class EntityTagger(SpanPredictor):
-    """A token-classification model: `predict(texts)` -> the entities of each text."""
+    """A token-classification model: `predict(texts)` -> the entities of each text. `backend` torch reads the
+    run's `model/`; onnx and onnx-int8 its export (`afinar export`, in `onnx_dir`)."""
 
-    def __init__(self, model_dir: str | Path, max_length: int = 128, stride: int = 32, batch_size: int = 32):
+    def __init__(self, model_dir: str | Path, max_length: int = 128, stride: int = 32, batch_size: int = 32,
+                 backend: str = "torch", onnx_dir: str | Path | None = None):
+        self.backend = backend
+        self.max_length, self.stride, self.batch_size = max_length, stride, batch_size
+        if backend in ("onnx", "onnx-int8"):
+            from afinar.inference.predictors import OnnxModel
+
+            self.onnx = OnnxModel(onnx_dir, int8=backend == "onnx-int8")
+            self.tokenizer, self.labels = self.onnx.tokenizer, self.onnx.labels
+            return
+        if backend != "torch":
+            raise AfinarError(f"backend {backend}: a token classifier predicts with torch, onnx or onnx-int8")
         from transformers import AutoModelForTokenClassification
 
         model_dir = Path(model_dir)
-        args = _model_args(model_dir)
-        self.tokenizer = load_tokenizer(args)
+        self.tokenizer = load_tokenizer(_model_args(model_dir))
         self.model = AutoModelForTokenClassification.from_pretrained(model_dir, use_safetensors=True).eval()
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        self.max_length, self.stride, self.batch_size = max_length, stride, batch_size
+
+    def _logits(self, batch: dict) -> np.ndarray:
+        """Per-token logits of one padded batch (numpy arrays)."""
+        if self.backend != "torch":
+            return self.onnx.logits(batch)
+        return self.model(**{k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}).logits.float().numpy()
 
     @torch.inference_mode()
     def word_probabilities(self, sentences: list[list[str]]) -> list[np.ndarray]:
@@ -112,8 +128,8 @@ class EntityTagger(SpanPredictor):
         for start in range(0, len(windows), self.batch_size):
             rows = range(start, min(start + self.batch_size, len(windows)))
             batch = self.tokenizer.pad({k: [v[i] for i in rows] for k, v in windows.encodings.items() if k != "labels"},
-                                       return_tensors="pt")
-            probabilities = softmax(self.model(**batch).logits.float().numpy())
+                                       return_tensors="np")
+            probabilities = softmax(self._logits(dict(batch)))
             for row, i in enumerate(rows):
                 positions = [p for p, label in enumerate(windows.encodings["labels"][i]) if label != -100]
                 for (s, word), position in zip(windows.words[i], positions):

@@ -125,5 +125,9 @@ class Task:
     def export(self, run: Run, int8: bool, out: str | Path | None) -> dict:
         raise self.unsupported("afinar export")
 
+    def export_lines(self, record: dict) -> list[str]:
+        """What `afinar export` prints of `export`'s record: one line per backend."""
+        return [f"{name}: " + "  ".join(f"{k} {v}" for k, v in row.items()) for name, row in record["backends"].items()]
+
     def remeasure_forgetting(self, run: Run) -> dict:
         raise self.unsupported("afinar forgetting")

@@ -226,3 +226,13 @@ class Classification(Task):
         from afinar.inference.export import export_run
 
         return export_run(run, int8=int8, out=out)
+
+    def export_lines(self, record: dict) -> list[str]:
+        lines = []
+        for name, row in record["backends"].items():
+            extra = "" if name == "torch" else (f" ({row['accuracy_change_points']:+.2f} points, labels agree "
+                                                f"{row['label_agreement']:.1%}, max |logit diff| "
+                                                f"{row['max_abs_logit_diff']:.1e})")
+            lines.append(f"{name}: accuracy {row['accuracy']:.4f}{extra}, {row['texts_per_second']:.0f} texts/s on "
+                         f"{record['check']['texts']} validation texts")
+        return lines

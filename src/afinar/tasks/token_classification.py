@@ -37,6 +37,7 @@ from afinar.training.lifecycle import TaskData
 log = logging.getLogger(__name__)
 
 EXAMPLES = 8  # test sentences the report shows with their gold and predicted entities
+CHECK_SENTENCES = 300  # validation sentences an ONNX export is checked on
 
 
 @dataclass
@@ -316,12 +317,26 @@ class TokenClassification(Task):
         return [s.tokens for s in (splits.test if splits.test is not None else splits.validation)]
 
     def load_predictor(self, run: Run, backend: str = "auto"):
+        """torch (`auto` too: no export is chosen behind the user's back), or the run's ONNX export."""
+        from afinar.inference.predictors import ONNX_DIR
         from afinar.inference.spans import EntityTagger
 
-        if backend not in ("auto", "torch"):
-            raise AfinarError(f"backend {backend}: a {self.name} run predicts with torch only")
         config = run.config()
-        return EntityTagger(run.model_dir, config.data.max_length, config.tagging.stride)
+        return EntityTagger(run.model_dir, config.data.max_length, config.tagging.stride,
+                            backend="torch" if backend == "auto" else backend, onnx_dir=run.path / ONNX_DIR)
+
+    def export(self, run: Run, int8: bool, out: str | Path | None) -> dict:
+        """ONNX (and int8), checked on up to `CHECK_SENTENCES` of the run's validation sentences."""
+        from afinar.inference.export import export_tagger
+
+        splits, _, _ = checked_sentences(run.config())
+        return export_tagger(run, [s.tokens for s in splits.validation[:CHECK_SENTENCES]], int8, out)
+
+    def export_lines(self, record: dict) -> list[str]:
+        return [f"{name}: {row['sentences_per_second']:.0f} sentences/s on {record['check']['sentences']} validation "
+                f"sentences" + ("" if name == "torch" else f"; tags agree with torch on {row['tag_agreement']:.1%} of "
+                                f"{record['check']['words']:,} words, max |probability diff| "
+                                f"{row['max_abs_probability_diff']:.1e}") for name, row in record["backends"].items()]
 
     def evaluate(self, run: Run, data: str | Path | None, backend: str, batch_size: int) -> dict:
         """Re-score the saved model on a tagged file, or on the run's own test split."""
