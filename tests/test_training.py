@@ -488,3 +488,21 @@ def test_head_learning_rate_reaches_a_decoder_classifiers_score_head(tiny_gpt2, 
     head = {id(p) for group in groups if group["lr"] == 1e-2 for p in group["params"]}
     assert head == {id(p) for p in model.score.parameters()}
     assert all(group["lr"] == 1e-4 for group in groups if not {id(p) for p in group["params"]} & head)
+
+
+def test_early_stopping_patience_starts_once_an_f1_leaves_zero():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from afinar.training.trainer import PatientUntilLearning
+
+    args = TrainingArguments("unused", metric_for_best_model="eval_f1", greater_is_better=True,
+                             load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
+    callback, state, control = PatientUntilLearning(early_stopping_patience=2), TrainerState(), TrainerControl()
+    for f1 in (0.0, 0.0, 0.0, 0.0):  # nothing found yet: never a failure to improve
+        state.best_metric = 0.0 if state.best_metric is None else state.best_metric
+        callback.on_evaluate(args, state, control, {"eval_f1": f1})
+    assert callback.early_stopping_patience_counter == 0 and not control.should_training_stop
+    state.best_metric = 0.3
+    for f1 in (0.2, 0.1):  # learnt, then no better twice: stopped
+        callback.on_evaluate(args, state, control, {"eval_f1": f1})
+    assert control.should_training_stop
