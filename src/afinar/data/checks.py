@@ -355,7 +355,8 @@ def checked_documents(config: Config, with_test: bool = True) -> tuple[TextSplit
     return prepare_texts(kept, config.data, config.train.seed), report
 
 
-def apply_policies(splits: Splits, report: DataReport, check_args: CheckArgs) -> Splits:
+def apply_policies(splits: Splits, report: DataReport, check_args: CheckArgs,
+                   duplicates_are: str = "after normalisation") -> Splits:
     """New splits with the `checks.on_*` policies applied; the input splits and files are left as they are.
 
     Only train rows are ever dropped: held-out rows (empty, duplicated, or overlapping each other) are reported
@@ -364,7 +365,8 @@ def apply_policies(splits: Splits, report: DataReport, check_args: CheckArgs) ->
     Policies apply in the order empty, conflicts (all rows of the text: no label can be trusted), duplicates
     (the first kept), leakage; a row is counted by the first policy that drops it. `error` raises for anything
     `drop` would have dropped, naming every such finding, before anything changes. Each action is a note in
-    the returned `Splits.notes` and an entry in `report.actions`.
+    the returned `Splits.notes` and an entry in `report.actions`; `duplicates_are` says in it what made rows
+    duplicates (a task that replaced `report.duplicates` with its own rule names that rule).
     """
     if report.rows.get("train") != len(splits.train):
         raise AfinarError(f"the data report is for {report.rows.get('train')} train rows, the splits have "
@@ -373,7 +375,7 @@ def apply_policies(splits: Splits, report: DataReport, check_args: CheckArgs) ->
                 ("on_conflicts", report.conflicts.indices,
                  f"train rows of {report.conflicts.count} texts with conflicting labels"),
                 ("on_duplicates", report.duplicates["train"].indices,
-                 "train rows repeating an earlier train text (after normalisation)")]
+                 f"train rows repeating an earlier train text ({duplicates_are})")]
     for pair, found in report.leakage.items():
         first, second = pair.split("-")
         if first == "train":

@@ -270,7 +270,8 @@ def _summary(result: SearchResult, metric: str, best_number: int, diagnosis: Dia
     baseline = next((row for row in result.trials if row["baseline"]), None)
     lines = [f"# Hyperparameter search ({len(result.trials)} trials)", "",
              f"Objective: validation {metric}. The test split was read once, for trial {best_number}: "
-             + (f"test accuracy {result.test['accuracy']:.4f}, macro-F1 {result.test['macro_f1']:.4f}."
+             + (", ".join(f"test {key} {result.test[key]:.4f}" for key in ("accuracy", "f1", "exact_match", "macro_f1")
+                          if isinstance(result.test.get(key), float)) + "."
                 if result.test else "no test split.")]
     if baseline is not None and baseline["value"] is not None:
         lines.append(f"Trial {baseline['trial']} is the configuration as given: validation {metric} "

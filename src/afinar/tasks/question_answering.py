@@ -145,6 +145,7 @@ class QuestionAnswering(Task):
     lora_task_type = "QUESTION_ANS"
     best_model_metrics = ("f1", "exact_match", "loss")
     pipeline_tag = "question-answering"
+    searches = True
     card_metrics = ("exact_match", "f1")
 
     def configure(self, config: Config) -> list[str]:

@@ -118,7 +118,7 @@ def checked_sentences(config: Config, with_test: bool = True) -> tuple[tagging.T
     report = run_checks_cached(raw.as_rows(), config.checks, None, None)
     for name, sentences in raw.items():
         report.duplicates[name] = _repeated_sentences(sentences, config.checks.examples)
-    kept_rows = apply_policies(raw.as_rows(), report, config.checks)
+    kept_rows = apply_policies(raw.as_rows(), report, config.checks, "the same tokens with the same tags")
     dropped = {row for action in report.actions if action["action"] == "drop" for row in action["rows"]}
     train = [s for i, s in enumerate(raw.train) if i not in dropped]
     validation, data = raw.validation, config.data
@@ -177,6 +177,7 @@ class TokenClassification(Task):
     preprocess_logits_for_metrics = staticmethod(logits_to_predictions)
     best_model_metrics = ("f1", "macro_f1", "loss")
     pipeline_tag = "token-classification"
+    searches = True
     card_metrics = ("f1", "precision", "recall")
 
     def configure(self, config: Config) -> list[str]:
