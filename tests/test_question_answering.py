@@ -92,6 +92,24 @@ def test_long_contexts_are_windows_whose_labels_and_offsets_find_the_answer():
                                                                                   for q in questions]
 
 
+def test_validation_is_carved_by_context_and_malformed_files_are_one_line_errors(tmp_path, capsys):
+    from afinar.core.config import load_config
+    from afinar.tasks.question_answering import checked_questions
+
+    (tmp_path / "train.json").write_text(json.dumps(squad_slice("train", 60)), encoding="utf-8")
+    splits, record, _ = checked_questions(load_config(overrides=["task=question_answering",
+                                                                 f"data.source={tmp_path / 'train.json'}"]))
+    assert not {q.context for q in splits.train} & {q.context for q in splits.validation}
+    dropped = sum(len(action["rows"]) for action in record["actions"])  # a repeated question on its context
+    assert len(splits.train) + len(splits.validation) == 60 - dropped and record["qa"]["contexts"]["validation"] >= 1
+    broken = squad_slice("train", 3)
+    broken["data"][0]["paragraphs"][0]["qas"][0]["answers"] = [{"text": "x"}]  # no answer_start
+    (tmp_path / "bad.json").write_text(json.dumps(broken), encoding="utf-8")
+    assert cli.main(["check", "--set", "task=question_answering", "--data", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "answer_start (a number)" in err and "\n" not in err
+
+
 def test_official_squad_normalisation_and_best_of_several_answers():
     assert squad.normalize_answer("The  Denver Broncos!") == "denver broncos"
     assert squad.best_over_golds(squad.exact_match, "Broncos", ["Denver Broncos", "the Broncos"]) == 1.0
@@ -105,10 +123,13 @@ def test_official_squad_normalisation_and_best_of_several_answers():
 
 def test_training_scores_against_the_baseline_and_answers_with_offsets(tiny_bert, tmp_path, capsys):
     (tmp_path / "train.json").write_text(json.dumps(squad_slice("train", 48)), encoding="utf-8")
+    (tmp_path / "dev.json").write_text(json.dumps(squad_slice("test", 40, "es")), encoding="utf-8")
     (tmp_path / "test.json").write_text(json.dumps(squad_slice("test", 16)), encoding="utf-8")
     out = tmp_path / "runs"
+    # validation has more windows than test: each split is decoded with its own windows
     assert cli.main(["train", "--set", "task=question_answering", "--model", str(tiny_bert),
                      "--data", str(tmp_path / "train.json"), "--test", str(tmp_path / "test.json"),
+                     "--set", f"data.validation={tmp_path / 'dev.json'}",
                      "--set", f"train.output_dir={out}", "--set", "train.run_name=r", "--set", "train.max_steps=3",
                      "--set", "train.batch_size=8", "--set", "qa.max_length=96", "--set", "qa.stride=32",
                      "--set", "train.precision=fp32"]) == 0
@@ -118,7 +139,7 @@ def test_training_scores_against_the_baseline_and_answers_with_offsets(tiny_bert
     test = metrics["test"]
     assert test["n"] == 16 and 0 <= test["f1"] <= 1 and test["baseline"]["metric"] == "f1"
     assert test["vs_baseline"]["f1"]["delta"] == pytest.approx(test["f1"] - test["baseline_scores"]["f1"])
-    assert "validation carved from train by context" in (out / "r" / "summary.md").read_text()
+    assert metrics["validation"]["n"] == 40
     question, context = "Who won?", "After a long season the Denver Broncos won the final game."
     assert cli.main(["predict", str(out / "r"), "--question", question, "--context", context, "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)

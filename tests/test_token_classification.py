@@ -140,6 +140,33 @@ def test_entity_figures_equal_seqeval_strict_and_intervals_hold_them():
         assert row["f1"] == pytest.approx(expected[kind]["f1-score"]) and row["support"] == expected[kind]["support"]
     low, high = report["ci95"]["f1"]
     assert low < report["f1"] < high and high - low < 0.3
+    # a type only predicted counts in the macro average, as in seqeval (F1 0 for it)
+    only_predicted = entity_report([["B-PER", "O", "O"]], [["B-PER", "B-LOC", "O"]])
+    assert only_predicted["macro_f1"] == pytest.approx(0.5) and only_predicted["per_type"]["LOC"]["support"] == 0
+
+
+def test_predicted_entities_carry_character_offsets_into_the_text_as_sent(tiny_bert):
+    """Offsets through punctuation, double spaces and non-ASCII, with the model's word probabilities stubbed so
+    the words tagged are known."""
+    from afinar.inference.spans import EntityTagger, words_with_offsets
+
+    tagger = EntityTagger.__new__(EntityTagger)
+    from transformers import AutoTokenizer
+
+    tagger.tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    tagger.labels = ["O", "B-location", "I-location", "B-person", "I-person"]
+    text = "Off to  São Paulo,with José!  (again)"
+    words = words_with_offsets(tagger.tokenizer, text)
+    assert all(text[start:end] == word for word, (start, end) in words)
+    tags = {"São": "B-location", "Paulo": "I-location", "José": "B-person"}
+
+    def probabilities(sentences):
+        return [np.eye(len(tagger.labels))[[tagger.labels.index(tags.get(w, "O")) for w in s]] for s in sentences]
+
+    tagger.word_probabilities = probabilities
+    spans = tagger.predict([text])[0].spans
+    assert [(s.text, s.type) for s in spans] == [("São Paulo", "location"), ("José", "person")]
+    assert all(text[s.start:s.end] == s.text and s.score == 1.0 for s in spans)
 
 
 # ---------------------------------------------------------------- end to end

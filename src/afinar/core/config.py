@@ -276,6 +276,9 @@ class Config:
             raise AfinarError(f"train.freeze_layers must be 0 or more (got {self.train.freeze_layers})")
         if not 0 <= self.train.warmup_ratio < 1:
             raise AfinarError(f"train.warmup_ratio must be in [0, 1) (got {self.train.warmup_ratio})")
+        if self.lora.enabled and self.model.from_scratch:
+            raise AfinarError("model.from_scratch with LoRA would train adapters on frozen random weights; set "
+                              "lora.enabled=false to train the whole model from scratch")
         if self.lora.enabled and (self.train.fsdp or self.train.deepspeed):
             raise AfinarError("lora.enabled with train.fsdp or train.deepspeed: merging the adapters needs the whole "
                               "model in one process; train LoRA with DDP (afinar train --nproc N) instead")

@@ -22,8 +22,8 @@ from afinar.core.config import DataArgs, QAArgs
 from afinar.core.errors import AfinarError
 from afinar.data.sources import (
     existing,
-    hub_split_name,
-    load_hub_dataset,
+    hub_datasets,
+    hub_fingerprint,
     read_table,
     read_text_file,
     sha256_file,
@@ -75,17 +75,20 @@ def squad_questions(data: dict, where: str) -> list[Question]:
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise AfinarError(f"{where}: not SQuAD JSON (expected a top-level 'data' list of articles)")
     questions = []
-    for article in data["data"]:
-        for paragraph in article.get("paragraphs", []):
-            context = paragraph.get("context")
+    for number, article in enumerate(data["data"]):
+        for paragraph in (article.get("paragraphs", []) if isinstance(article, dict) else [None]):
+            if not isinstance(paragraph, dict) or not isinstance(paragraph.get("context"), str):
+                raise AfinarError(f"{where}: article {number}: each paragraph needs a context text and its qas "
+                                  f"(got {str(paragraph)[:80]})")
             for qa in paragraph.get("qas", []):
-                answers = qa.get("answers") or []
-                if not isinstance(context, str) or "question" not in qa or "id" not in qa:
-                    raise AfinarError(f"{where}: a question needs id, question and a paragraph context "
-                                      f"(got {str(qa)[:80]})")
-                questions.append(_checked(Question(str(qa["id"]), qa["question"], context,
-                                                   [a["text"] for a in answers],
-                                                   [int(a["answer_start"]) for a in answers]), where))
+                try:
+                    answers = qa.get("answers") or []
+                    question = Question(str(qa["id"]), str(qa["question"]), paragraph["context"],
+                                        [str(a["text"]) for a in answers], [int(a["answer_start"]) for a in answers])
+                except (AttributeError, KeyError, TypeError, ValueError):
+                    raise AfinarError(f"{where}: article {number}: a question needs id, question and answers "
+                                      f"[{{text, answer_start (a number)}}] (got {str(qa)[:120]})") from None
+                questions.append(_checked(question, where))
     return questions
 
 
@@ -98,15 +101,19 @@ def _answers_cell(value, where: str) -> tuple[list[str], list[int]]:
             raise AfinarError(f"{where}: answers must be JSON ({{'text': [...], 'answer_start': [...]}})") from None
     if isinstance(value, dict):
         texts, starts = list(value.get("text", [])), list(value.get("answer_start", []))
-    elif isinstance(value, (list, np.ndarray)):
-        texts = [a["text"] for a in value]
-        starts = [a["answer_start"] for a in value]
+    elif isinstance(value, (list, np.ndarray)) and all(isinstance(a, dict) for a in value):
+        texts = [a.get("text") for a in value]
+        starts = [a.get("answer_start") for a in value]
     else:
         raise AfinarError(f"{where}: answers must be {{'text': [...], 'answer_start': [...]}} (got "
                           f"{type(value).__name__})")
     if len(texts) != len(starts):
         raise AfinarError(f"{where}: {len(texts)} answer texts but {len(starts)} answer_start values")
-    return [str(t) for t in texts], [int(s) for s in starts]
+    try:
+        return [str(t) for t in texts], [int(s) for s in starts]
+    except (TypeError, ValueError):
+        raise AfinarError(f"{where}: each answer needs a text and a numeric answer_start (got {str(value)[:120]})") \
+            from None
 
 
 def frame_questions(frame: pd.DataFrame, where: str) -> list[Question]:
@@ -145,16 +152,10 @@ def read_question_splits(args: DataArgs, with_test: bool = True) -> QASplits:
 
 
 def _hub_questions(args: DataArgs, with_test: bool) -> QASplits:
-    loaded = load_hub_dataset(args.source)
     questions, sources, fingerprints = {}, {}, {}
-    for split, ds in loaded.items():
-        name = hub_split_name(split, with_test)
-        if name is None:
-            continue
-        questions[name] = frame_questions(ds.to_pandas(), f"hub:{args.source} {split}")
-        sources[name], fingerprints[name] = f"hub:{args.source}", f"hub:{args.source}:{ds._fingerprint}"
-    if "train" not in questions:
-        raise AfinarError(f"hub dataset {args.source!r} has no train split (splits: {', '.join(loaded)})")
+    for name, ds in hub_datasets(args.source, with_test).items():
+        questions[name] = frame_questions(ds.to_pandas(), f"hub:{args.source} {name}")
+        sources[name], fingerprints[name] = f"hub:{args.source}", hub_fingerprint(args.source, ds)
     return QASplits(questions["train"], questions.get("validation"), questions.get("test"), sources, fingerprints)
 
 
@@ -189,6 +190,13 @@ def encode_questions(tokenizer, questions: list[str], contexts: list[str], args:
                           "tokenizer (tokenizer.json); this model's has none")
     if not questions:
         return Features({"input_ids": []}, [], [])
+    room = args.max_length - tokenizer.num_special_tokens_to_add(pair=True) - args.stride
+    lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    longest = int(np.argmax(lengths))
+    if lengths[longest] >= room:
+        raise AfinarError(f"question {longest} ({lengths[longest]} sub-tokens: {questions[longest][:60]!r}) leaves "
+                          f"no room for its context in qa.max_length={args.max_length} with qa.stride={args.stride}; "
+                          f"raise qa.max_length or lower qa.stride")
     batch = tokenizer(questions, contexts, truncation="only_second", max_length=args.max_length, stride=args.stride,
                       return_overflowing_tokens=True, return_offsets_mapping=True)
     owners = batch.pop("overflow_to_sample_mapping")

@@ -166,11 +166,20 @@ def from_columns(frame: pd.DataFrame, where: str, prompt_column: str, response_c
         raise AfinarError(f"sft.template must contain {{text}} where the prompt goes (got {template!r})")
     head = [{"role": "system", "content": system}] if system else []
     found, all_references = [], []
-    for row in frame.to_dict("records"):
+    for number, row in enumerate(frame.to_dict("records")):
         prompt = _text(row[prompt_column])
-        found.append([*head, {"role": "user", "content": template.format(text=prompt) if template else prompt},
+        try:
+            content = template.format(text=prompt) if template else prompt
+        except (KeyError, IndexError, ValueError):
+            raise AfinarError(f"sft.template may hold only {{text}} (write other braces doubled, {{{{ }}}}); got "
+                              f"{template!r}") from None
+        found.append([*head, {"role": "user", "content": content},
                       {"role": "assistant", "content": _text(row[answer_column])}])
-        all_references.append([_text(row[c]) for c in (references or [answer_column]) if _text(row[c]).strip()])
+        given = [_text(row[c]) for c in (references or [answer_column]) if _text(row[c]).strip()]
+        if not given:
+            raise AfinarError(f"{where} row {number}: no answer to train on or score against (columns "
+                              f"{', '.join(references or [answer_column])} are empty)")
+        all_references.append(given)
     return found, all_references
 
 

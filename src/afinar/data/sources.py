@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -229,21 +230,31 @@ def load_hub_dataset(source: str):
                           f"{'set' if _offline() else 'unset'})") from None
 
 
-def hub_split_name(split: str, with_test: bool) -> str | None:
-    """afinar's name for a hub split (train, validation, test), or None for one it does not read."""
-    name = next((s for s, aliases in SPLIT_ALIASES.items() if split in aliases), None)
-    return None if name == "test" and not with_test else name
+def hub_datasets(source: str, with_test: bool) -> dict[str, Dataset]:
+    """The splits of a hub dataset afinar reads, under afinar's names (train, validation, test; test only
+    `with_test`); a one-line error when it cannot be reached or has no train split."""
+    loaded = load_hub_dataset(source)
+    found = {}
+    for split, ds in loaded.items():
+        name = next((s for s, aliases in SPLIT_ALIASES.items() if split in aliases), None)
+        if name is not None and (name != "test" or with_test):
+            found[name] = ds
+    if "train" not in found:
+        raise AfinarError(f"hub dataset {source!r} has no train split (splits: {', '.join(loaded)})")
+    return found
+
+
+def hub_fingerprint(source: str, ds: Dataset) -> str:
+    """What the run records of a hub split's content (the `datasets` fingerprint of what was loaded)."""
+    return f"hub:{source}:{ds._fingerprint}"
 
 
 def hub_splits(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]], dict[str, str]]:
     """A hub dataset id through `datasets.load_dataset`; raises a clear error when it cannot be reached."""
     frames, class_names, fingerprints = {}, {}, {}
-    for split, ds in load_hub_dataset(args.source).items():
-        name = hub_split_name(split, with_test)
-        if name is None:
-            continue
+    for name, ds in hub_datasets(args.source, with_test).items():
         frames[name] = ds.to_pandas()
-        fingerprints[name] = f"hub:{args.source}:{ds._fingerprint}"
+        fingerprints[name] = hub_fingerprint(args.source, ds)
         for column, feature in ds.features.items():
             if isinstance(feature, ClassLabel):
                 class_names[column] = list(feature.names)
@@ -290,8 +301,6 @@ def hub_splits_and_files(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.
     """DataFrames per split from the hub (plus any local validation/test file), ClassLabel names, source
     descriptions and fingerprints."""
     frames, class_names, fingerprints = hub_splits(args, with_test)
-    if "train" not in frames:
-        raise AfinarError(f"hub dataset {args.source!r} has no train split (splits: {', '.join(frames)})")
     sources = {split: f"hub:{args.source}" for split in frames}
     for split, path in (("validation", args.validation), ("test", args.test if with_test else None)):
         if path:
@@ -470,6 +479,9 @@ def carve_rows(n: int, fraction: float, seed: int, labels: Sequence | None = Non
     given and every class can be; and how it was done, for the notes. Every task carves through here."""
     from sklearn.model_selection import train_test_split
 
+    if n - math.ceil(n * fraction) < 1:  # scikit-learn holds out ceil(n x fraction) rows
+        raise AfinarError(f"{n} training rows (or contexts) are too few to carve a {fraction:.0%} validation split "
+                          f"from; give a validation file (data.validation) or more rows")
     rows = list(range(n))
     if labels is not None:
         try:

@@ -29,8 +29,8 @@ from afinar.core.errors import AfinarError
 from afinar.data.sources import (
     Splits,
     existing,
-    hub_split_name,
-    load_hub_dataset,
+    hub_datasets,
+    hub_fingerprint,
     read_table,
     read_text_file,
     sha256_file,
@@ -183,21 +183,16 @@ def read_tagged_file(path: Path, args: DataArgs, tagging: TaggingArgs) -> list[S
 def _hub_sentences(args: DataArgs, tagging: TaggingArgs, with_test: bool) -> tuple[dict, dict, dict]:
     from datasets import Sequence
 
-    loaded = load_hub_dataset(args.source)
     sentences, sources, fingerprints = {}, {}, {}
-    for split, ds in loaded.items():
-        name = hub_split_name(split, with_test)
-        if name is None:
-            continue
-        column = _pick(list(ds.column_names), tagging.tag_column, TAG_COLUMNS, "tags", f"hub:{args.source} {split}")
+    for name, ds in hub_datasets(args.source, with_test).items():
+        where = f"hub:{args.source} {name}"
+        column = _pick(list(ds.column_names), tagging.tag_column, TAG_COLUMNS, "tags", where)
         feature = ds.features[column]
         inner = getattr(feature, "feature", None) if isinstance(feature, Sequence) else \
             (feature[0] if isinstance(feature, list) and feature else None)
         names = list(inner.names) if hasattr(inner, "names") else None
-        sentences[name] = frame_sentences(ds.to_pandas(), f"hub:{args.source} {split}", column, names)
-        sources[name], fingerprints[name] = f"hub:{args.source}", f"hub:{args.source}:{ds._fingerprint}"
-    if "train" not in sentences:
-        raise AfinarError(f"hub dataset {args.source!r} has no train split (splits: {', '.join(loaded)})")
+        sentences[name] = frame_sentences(ds.to_pandas(), where, column, names)
+        sources[name], fingerprints[name] = f"hub:{args.source}", hub_fingerprint(args.source, ds)
     return sentences, sources, fingerprints
 
 
@@ -227,15 +222,13 @@ def tag_names(sentences: list[Sentence]) -> list[str]:
     return [OUTSIDE] + [f"{prefix}-{kind}" for kind in types for prefix in ("B", "I")]
 
 
-def check_scheme(splits: TaggedSplits) -> None:
+def check_scheme(sentences: list[Sentence], where: str) -> None:
     """Every tag is `O`, `B-TYPE` or `I-TYPE`; an error names the first other one and where it is."""
-    for name, sentences in splits.items():
-        for number, sentence in enumerate(sentences):
-            for tag in sentence.tags:
-                if tag != OUTSIDE and not re.fullmatch(r"[BI]-\S+", tag):
-                    raise AfinarError(f"{splits.sources.get(name, name)} ({name}) sentence {number}: tag {tag!r} is "
-                                      f"not IOB2 (O, B-TYPE, I-TYPE); convert the tags (IOBES or bare types are not "
-                                      f"read)")
+    for number, sentence in enumerate(sentences):
+        for tag in sentence.tags:
+            if tag != OUTSIDE and not re.fullmatch(r"[BI]-\S+", tag):
+                raise AfinarError(f"{where} sentence {number}: tag {tag!r} is not IOB2 (O, B-TYPE, I-TYPE); convert "
+                                  f"the tags (IOBES or bare types are not read)")
 
 
 def invalid_transitions(tags: list[str]) -> list[int]:
@@ -268,13 +261,11 @@ def entities(tags: list[list[str]]) -> list[list[tuple[int, int, str]]]:
 
 
 def tag_counts(sentences: list[Sentence]) -> dict[str, int]:
-    """Entities per type (a `B-` starts one; an invalid `I-` is counted as the start it will be scored as)."""
+    """Entities per type, as strict scoring counts them (`entities`: an invalid `I-` starts none)."""
     counts: dict[str, int] = {}
-    for s in sentences:
-        starts = set(invalid_transitions(s.tags))
-        for i, tag in enumerate(s.tags):
-            if tag.startswith("B-") or i in starts:
-                counts[tag[2:]] = counts.get(tag[2:], 0) + 1
+    for spans in entities([s.tags for s in sentences]):
+        for _, _, kind in spans:
+            counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
 
 
@@ -306,7 +297,7 @@ class Windows:
 
 def _word_spans(lengths: list[int], budget: int, stride: int) -> list[tuple[int, int]]:
     """Windows [start, end) of whole words, each at most `budget` sub-tokens (a longer word alone), consecutive ones
-    overlapping by at least `stride` sub-tokens where the words allow."""
+    sharing the whole words that fit in `stride` sub-tokens, each reaching at least one word the last did not."""
     spans, start, n = [], 0, len(lengths)
     while True:
         end, used = start, 0
@@ -320,7 +311,8 @@ def _word_spans(lengths: list[int], budget: int, stride: int) -> list[tuple[int,
         while back - 1 > start and overlap + lengths[back - 1] <= stride:
             back -= 1
             overlap += lengths[back]
-        start = back if back > start else end
+        # the next window must reach a new word: when the overlap leaves it no room for word `end`, none
+        start = back if back > start and overlap + lengths[end] <= budget else end
 
 
 def _owners(spans: list[tuple[int, int]], n: int) -> list[int]:
@@ -339,6 +331,9 @@ def encode_windows(tokenizer, sentences: list[list[str]], max_length: int, strid
                    tags: list[list[int]] | None = None) -> Windows:
     """Windows of whole words within `max_length` sub-tokens (special tokens included); labels (from `tags`,
     ids per word) on the first sub-token of each word the window owns, -100 elsewhere."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise AfinarError("token classification maps words to sub-tokens (word_ids), which needs a fast tokenizer "
+                          "(tokenizer.json); this model's has none")
     budget = max_length - tokenizer.num_special_tokens_to_add()
     if budget < 1:
         raise AfinarError(f"data.max_length={max_length} leaves no room for a word after the special tokens")
@@ -351,12 +346,14 @@ def encode_windows(tokenizer, sentences: list[list[str]], max_length: int, strid
             if words else []
         lengths = [max(1, n) for n in lengths]  # a word the tokenizer drops still gets a window position
         cut += sum(n > budget for n in lengths)
-        spans = _word_spans(lengths, budget, stride) if words else [(0, 0)]
+        spans = _word_spans(lengths, budget, stride) if words else []  # an empty sentence has no window
         split += len(spans) > 1
         owner = _owners(spans, len(words))
         for w, (start, end) in enumerate(spans):
-            windows.append((s, start, end))
-            owned.append([i for i in range(start, end) if owner[i] == w])
+            mine = [i for i in range(start, end) if owner[i] == w]
+            if mine:  # a window that labels no word would only cost a forward pass (and alone, a NaN loss)
+                windows.append((s, start, end))
+                owned.append(mine)
     texts = [sentences[s][start:end] for s, start, end in windows]
     batch = tokenizer(texts, is_split_into_words=True, truncation=True, max_length=max_length) if texts else None
     encodings = {key: list(values) for key, values in batch.items()} if batch else {"input_ids": []}

@@ -31,7 +31,7 @@ def sentence_counts(gold: list[list[str]], predicted: list[list[str]], types: li
 
 def _scores(totals: np.ndarray) -> dict[str, np.ndarray]:
     """Micro and macro precision / recall / F1 from (..., types, 3) summed counts; macro averages the types that
-    have gold entities (seqeval's average over its report's rows)."""
+    occur, gold or predicted (seqeval's average over its report's rows)."""
     tp, predicted, gold = totals[..., 0], totals[..., 1], totals[..., 2]
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
@@ -41,7 +41,7 @@ def _scores(totals: np.ndarray) -> dict[str, np.ndarray]:
         micro_p = np.where(predicted_all > 0, tp_all / np.maximum(predicted_all, 1), 0.0)
         micro_r = np.where(gold_all > 0, tp_all / np.maximum(gold_all, 1), 0.0)
         micro_f1 = np.where(micro_p + micro_r > 0, 2 * micro_p * micro_r / np.maximum(micro_p + micro_r, 1e-12), 0.0)
-        present = gold > 0
+        present = (gold > 0) | (predicted > 0)
         macro_f1 = np.where(present.sum(-1) > 0, (f1 * present).sum(-1) / np.maximum(present.sum(-1), 1), 0.0)
     return {"precision": micro_p, "recall": micro_r, "f1": micro_f1, "macro_f1": macro_f1,
             "per_type": np.stack([precision, recall, f1], axis=-1)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from afinar.evaluation import squad
+from afinar.evaluation.metrics import mean_interval
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 METRIC_KEYS = {"rouge": ROUGE_KEYS, "squad": ("exact_match", "f1")}
@@ -30,7 +31,7 @@ def generation_report(metric: str, generations: list[str], references: list[list
     """Means with 95% bootstrap intervals, `n` rows, and the per-row scores (for paired comparisons)."""
     rows = row_scores(metric, generations, references)
     return {**{key: float(values.mean()) if len(values) else float("nan") for key, values in rows.items()},
-            "ci95": {key: squad.interval(values) for key, values in rows.items()}, "n": len(generations),
+            "ci95": {key: mean_interval(values) for key, values in rows.items()}, "n": len(generations),
             "rows": {key: values.tolist() for key, values in rows.items()}}
 
 
@@ -39,5 +40,5 @@ def paired_gain(before: dict, after: dict) -> dict[str, dict]:
     out = {}
     for key, values in after["rows"].items():
         difference = np.asarray(values) - np.asarray(before["rows"][key])
-        out[key] = {"delta": float(difference.mean()), "ci95": squad.interval(difference)}
+        out[key] = {"delta": float(difference.mean()), "ci95": mean_interval(difference)}
     return out

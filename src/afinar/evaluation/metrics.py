@@ -64,6 +64,15 @@ def _resampled_scores(labels: np.ndarray, predictions: np.ndarray, classes: int,
     return right / n, f1.sum(axis=1) / present.sum(axis=1)
 
 
+def mean_interval(values: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap interval of a mean over rows (seeded): per-row scores such as an answer's F1."""
+    values = np.asarray(values, dtype=float)
+    if len(values) == 0:
+        return [float("nan")] * 2
+    means = np.concatenate([values[rows].mean(axis=1) for rows in resamples(len(values), samples, seed)])
+    return np.percentile(means, [2.5, 97.5]).round(4).tolist()
+
+
 def bootstrap_interval(labels: np.ndarray, predictions: np.ndarray, classes: int, samples: int = BOOTSTRAP_SAMPLES,
                        seed: int = 0) -> dict[str, list[float]]:
     """95% percentile-bootstrap intervals of accuracy and macro-F1: `samples` resamples of the rows with

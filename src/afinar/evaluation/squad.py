@@ -15,7 +15,7 @@ from collections import Counter
 
 import numpy as np
 
-from afinar.evaluation.metrics import BOOTSTRAP_SAMPLES, resamples
+from afinar.evaluation.metrics import BOOTSTRAP_SAMPLES, mean_interval
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -52,20 +52,12 @@ def question_scores(predictions: list[str], golds: list[list[str]]) -> tuple[np.
     return em, f1
 
 
-def interval(values: np.ndarray, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> list[float]:
-    """95% percentile-bootstrap interval of a mean over rows (seeded)."""
-    if len(values) == 0:
-        return [float("nan")] * 2
-    means = np.concatenate([values[rows].mean(axis=1) for rows in resamples(len(values), samples, seed)])
-    return np.percentile(means, [2.5, 97.5]).round(4).tolist()
-
-
 def answer_report(predictions: list[str], golds: list[list[str]], ids: list[str]) -> dict:
     """Exact match and F1 (fractions) with intervals; `n` questions; per-question rows."""
     em, f1 = question_scores(predictions, golds)
     return {"exact_match": float(em.mean()) if len(em) else float("nan"),
             "f1": float(f1.mean()) if len(f1) else float("nan"),
-            "ci95": {"exact_match": interval(em), "f1": interval(f1)},
+            "ci95": {"exact_match": mean_interval(em), "f1": mean_interval(f1)},
             "n": len(predictions),
             "rows": {"id": ids, "predicted": predictions, "exact_match": em.tolist(), "f1": f1.tolist()}}
 
@@ -88,4 +80,4 @@ def paired_difference(report_a: dict, report_b: dict, key: str = "f1", samples: 
     if report_a["rows"]["id"] != report_b["rows"]["id"]:
         raise ValueError("a paired comparison needs the same questions in the same order")
     difference = np.asarray(report_b["rows"][key]) - np.asarray(report_a["rows"][key])
-    return {"delta": float(difference.mean()), "ci95": interval(difference, samples, seed)}
+    return {"delta": float(difference.mean()), "ci95": mean_interval(difference, samples, seed)}

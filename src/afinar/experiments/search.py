@@ -180,7 +180,9 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
     task = require(config, "searches", "search")  # before any trial, so a task search cannot tune fails at once
     config.validate()
     distributions = load_space(space, config)
-    metric = config.train.metric_for_best_model
+    configured = copy.deepcopy(config)
+    task.configure(configured)  # the metric the task trains for (a tagger's `accuracy` is its entity F1)
+    metric = configured.train.metric_for_best_model
     folder = Path(config.train.output_dir) / f"search-{name or 'default'}"
     (folder / "trials").mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'study.db'}", heartbeat_interval=60,
@@ -247,7 +249,8 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
                                         "best_validation": best.value, "best_run": str(best_run),
                                         "test_scored_once_for": f"trial-{best.number}", "test": test,
                                         "diagnosis": dataclasses.asdict(diagnosis), "trials": rows, "plots": plots})
-    write_atomic(folder / "summary.md", _summary(result, metric, best.number, diagnosis))
+    write_atomic(folder / "summary.md", _summary(result, metric, best.number, diagnosis,
+                                                 tuple(dict.fromkeys((metric, *task.card_metrics)))))
     write_search_report(folder)
     log_study(config.train.report_to, folder.name, best.params, best.value, test, folder)
     return result
@@ -265,12 +268,13 @@ def _write_table(path: Path, rows: list[dict]) -> None:
     write_atomic(path, buffer.getvalue())
 
 
-def _summary(result: SearchResult, metric: str, best_number: int, diagnosis: Diagnosis) -> str:
+def _summary(result: SearchResult, metric: str, best_number: int, diagnosis: Diagnosis,
+             test_keys: tuple[str, ...]) -> str:
     keys = list(result.best_params)
     baseline = next((row for row in result.trials if row["baseline"]), None)
     lines = [f"# Hyperparameter search ({len(result.trials)} trials)", "",
              f"Objective: validation {metric}. The test split was read once, for trial {best_number}: "
-             + (", ".join(f"test {key} {result.test[key]:.4f}" for key in ("accuracy", "f1", "exact_match", "macro_f1")
+             + (", ".join(f"test {key} {result.test[key]:.4f}" for key in test_keys
                           if isinstance(result.test.get(key), float)) + "."
                 if result.test else "no test split.")]
     if baseline is not None and baseline["value"] is not None:

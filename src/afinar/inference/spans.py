@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from afinar.core.config import ModelArgs
+from afinar.core.config import ModelArgs, QAArgs
 from afinar.core.errors import AfinarError
 from afinar.core.models import load_tokenizer
-from afinar.core.config import QAArgs
 from afinar.data.answers import best_spans, encode_questions
 from afinar.data.tagging import encode_windows, entities
 from afinar.inference.predictors import softmax
@@ -102,6 +101,7 @@ class EntityTagger(SpanPredictor):
 
             self.onnx = OnnxModel(onnx_dir, int8=backend == "onnx-int8")
             self.tokenizer, self.labels = self.onnx.tokenizer, self.onnx.labels
+            self.tokenizer.padding_side = "right"  # word positions are read unpadded
             return
         if backend != "torch":
             raise AfinarError(f"backend {backend}: a token classifier predicts with torch, onnx or onnx-int8")
@@ -109,6 +109,7 @@ class EntityTagger(SpanPredictor):
 
         model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(_model_args(model_dir))
+        self.tokenizer.padding_side = "right"  # word positions are read unpadded
         self.model = AutoModelForTokenClassification.from_pretrained(model_dir, use_safetensors=True).eval()
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
@@ -168,6 +169,7 @@ class AnswerExtractor(SpanPredictor):
 
         model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(_model_args(model_dir))
+        self.tokenizer.padding_side = "right"  # token offsets are read unpadded
         self.model = AutoModelForQuestionAnswering.from_pretrained(model_dir, use_safetensors=True).eval()
         self.args = args or QAArgs()
         self.batch_size = batch_size

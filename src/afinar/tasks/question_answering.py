@@ -62,6 +62,9 @@ def checked_questions(config: Config, with_test: bool = True) -> tuple[qa_data.Q
     validation carved (by context, so a paragraph's questions stay together) when there is none, seeded subsets
     taken; plus the data report as a dict and as text."""
     raw = qa_data.read_question_splits(config.data, with_test)
+    for name, questions in raw.items():
+        if not questions:
+            raise AfinarError(f"{raw.sources.get(name, name)} ({name}) holds no questions")
     report = run_checks_cached(_as_rows(raw), config.checks, None, None)
     kept_rows = apply_policies(_as_rows(raw), report, config.checks)
     dropped = {row for action in report.actions if action["action"] == "drop" for row in action["rows"]}
@@ -153,12 +156,10 @@ class QuestionAnswering(Task):
         if config.train.metric_for_best_model == "accuracy":
             config.train.metric_for_best_model = "f1"
             notes.append("train.metric_for_best_model = f1 (SQuAD token F1 of the best span per question)")
-        if config.data.max_length != config.qa.max_length:
-            notes.append(f"windows of qa.max_length={config.qa.max_length} sub-tokens (question + context); "
-                         f"data.max_length is not used")
         return notes
 
     def prepare(self, config: Config, model_path: str, tokenizer, with_test: bool) -> TaskData:
+        tokenizer.padding_side = "right"  # offsets and positions are read unpadded (saved with it)
         splits, record, text = checked_questions(config, with_test)
         log.info("data checks:\n%s", text)
         features = {name: qa_data.encode_questions(tokenizer, [q.question for q in questions],
@@ -195,6 +196,7 @@ class QuestionAnswering(Task):
 
     def score(self, trainer, data: TaskData) -> dict[str, dict]:
         prepared: _Prepared = data.extra
+        trainer.compute_metrics = None  # it reads validation's windows; each split is scored here from its own
         scores = {}
         for name, ds in (("validation", data.validation), ("test", data.test)):
             if ds is None:

@@ -48,33 +48,33 @@ class _Prepared:
     report_text: str
 
 
-def _window_tags(label_ids: np.ndarray, predictions: np.ndarray, names: list[str]
-                 ) -> tuple[list[list[str]], list[list[str]]]:
-    """Gold and predicted tags of the labelled positions of each window row."""
-    gold, predicted = [], []
-    for labels, row in zip(label_ids, predictions):
-        keep = labels != tagging.IGNORE
-        gold.append([names[i] for i in labels[keep]])
-        predicted.append([names[i] for i in row[keep]])
-    return gold, predicted
+class SentenceTags:
+    """One split's windows mapped back to its sentences: the predicted tags of each word, from the window that
+    owns it. As `Trainer`'s `compute_metrics` (on validation), the entity figures per sentence, the same
+    figures the run reports, so the best checkpoint is chosen by what is reported."""
 
+    def __init__(self, windows: tagging.Windows, sentences: list[tagging.Sentence], tag_names: list[str]):
+        self.windows, self.sentences, self.tag_names = windows, sentences, tag_names
 
-class WindowMetrics:
-    """`Trainer`'s `compute_metrics` during training: entity figures over windows (each window a sequence, the
-    same as sentences unless one was split); the reported figures are per sentence (`TokenClassification.score`)."""
-
-    def __init__(self, tag_names: list[str]):
-        self.tag_names = tag_names
+    def predicted(self, label_ids: np.ndarray, predictions: np.ndarray) -> list[list[str]]:
+        """Tags per word of each sentence from per-window predictions (in the windows' order; the labelled
+        positions, where `label_ids` is not -100, are the owned words' first sub-tokens)."""
+        per_window = [row[labels != tagging.IGNORE].tolist() for labels, row in zip(label_ids, predictions)]
+        ids = tagging.words_per_sentence(self.windows, per_window, [len(s.tokens) for s in self.sentences])
+        return [[self.tag_names[i] for i in row] for row in ids]
 
     def __call__(self, eval_prediction) -> dict[str, float]:
-        gold, predicted = _window_tags(np.asarray(eval_prediction.label_ids), np.asarray(eval_prediction.predictions),
-                                       self.tag_names)
+        gold = [s.tags for s in self.sentences]
+        predicted = self.predicted(np.asarray(eval_prediction.label_ids), np.asarray(eval_prediction.predictions))
         return {**entity_scores(gold, predicted), "accuracy": token_accuracy(gold, predicted)}
 
 
 def _checked_tags(splits: tagging.TaggedSplits, repair: bool) -> tuple[tagging.TaggedSplits, dict, list[str]]:
     """The scheme checked, unseen held-out tags refused, invalid transitions counted (and repaired on request)."""
-    tagging.check_scheme(splits)
+    for name, sentences in splits.items():
+        if not sentences:
+            raise AfinarError(f"{splits.sources.get(name, name)} ({name}) holds no sentences")
+        tagging.check_scheme(sentences, f"{splits.sources.get(name, name)} ({name})")
     for name, tags in tagging.unseen_tags(splits).items():
         if tags:
             raise AfinarError(f"{splits.sources.get(name, name)} ({name}): tags {', '.join(tags)} never occur in "
@@ -112,7 +112,8 @@ def _repeated_sentences(sentences: list[tagging.Sentence], examples: int) -> Fin
 
 def checked_sentences(config: Config, with_test: bool = True) -> tuple[tagging.TaggedSplits, dict, str]:
     """What training sees: sentences read, tags checked, the row checks' policies applied to train, validation
-    carved when there is none, seeded subsets taken; plus the data report (as a dict and as text)."""
+    carved when there is none, seeded subsets taken; plus the data report as a dict, and the row checks as text
+    (`_tagging_text` writes the record's tagging part)."""
     raw = tagging.read_tagged_splits(config.data, config.tagging, with_test)
     raw, invalid, notes = _checked_tags(raw, config.tagging.repair_iob)
     report = run_checks_cached(raw.as_rows(), config.checks, None, None)
@@ -137,8 +138,7 @@ def checked_sentences(config: Config, with_test: bool = True) -> tuple[tagging.T
         "tags": splits.tag_names, "invalid_transitions": invalid, "repaired": config.tagging.repair_iob,
         "entities": {name: tagging.tag_counts(sentences) for name, sentences in splits.items()},
         "sentences": {name: len(sentences) for name, sentences in splits.items()}}}
-    text = format_report(report) + "\n" + _tagging_text(record["tagging"])
-    return splits, record, text
+    return splits, record, format_report(report)
 
 
 def _tagging_text(record: dict) -> str:
@@ -188,6 +188,7 @@ class TokenClassification(Task):
         return []
 
     def prepare(self, config: Config, model_path: str, tokenizer, with_test: bool) -> TaskData:
+        tokenizer.padding_side = "right"  # labels and predictions are read at unpadded positions (saved with it)
         splits, record, text = checked_sentences(config, with_test)
         names = splits.tag_names
         ids = {tag: i for i, tag in enumerate(names)}
@@ -211,7 +212,8 @@ class TokenClassification(Task):
                              "rows": {name: len(s) for name, s in splits.items()}, "tags": names,
                              "windows": {name: len(w) for name, w in windows.items()}}}
         return TaskData(datasets["train"], datasets["validation"], datasets.get("test"), manifest, notes, record,
-                        _Prepared(splits, windows, names, text), compute_metrics=WindowMetrics(names))
+                        _Prepared(splits, windows, names, text),
+                        compute_metrics=SentenceTags(windows["validation"], splits.validation, names))
 
     def load_model(self, config: Config, model_path: str, tokenizer, data: TaskData):
         from transformers import AutoModelForTokenClassification
@@ -230,18 +232,16 @@ class TokenClassification(Task):
 
     def score(self, trainer, data: TaskData) -> dict[str, dict]:
         prepared: _Prepared = data.extra
+        trainer.compute_metrics = None  # it maps validation's windows; each split is mapped here with its own
         scores = {}
         for name, ds in (("validation", data.validation), ("test", data.test)):
             if ds is None:
                 continue
             output = trainer.predict(ds, metric_key_prefix="eval")
-            windows = prepared.windows[name]
-            labels, predictions = np.asarray(output.label_ids), np.asarray(output.predictions)
-            per_window = [row[labels_row != tagging.IGNORE].tolist() for labels_row, row in zip(labels, predictions)]
             sentences = getattr(prepared.splits, name)
-            predicted_ids = tagging.words_per_sentence(windows, per_window, [len(s.tokens) for s in sentences])
             gold = [s.tags for s in sentences]
-            predicted = [[prepared.tag_names[i] for i in row] for row in predicted_ids]
+            predicted = SentenceTags(prepared.windows[name], sentences, prepared.tag_names).predicted(
+                np.asarray(output.label_ids), np.asarray(output.predictions))
             scores[name] = {**entity_report(gold, predicted), "accuracy": token_accuracy(gold, predicted),
                             "loss": float(output.metrics.get("eval_loss", float("nan"))),
                             "baseline": Baseline("f1", 0.0, "tagging every word O").to_dict()}  # the diagnosis' bar
@@ -274,7 +274,7 @@ class TokenClassification(Task):
 
     def check(self, config: Config) -> tuple[str, dict]:
         _, record, text = checked_sentences(config)
-        return text, record
+        return text + "\n" + _tagging_text(record["tagging"]), record
 
     def result_lines(self, metrics: dict) -> list[str]:
         return [f"{split}: entity F1 {with_interval(m, 'f1')}  precision {m['precision']:.4f}  recall "
@@ -300,7 +300,7 @@ class TokenClassification(Task):
                        for kind, r in test["per_type"].items())
         sections = [f"<h2>Entities per type</h2><table><tr><th>type</th><th>precision</th><th>recall</th><th>F1</th>"
                     f"<th>gold</th><th>predicted</th></tr>{rows}</table>"]
-        tokens_of = self._test_tokens(run)
+        tokens_of = self._tokens(run, "test" if metrics.get("test") else "validation")
         gold, predicted = test["rows"]["gold"], test["rows"]["predicted"]
         shown = [i for i, g in enumerate(gold) if any(t != tagging.OUTSIDE for t in g + predicted[i])][:EXAMPLES]
         if tokens_of is not None and shown:
@@ -310,12 +310,13 @@ class TokenClassification(Task):
         return sections
 
     @staticmethod
-    def _test_tokens(run: Run) -> list[list[str]] | None:
+    def _tokens(run: Run, split: str) -> list[list[str]] | None:
+        """The words of the split's sentences, as training read them (None when the data cannot be read now)."""
         try:
-            splits, _, _ = checked_sentences(run.config())
+            splits, _, _ = checked_sentences(run.config(), with_test=split == "test")
         except AfinarError:
             return None
-        return [s.tokens for s in (splits.test if splits.test is not None else splits.validation)]
+        return [s.tokens for s in getattr(splits, split) or []]
 
     def load_predictor(self, run: Run, backend: str = "auto"):
         """torch (`auto` too: no export is chosen behind the user's back), or the run's ONNX export."""
@@ -345,6 +346,7 @@ class TokenClassification(Task):
         tagger = self.load_predictor(run, backend)
         if data is not None:
             sentences = tagging.read_tagged_file(Path(data), DataArgs(encoding=config.data.encoding), config.tagging)
+            tagging.check_scheme(sentences, str(data))
             if config.tagging.repair_iob:
                 sentences = [tagging.Sentence(s.tokens, tagging.repair_transitions(s.tags)) for s in sentences]
         else:
