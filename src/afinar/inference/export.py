@@ -184,19 +184,10 @@ def export_run(run: Run | str | Path, int8: bool = False, out: str | Path | None
     run = run if isinstance(run, Run) else Run.open(run)
     run.require_finished()
     config = run.config()
-    out_dir = Path(out) if out is not None else run.path / ONNX_DIR
     classifier = Classifier(run.model_dir, config.data.max_length, config.model.allow_pickle)
     texts, gold = _check_texts(run, classifier.tokenizer, classifier.labels, check_texts)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*ONNX_FILES.values(), "export.json"]:  # nothing from an earlier export may outlive this one
-        (out_dir / stale).unlink(missing_ok=True)
-    save_tokenizer(classifier.tokenizer, out_dir)
-    write_json(out_dir / "labels.json", classifier.labels)
-
-    fp32, started = out_dir / ONNX_FILES["onnx"], time.perf_counter()
-    names = export_onnx(classifier, fp32)
-    fused = fuse(fp32, classifier.model.config)
-    seconds = time.perf_counter() - started
+    out_dir = _fresh_folder(run, out, classifier)
+    fp32, names, fused, seconds = _export_fp32(classifier, out_dir)
     reference, torch_row = _score(classifier, texts, gold)
     logits, onnx_row = _score(OnnxClassifier(out_dir, config.data.max_length), texts, gold)
     diff = float(np.abs(logits - reference).max())
@@ -214,16 +205,39 @@ def export_run(run: Run | str | Path, int8: bool = False, out: str | Path | None
         seconds = time.perf_counter() - started
         logits, int8_row = _score(OnnxClassifier(out_dir, config.data.max_length, int8=True), texts, gold)
         backends["onnx-int8"] = _compare(int8_row, torch_row, logits, reference, quantized, seconds)
-    record = {"run": str(run.path.resolve()), "model_dir": str(run.model_dir.resolve()),
-              "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False)", "opset": OPSET,
-              "inputs": names, "fused_operators": fused, "labels": classifier.labels,
-              "max_length": config.data.max_length,
-              "versions": {name: version(name) for name in ("torch", "transformers", "onnx", "onnxruntime")},
+    record = {**_record(run, names, fused, classifier.labels),
               "check": {"texts": len(texts), "split": "validation", "batch_size": CHECK_BATCH,
                         "fp32_tolerance": FP32_TOLERANCE},
               "backends": backends, "time": time.time()}
     write_json(out_dir / "export.json", record)
     return record
+
+
+def _fresh_folder(run: Run, out: str | Path | None, predictor) -> Path:
+    """The export folder, emptied of an earlier export's files, with the predictor's tokenizer and labels."""
+    out_dir = Path(out) if out is not None else run.path / ONNX_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*ONNX_FILES.values(), "export.json"]:  # nothing from an earlier export may outlive this one
+        (out_dir / stale).unlink(missing_ok=True)
+    save_tokenizer(predictor.tokenizer, out_dir)
+    write_json(out_dir / "labels.json", predictor.labels)
+    return out_dir
+
+
+def _export_fp32(predictor, out_dir: Path, per_token: bool = False) -> tuple[Path, list[str], dict, float]:
+    """model.onnx traced and fused: its path, input names, fused operators and the seconds it took."""
+    fp32, started = out_dir / ONNX_FILES["onnx"], time.perf_counter()
+    names = export_onnx(predictor, fp32, per_token)
+    fused = fuse(fp32, predictor.model.config)
+    return fp32, names, fused, time.perf_counter() - started
+
+
+def _record(run: Run, names: list[str], fused: dict, labels: list[str]) -> dict:
+    """What every export.json says of the export itself."""
+    return {"run": str(run.path.resolve()), "model_dir": str(run.model_dir.resolve()),
+            "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False)", "opset": OPSET, "inputs": names,
+            "fused_operators": fused, "labels": labels, "max_length": run.config().data.max_length,
+            "versions": {name: version(name) for name in ("torch", "transformers", "onnx", "onnxruntime")}}
 
 
 def _compare(row: dict, torch_row: dict, logits: np.ndarray, reference: np.ndarray, file: Path | None = None,
@@ -244,17 +258,9 @@ def export_tagger(run: Run, sentences: list[list[str]], int8: bool = False, out:
 
     run.require_finished()
     config = run.config()
-    out_dir = Path(out) if out is not None else run.path / ONNX_DIR
     tagger = EntityTagger(run.model_dir, config.data.max_length, config.tagging.stride)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*ONNX_FILES.values(), "export.json"]:
-        (out_dir / stale).unlink(missing_ok=True)
-    save_tokenizer(tagger.tokenizer, out_dir)
-    write_json(out_dir / "labels.json", tagger.labels)
-    fp32, started = out_dir / ONNX_FILES["onnx"], time.perf_counter()
-    names = export_onnx(tagger, fp32, per_token=True)
-    fused = fuse(fp32, tagger.model.config)
-    seconds = time.perf_counter() - started
+    out_dir = _fresh_folder(run, out, tagger)
+    fp32, names, fused, seconds = _export_fp32(tagger, out_dir, per_token=True)
 
     def scored(predictor) -> tuple[np.ndarray, dict]:
         began = time.perf_counter()
@@ -280,10 +286,7 @@ def export_tagger(run: Run, sentences: list[list[str]], int8: bool = False, out:
                              "seconds_to_write": round(seconds, 2), "max_abs_probability_diff": diff,
                              "tag_agreement": float((probabilities.argmax(1) == reference.argmax(1)).mean())
                              if len(reference) else 1.0}
-    record = {"run": str(run.path.resolve()), "model_dir": str(run.model_dir.resolve()),
-              "exporter": "torch.onnx.export (TorchScript tracer, dynamo=False)", "opset": OPSET, "inputs": names,
-              "fused_operators": fused, "labels": tagger.labels, "max_length": config.data.max_length,
-              "versions": {name: version(name) for name in ("torch", "transformers", "onnx", "onnxruntime")},
+    record = {**_record(run, names, fused, tagger.labels),
               "check": {"sentences": len(sentences), "words": int(len(reference)), "split": "validation",
                         "fp32_tolerance": FP32_TOLERANCE},
               "backends": backends, "time": time.time()}
