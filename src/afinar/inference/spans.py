@@ -73,8 +73,10 @@ def _model_args(model_dir: Path) -> ModelArgs:
 
 
 def words_with_offsets(tokenizer, text: str) -> list[tuple[str, tuple[int, int]]]:
-    """The words a fast tokenizer's pre-tokenizer sees (punctuation apart, as in tagged training data), with their
-    character offsets; whitespace-separated words for a tokenizer without one."""
+    """The words a fast tokenizer's pre-tokenizer sees, with their character offsets (whitespace-separated words for
+    a tokenizer without one). For BERT-style tokenizers punctuation stands apart, as in most tagged training
+    data; where the data's words differ (CoNLL keeps `U.S.` whole, BERT splits it), an entity's span still comes
+    back as offsets into the text, only its word boundaries are the tokenizer's."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     pre = getattr(backend, "pre_tokenizer", None) if backend is not None else None
     if pre is None:
