@@ -144,7 +144,7 @@ def test_search_refuses_a_multilabel_config_before_any_trial(tiny_bert, tmp_path
     config = load_config(overrides=["task=multilabel", f"model={tiny_bert}", f"train.output_dir={tmp_path}"])
     started = time.perf_counter()
     with pytest.raises(AfinarError, match="afinar search does not apply to task 'multilabel' "
-                                          r"\(it applies to classification\)"):
+                                          r"\(it applies to classification,"):
         search(config, trials=2)
     assert time.perf_counter() - started < 1.0 and not (tmp_path / "search-default").exists()
 

@@ -65,7 +65,7 @@ def test_long_contexts_are_windows_whose_labels_and_offsets_find_the_answer():
 
     tokenizer = AutoTokenizer.from_pretrained(model_path("minilm-l6"))
     questions = answers.squad_questions(squad_slice("test", 20), "x")
-    args = QAArgs(max_length=64, stride=16)
+    args = QAArgs(max_seq_length=64, doc_stride=16)
     spans = [(q.starts[0], q.starts[0] + len(q.answers[0])) for q in questions]
     features = answers.encode_questions(tokenizer, [q.question for q in questions], [q.context for q in questions],
                                         args, spans)
@@ -131,7 +131,7 @@ def test_training_scores_against_the_baseline_and_answers_with_offsets(tiny_bert
                      "--data", str(tmp_path / "train.json"), "--test", str(tmp_path / "test.json"),
                      "--set", f"data.validation={tmp_path / 'dev.json'}",
                      "--set", f"train.output_dir={out}", "--set", "train.run_name=r", "--set", "train.max_steps=3",
-                     "--set", "train.batch_size=8", "--set", "qa.max_length=96", "--set", "qa.stride=32",
+                     "--set", "train.batch_size=8", "--set", "qa.max_seq_length=96", "--set", "qa.doc_stride=32",
                      "--set", "train.precision=fp32"]) == 0
     printed = capsys.readouterr().out
     assert "test: exact match" in printed and "baseline EM" in printed

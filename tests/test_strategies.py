@@ -301,6 +301,7 @@ def test_resume_reruns_only_failed_strategies(tiny_bert, tweets_jsonl, tmp_path,
     assert json.loads((out / "comparison.json").read_text())["results"][1]["details"]["C"] == 1.0
 
 
+@pytest.mark.slow  # 26 s: `make test` stays under 10 minutes with the new tasks' end-to-end tests
 def test_setfit_few_shot_fine_tuning_learns_from_48_real_tweets(tmp_path):
     """16 tweets per class and 320 contrastive pairs lift the packaged MiniLM well above the majority class."""
     rows = tweet_rows("train", 400)

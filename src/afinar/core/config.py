@@ -147,15 +147,15 @@ class TaggingArgs:
     #                                files: the tag's column number (default the last)
     repair_iob: bool = False  # an I-X that starts an entity (after O or another type) becomes B-X; counted
     #                           either way, and strict IOB2 scoring does not count an entity that starts with I-
-    stride: int = 32  # sub-tokens shared by consecutive windows of a sentence longer than data.max_length
+    overlap: int = 32  # sub-tokens shared by consecutive windows of a sentence longer than data.max_length
 
 
 @dataclass
 class QAArgs:
     """Extractive question answering (`task: question_answering`), SQuAD format."""
 
-    max_length: int = 384  # sub-tokens per window of question + context
-    stride: int = 128  # context sub-tokens shared by consecutive windows of a long context
+    max_seq_length: int = 384  # sub-tokens per window of question + context (the Hugging Face QA scripts' names)
+    doc_stride: int = 128  # context sub-tokens shared by consecutive windows of a long context
     max_answer_tokens: int = 30  # the longest answer span considered, in sub-tokens
     best_spans: int = 20  # start and end candidates per window searched for the best valid span
 
@@ -250,7 +250,7 @@ class Config:
         _one_of("train.metric_for_best_model", self.train.metric_for_best_model, BEST_MODEL_METRICS)
         for key in ("train.batch_size", "train.gradient_accumulation_steps", "data.max_length", "data.max_text_chars",
                     "train.logging_steps", "lora.r", "lm.block_size", "lm.stride", "lm.forgetting_ratio",
-                    "qa.max_length", "qa.stride", "qa.max_answer_tokens", "qa.best_spans"):
+                    "qa.max_seq_length", "qa.doc_stride", "qa.max_answer_tokens", "qa.best_spans"):
             _positive(key, get_value(self, key))
         for key in ("train.eval_batch_size", "train.eval_every", "train.learning_rate", "train.epochs",
                     "data.max_train_samples", "data.train_per_class", "data.max_eval_samples",

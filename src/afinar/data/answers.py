@@ -4,7 +4,7 @@ its context, and cutting question + context into model windows.
 
 An answer whose `answer_start` does not point at its text in the context is an error naming the question's id:
 a model trained on it would learn the wrong span, and a score against it would be wrong. A context longer than
-`qa.max_length` sub-tokens is cut into windows that overlap by `qa.stride` sub-tokens (`transformers`' overflow
+`qa.max_seq_length` sub-tokens is cut into windows that overlap by `qa.doc_stride` sub-tokens (`transformers`' overflow
 with offsets); a window that does not hold the whole answer is labelled with the first token (no answer here),
 and at prediction the best span over all windows of a question wins (`best_span`).
 """
@@ -190,14 +190,14 @@ def encode_questions(tokenizer, questions: list[str], contexts: list[str], args:
                           "tokenizer (tokenizer.json); this model's has none")
     if not questions:
         return Features({"input_ids": []}, [], [])
-    room = args.max_length - tokenizer.num_special_tokens_to_add(pair=True) - args.stride
+    room = args.max_seq_length - tokenizer.num_special_tokens_to_add(pair=True) - args.doc_stride
     lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
     longest = int(np.argmax(lengths))
     if lengths[longest] >= room:
         raise AfinarError(f"question {longest} ({lengths[longest]} sub-tokens: {questions[longest][:60]!r}) leaves "
-                          f"no room for its context in qa.max_length={args.max_length} with qa.stride={args.stride}; "
-                          f"raise qa.max_length or lower qa.stride")
-    batch = tokenizer(questions, contexts, truncation="only_second", max_length=args.max_length, stride=args.stride,
+                          f"no room for its context in qa.max_seq_length={args.max_seq_length} with qa.doc_stride={args.doc_stride}; "
+                          f"raise qa.max_seq_length or lower qa.doc_stride")
+    batch = tokenizer(questions, contexts, truncation="only_second", max_length=args.max_seq_length, stride=args.doc_stride,
                       return_overflowing_tokens=True, return_offsets_mapping=True)
     owners = batch.pop("overflow_to_sample_mapping")
     offsets_all = batch.pop("offset_mapping")

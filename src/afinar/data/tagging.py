@@ -8,7 +8,7 @@ sentences; `-DOCSTART-` lines skipped), JSONL / JSON / Parquet records with `tok
 the tags).
 
 A sentence longer than `data.max_length` sub-tokens is never cut: it is split into windows of whole words that
-overlap by about `tagging.stride` sub-tokens, and every word is labelled (and later predicted) in exactly one
+overlap by about `tagging.overlap` sub-tokens, and every word is labelled (and later predicted) in exactly one
 window, the one where it has the most context on both sides. Labels sit on a word's first sub-token; the rest,
 and the special tokens, get -100 (the ignore index `DataCollatorForTokenClassification` pads with).
 """

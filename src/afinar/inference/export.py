@@ -258,7 +258,7 @@ def export_tagger(run: Run, sentences: list[list[str]], int8: bool = False, out:
 
     run.require_finished()
     config = run.config()
-    tagger = EntityTagger(run.model_dir, config.data.max_length, config.tagging.stride)
+    tagger = EntityTagger(run.model_dir, config.data.max_length, config.tagging.overlap)
     out_dir = _fresh_folder(run, out, tagger)
     fp32, names, fused, seconds = _export_fp32(tagger, out_dir, per_token=True)
 
@@ -274,7 +274,7 @@ def export_tagger(run: Run, sentences: list[list[str]], int8: bool = False, out:
             started = time.perf_counter()
             quantize_int8(fp32, file)
             seconds = time.perf_counter() - started
-        probabilities, row = scored(EntityTagger(None, config.data.max_length, config.tagging.stride,
+        probabilities, row = scored(EntityTagger(None, config.data.max_length, config.tagging.overlap,
                                                  backend=backend, onnx_dir=out_dir))
         diff = float(np.abs(probabilities - reference).max()) if len(reference) else 0.0
         if backend == "onnx" and not diff <= FP32_TOLERANCE:

@@ -187,7 +187,7 @@ class AnswerExtractor(SpanPredictor):
             batch = self.tokenizer.pad({k: [v[i] for i in rows] for k, v in features.encodings.items()},
                                        return_tensors="pt")
             output = self.model(**batch)
-            width = self.args.max_length
+            width = self.args.max_seq_length
             for logits, out in ((output.start_logits, starts), (output.end_logits, ends)):
                 padded = np.full((len(rows), width), -np.inf, dtype=np.float32)
                 padded[:, :logits.shape[1]] = logits.float().numpy()

@@ -384,7 +384,7 @@ def write_comparison_report(folder: str | Path) -> Path:
             link = report.relative_to(folder) if report.is_relative_to(folder) else report
             runs.append(f"<li><a href='{_e(link)}'>{_e(r['name'])}</a>: {_e(verdict)}</li>")
     sections = ["<h2>Recommendation</h2>", f"<p>{_markdown_bold(comparison['recommendation'])}</p>",
-                "<h2>Results</h2>", _table(COLUMNS, comparison_rows(comparison["results"])),
+                "<h2>Results</h2>", _table(COLUMNS, comparison_rows(comparison["results"]), text_columns=(1,)),
                 f"<p class='muted'>{_e(', '.join(f'{n:,} {split}' for split, n in comparison['rows'].items()))} "
                 f"rows: the same splits and seed for every strategy. {_e(PAIRED_LEGEND)} Peak memory: "
                 f"{_e(comparison['memory'])}. "

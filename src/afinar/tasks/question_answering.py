@@ -171,8 +171,8 @@ class QuestionAnswering(Task):
         for name, f in features.items():
             longer = len(f) - len(getattr(splits, name))
             if longer:
-                notes.append(f"{name}: {longer:,} extra windows for contexts longer than qa.max_length="
-                             f"{config.qa.max_length} (stride {config.qa.stride}); each question's best span over "
+                notes.append(f"{name}: {longer:,} extra windows for contexts longer than qa.max_seq_length="
+                             f"{config.qa.max_seq_length} (stride {config.qa.doc_stride}); each question's best span over "
                              f"its windows is its answer")
         datasets = {name: Dataset.from_dict(f.encodings) for name, f in features.items()}
         manifest = {"data": {"sources": splits.sources, "sha256": splits.fingerprints, "pairs": True,  # (question,

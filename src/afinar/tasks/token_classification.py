@@ -193,15 +193,15 @@ class TokenClassification(Task):
         names = splits.tag_names
         ids = {tag: i for i, tag in enumerate(names)}
         windows = {name: tagging.encode_windows(tokenizer, [s.tokens for s in sentences], config.data.max_length,
-                                                config.tagging.stride, [[ids[t] for t in s.tags] for s in sentences])
+                                                config.tagging.overlap, [[ids[t] for t in s.tags] for s in sentences])
                    for name, sentences in splits.items()}
         record["tagging"]["windows"] = {name: w.split_sentences for name, w in windows.items()}
         notes = list(splits.notes)
         for name, w in windows.items():
             if w.split_sentences:
                 notes.append(f"{name}: {w.split_sentences:,} sentences longer than data.max_length="
-                             f"{config.data.max_length} sub-tokens split into overlapping windows (tagging.stride="
-                             f"{config.tagging.stride}); each word scored once")
+                             f"{config.data.max_length} sub-tokens split into overlapping windows (tagging.overlap="
+                             f"{config.tagging.overlap}); each word scored once")
             if w.cut_words:
                 notes.append(f"{name}: {w.cut_words:,} single words longer than a whole window keep only their first "
                              f"sub-tokens (their tag is on the first)")
@@ -324,7 +324,7 @@ class TokenClassification(Task):
         from afinar.inference.spans import EntityTagger
 
         config = run.config()
-        return EntityTagger(run.model_dir, config.data.max_length, config.tagging.stride,
+        return EntityTagger(run.model_dir, config.data.max_length, config.tagging.overlap,
                             backend="torch" if backend == "auto" else backend, onnx_dir=run.path / ONNX_DIR)
 
     def export(self, run: Run, int8: bool, out: str | Path | None) -> dict:
