@@ -28,7 +28,6 @@ from afinar.data.sources import (
     read_text_file,
     sha256_file,
     split_files,
-    subset_rows,
 )
 
 
@@ -157,11 +156,6 @@ def _hub_questions(args: DataArgs, with_test: bool) -> QASplits:
         questions[name] = frame_questions(ds.to_pandas(), f"hub:{args.source} {name}")
         sources[name], fingerprints[name] = f"hub:{args.source}", hub_fingerprint(args.source, ds)
     return QASplits(questions["train"], questions.get("validation"), questions.get("test"), sources, fingerprints)
-
-
-def subset(questions: list[Question], limit: int | None, seed: int) -> list[Question]:
-    rows = subset_rows(len(questions), limit, seed)
-    return questions if rows is None else [questions[i] for i in rows]
 
 
 # ---------------------------------------------------------------- windows

@@ -16,13 +16,13 @@ would differ from those it trained on.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
 from afinar.core.errors import AfinarError
+from afinar.data.sources import cell_list
 
 # For tokenizers without a chat template (GPT-2 and other base models): plain-text turns, EOS right after each
 # answer. Nothing follows the EOS within the answer's turn: text after it would tokenize differently once the
@@ -53,20 +53,6 @@ def template_digest(tokenizer) -> str:
 
 
 # ---------------------------------------------------------------- formats
-
-
-def _cell_list(value: Any, where: str, column: str) -> list:
-    """A list stored as itself (JSONL, Parquet, hub) or as JSON text (CSV, TSV)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise AfinarError(f"{where}: column {column!r} holds text that is not a JSON list") from None
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if not isinstance(value, list):
-        raise AfinarError(f"{where}: column {column!r} must hold a list (got {type(value).__name__})")
-    return value
 
 
 def _checked_messages(messages: list, where: str) -> Messages:
@@ -113,7 +99,7 @@ def conversations(frame: pd.DataFrame, where: str, system: str | None = None) ->
         here = f"{where} row {number}"
         if kind == "messages":
             column = columns.get("messages", columns.get("conversations"))
-            found.append(_checked_messages(_cell_list(row[column], here, str(column)), here))
+            found.append(_checked_messages(cell_list(row[column], here, str(column)), here))
         elif kind == "prompt_completion":
             answer = row[columns.get("completion", columns.get("response"))]
             found.append([{"role": "user", "content": _text(row[columns["prompt"]])},
@@ -123,7 +109,7 @@ def conversations(frame: pd.DataFrame, where: str, system: str | None = None) ->
                                                                    row.get(columns.get("input")))},
                           {"role": "assistant", "content": _text(row[columns["output"]])}])
         elif kind == "self_instruct":
-            for instance in _cell_list(row[columns["instances"]], here, "instances"):
+            for instance in cell_list(row[columns["instances"]], here, "instances"):
                 found.append([{"role": "user", "content": _instruction(row[columns["instruction"]],
                                                                        instance.get("input"))},
                               {"role": "assistant", "content": _text(instance.get("output"))}])

@@ -520,6 +520,26 @@ def _carve_validation(train: Dataset, fraction: float, seed: int) -> tuple[Datas
     return select_rows(train, kept), select_rows(train, held), note
 
 
+def subset_list(items: list, limit: int | None, seed: int) -> list:
+    """A seeded subset (`subset_rows`) of a list of records (sentences, questions), in the subset's order."""
+    rows = subset_rows(len(items), limit, seed)
+    return items if rows is None else [items[i] for i in rows]
+
+
+def cell_list(value: Any, where: str, column: str) -> list:
+    """A list stored as itself (JSONL, Parquet, hub) or as JSON text (CSV, TSV); else a one-line error."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise AfinarError(f"{where}: column {column!r} holds text that is not a JSON list") from None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, list):
+        raise AfinarError(f"{where}: column {column!r} must hold a list (got {type(value).__name__})")
+    return value
+
+
 def _subset(ds: Dataset, limit: int | None, seed: int) -> Dataset:
     """A seeded subset (`subset_rows`); the whole split when it is already small enough."""
     rows = subset_rows(len(ds), limit, seed)

@@ -15,8 +15,6 @@ and the special tokens, get -100 (the ignore index `DataCollatorForTokenClassifi
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from afinar.core.config import DataArgs, TaggingArgs
 from afinar.core.errors import AfinarError
 from afinar.data.sources import (
     Splits,
+    cell_list,
     existing,
     hub_datasets,
     hub_fingerprint,
@@ -35,7 +34,6 @@ from afinar.data.sources import (
     read_text_file,
     sha256_file,
     split_files,
-    subset_rows,
 )
 
 CONLL_SUFFIXES = (".conll", ".iob", ".bio", ".txt", ".tsv", ".iob2", ".conllu")
@@ -132,19 +130,6 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
     return found
 
 
-def _as_list(value, where: str, column: str) -> list:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise AfinarError(f"{where}: column {column!r} holds text that is not a JSON list") from None
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if not isinstance(value, list):
-        raise AfinarError(f"{where}: column {column!r} must hold a list (got {type(value).__name__})")
-    return value
-
-
 def frame_sentences(frame: pd.DataFrame, where: str, tag_column: str | None = None,
                     tag_names: list[str] | None = None) -> list[Sentence]:
     """Sentences from records with a token list and a tag list per row; integer tags are indices into
@@ -155,7 +140,7 @@ def frame_sentences(frame: pd.DataFrame, where: str, tag_column: str | None = No
     sentences = []
     for number, (tokens, tags) in enumerate(zip(frame[token_column], frame[tags_column])):
         here = f"{where} row {number}"
-        tokens, tags = _as_list(tokens, here, token_column), _as_list(tags, here, tags_column)
+        tokens, tags = cell_list(tokens, here, token_column), cell_list(tags, here, tags_column)
         if len(tokens) != len(tags):
             raise AfinarError(f"{here}: {len(tokens)} tokens but {len(tags)} tags; give one tag per token")
         if tags and all(isinstance(t, (int, np.integer)) for t in tags):
@@ -267,15 +252,6 @@ def tag_counts(sentences: list[Sentence]) -> dict[str, int]:
         for _, _, kind in spans:
             counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
-
-
-def subset(sentences: list[Sentence], limit: int | None, seed: int) -> list[Sentence]:
-    rows = subset_rows(len(sentences), limit, seed)
-    return sentences if rows is None else [sentences[i] for i in rows]
-
-
-def replace(splits: TaggedSplits, **changes) -> TaggedSplits:
-    return dataclasses.replace(splits, **changes)
 
 
 # ---------------------------------------------------------------- windows

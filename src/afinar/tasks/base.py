@@ -23,6 +23,16 @@ class NoTestSplit(AfinarError):
     """Raised by `Task.evaluate` when a run's data has no test split and no file was given."""
 
 
+def held_out_predictions(trainer, data: TaskData):
+    """(split, `trainer.predict` output) for validation and test (when there is one), in row order, for a task that
+    decodes each split itself (windows to sentences or questions). `Trainer`'s `compute_metrics` is cleared
+    first: it decodes validation's windows and would misread any other split's."""
+    trainer.compute_metrics = None
+    for name, ds in (("validation", data.validation), ("test", data.test)):
+        if ds is not None:
+            yield name, trainer.predict(ds, metric_key_prefix="eval")
+
+
 class Task:
     """Defaults for everything after training; a task overrides what it supports."""
 

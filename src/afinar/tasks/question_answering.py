@@ -26,12 +26,12 @@ from afinar.core.models import instantiate
 from afinar.core.runs import Run
 from afinar.data import answers as qa_data
 from afinar.data.checks import apply_policies, format_report, run_checks_cached
-from afinar.data.sources import Splits, carve_rows, normalise
+from afinar.data.sources import Splits, carve_rows, normalise, subset_list
 from afinar.evaluation import squad
 from afinar.evaluation.diagnosis import Baseline
 from afinar.evaluation.metrics import with_interval
 from afinar.reporting import pages
-from afinar.tasks.base import NoTestSplit, Task
+from afinar.tasks.base import NoTestSplit, Task, held_out_predictions
 from afinar.training.lifecycle import TaskData
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,9 @@ def checked_questions(config: Config, with_test: bool = True) -> tuple[qa_data.Q
         train = [q for q in train if q.context not in held_contexts]
         notes.append(f"validation carved from train by context: {len(validation):,} questions on {len(held):,} "
                      f"contexts ({data.validation_fraction:.0%}, {how}, seed {seed})")
-    splits = qa_data.QASplits(qa_data.subset(train, data.max_train_samples, seed),
-                              qa_data.subset(validation, data.max_eval_samples, seed),
-                              None if raw.test is None else qa_data.subset(raw.test, data.max_test_samples, seed),
+    splits = qa_data.QASplits(subset_list(train, data.max_train_samples, seed),
+                              subset_list(validation, data.max_eval_samples, seed),
+                              None if raw.test is None else subset_list(raw.test, data.max_test_samples, seed),
                               raw.sources, raw.fingerprints, notes)
     shared = _shared_contexts(splits)
     record = {**report.to_dict(), "qa": {
@@ -196,12 +196,8 @@ class QuestionAnswering(Task):
 
     def score(self, trainer, data: TaskData) -> dict[str, dict]:
         prepared: _Prepared = data.extra
-        trainer.compute_metrics = None  # it reads validation's windows; each split is scored here from its own
         scores = {}
-        for name, ds in (("validation", data.validation), ("test", data.test)):
-            if ds is None:
-                continue
-            output = trainer.predict(ds, metric_key_prefix="eval")
+        for name, output in held_out_predictions(trainer, data):
             questions = getattr(prepared.splits, name)
             start_logits, end_logits = output.predictions[:2]
             predicted = _predicted_texts(prepared.features[name], np.asarray(start_logits), np.asarray(end_logits),

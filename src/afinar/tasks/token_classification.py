@@ -12,6 +12,7 @@ character offsets (`inference.spans.EntityTagger`).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 from dataclasses import dataclass
@@ -26,12 +27,12 @@ from afinar.core.models import instantiate
 from afinar.core.runs import Run
 from afinar.data import tagging
 from afinar.data.checks import Finding, apply_policies, format_report, run_checks_cached
-from afinar.data.sources import carve_rows
+from afinar.data.sources import carve_rows, subset_list
 from afinar.evaluation.diagnosis import Baseline
 from afinar.evaluation.entities import entity_report, entity_scores, token_accuracy
 from afinar.evaluation.metrics import logits_to_predictions, with_interval
 from afinar.reporting import pages
-from afinar.tasks.base import NoTestSplit, Task
+from afinar.tasks.base import NoTestSplit, Task, held_out_predictions
 from afinar.training.lifecycle import TaskData
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def _checked_tags(splits: tagging.TaggedSplits, repair: bool) -> tuple[tagging.T
     if any(invalid.values()):
         counted = ", ".join(f"{name} {n:,}" for name, n in invalid.items() if n)
         if repair:
-            splits = tagging.replace(splits, **{name: [tagging.Sentence(s.tokens, tagging.repair_transitions(s.tags))
+            splits = dataclasses.replace(splits, **{name: [tagging.Sentence(s.tokens, tagging.repair_transitions(s.tags))
                                                        for s in sentences] for name, sentences in splits.items()})
             notes.append(f"invalid I- transitions repaired to B- (tagging.repair_iob): {counted}")
         else:
@@ -130,9 +131,9 @@ def checked_sentences(config: Config, with_test: bool = True) -> tuple[tagging.T
         notes.append(f"validation carved from train: {len(held):,} sentences ({data.validation_fraction:.0%}, {how}, "
                      f"seed {config.train.seed})")
     seed = config.train.seed
-    splits = tagging.replace(raw, train=tagging.subset(train, data.max_train_samples, seed),
-                             validation=tagging.subset(validation, data.max_eval_samples, seed),
-                             test=None if raw.test is None else tagging.subset(raw.test, data.max_test_samples, seed),
+    splits = dataclasses.replace(raw, train=subset_list(train, data.max_train_samples, seed),
+                             validation=subset_list(validation, data.max_eval_samples, seed),
+                             test=None if raw.test is None else subset_list(raw.test, data.max_test_samples, seed),
                              notes=notes)
     record = {**report.to_dict(), "tagging": {
         "tags": splits.tag_names, "invalid_transitions": invalid, "repaired": config.tagging.repair_iob,
@@ -232,12 +233,8 @@ class TokenClassification(Task):
 
     def score(self, trainer, data: TaskData) -> dict[str, dict]:
         prepared: _Prepared = data.extra
-        trainer.compute_metrics = None  # it maps validation's windows; each split is mapped here with its own
         scores = {}
-        for name, ds in (("validation", data.validation), ("test", data.test)):
-            if ds is None:
-                continue
-            output = trainer.predict(ds, metric_key_prefix="eval")
+        for name, output in held_out_predictions(trainer, data):
             sentences = getattr(prepared.splits, name)
             gold = [s.tags for s in sentences]
             predicted = SentenceTags(prepared.windows[name], sentences, prepared.tag_names).predicted(
