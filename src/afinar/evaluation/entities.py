@@ -16,17 +16,20 @@ from afinar.data.tagging import entities
 from afinar.evaluation.metrics import BOOTSTRAP_SAMPLES, resamples
 
 
-def sentence_counts(gold: list[list[str]], predicted: list[list[str]], types: list[str]) -> np.ndarray:
-    """Counts per sentence and type: [:, t, 0] true positives, [:, t, 1] predicted, [:, t, 2] gold entities."""
+def sentence_counts(gold: list[list[str]], predicted: list[list[str]]) -> tuple[np.ndarray, list[str]]:
+    """Counts per sentence and type, [:, t, 0] true positives, [:, t, 1] predicted, [:, t, 2] gold entities, and
+    the types (sorted; every type gold or predicted), the entities extracted once."""
+    gold_spans, predicted_spans = entities(gold), entities(predicted)
+    types = sorted({span[2] for sentence in gold_spans + predicted_spans for span in sentence})
     index = {kind: i for i, kind in enumerate(types)}
     counts = np.zeros((len(gold), len(types), 3), dtype=np.int64)
-    for row, (g, p) in enumerate(zip(entities(gold), entities(predicted))):
+    for row, (g, p) in enumerate(zip(gold_spans, predicted_spans)):
         for span in set(g) & set(p):
             counts[row, index[span[2]], 0] += 1
         for column, spans in ((1, p), (2, g)):
             for span in spans:
                 counts[row, index[span[2]], column] += 1
-    return counts
+    return counts, types
 
 
 def _scores(totals: np.ndarray) -> dict[str, np.ndarray]:
@@ -47,13 +50,9 @@ def _scores(totals: np.ndarray) -> dict[str, np.ndarray]:
             "per_type": np.stack([precision, recall, f1], axis=-1)}
 
 
-def _types(gold: list[list[str]], predicted: list[list[str]]) -> list[str]:
-    return sorted({span[2] for sentence in entities(gold) + entities(predicted) for span in sentence})
-
-
 def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
     """Micro precision / recall / F1 and macro F1, without intervals: what `Trainer` logs at each evaluation."""
-    scores = _scores(sentence_counts(gold, predicted, _types(gold, predicted)).sum(axis=0))
+    scores = _scores(sentence_counts(gold, predicted)[0].sum(axis=0))
     return {key: float(scores[key]) for key in ("precision", "recall", "f1", "macro_f1")}
 
 
@@ -62,8 +61,7 @@ def entity_report(gold: list[list[str]], predicted: list[list[str]], samples: in
     """Micro precision / recall / F1, macro F1 and per-type figures, with 95% percentile-bootstrap intervals over
     sentences (seeded); `n` sentences, `entities` gold entities; `rows` keeps each sentence's gold and predicted
     tags so two results on the same sentences can be compared."""
-    types = _types(gold, predicted)
-    counts = sentence_counts(gold, predicted, types)
+    counts, types = sentence_counts(gold, predicted)
     totals = counts.sum(axis=0)
     point = _scores(totals)
     report = {key: float(point[key]) for key in ("precision", "recall", "f1", "macro_f1")}

@@ -65,8 +65,9 @@ def checked_questions(config: Config, with_test: bool = True) -> tuple[qa_data.Q
     for name, questions in raw.items():
         if not questions:
             raise AfinarError(f"{raw.sources.get(name, name)} ({name}) holds no questions")
-    report = run_checks_cached(_as_rows(raw), config.checks, None, None)
-    kept_rows = apply_policies(_as_rows(raw), report, config.checks)
+    rows = _as_rows(raw)
+    report = run_checks_cached(rows, config.checks, None, None)
+    kept_rows = apply_policies(rows, report, config.checks)
     dropped = {row for action in report.actions if action["action"] == "drop" for row in action["rows"]}
     train = [q for i, q in enumerate(raw.train) if i not in dropped]
     notes, data, seed = list(kept_rows.notes), config.data, config.train.seed

@@ -117,10 +117,11 @@ def checked_sentences(config: Config, with_test: bool = True) -> tuple[tagging.T
     (`_tagging_text` writes the record's tagging part)."""
     raw = tagging.read_tagged_splits(config.data, config.tagging, with_test)
     raw, invalid, notes = _checked_tags(raw, config.tagging.repair_iob)
-    report = run_checks_cached(raw.as_rows(), config.checks, None, None)
+    rows = raw.as_rows()
+    report = run_checks_cached(rows, config.checks, None, None)
     for name, sentences in raw.items():
         report.duplicates[name] = _repeated_sentences(sentences, config.checks.examples)
-    kept_rows = apply_policies(raw.as_rows(), report, config.checks, "the same tokens with the same tags")
+    kept_rows = apply_policies(rows, report, config.checks, "the same tokens with the same tags")
     dropped = {row for action in report.actions if action["action"] == "drop" for row in action["rows"]}
     train = [s for i, s in enumerate(raw.train) if i not in dropped]
     validation, data = raw.validation, config.data
