@@ -132,3 +132,49 @@ def make_run(model: Path, folder: Path, name: str = "r") -> Path:
     tokenizer.save_pretrained(run.model_dir)
     run.set_status("finished")
     return run.path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama with SmolLM2's real tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from afinar.core.assets import model_path
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(model_path("smollm2-135m"))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def seed_tasks(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / "seed.jsonl"
+    """The first `n` of the 175 real Self-Instruct seed tasks, as a JSONL file of their own."""
+    lines = (SHARED / "self_instruct_seed" / "seed_tasks.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(lines[:n]), encoding="utf-8")
+    return path
+
+
+def sft_overrides(model, data, out, **extra) -> list[str]:
+    sets = {"task": "sft", "model": str(model), "data.source": str(data), "train.output_dir": str(out),
+            "train.run_name": "r", "train.max_steps": 12, "train.batch_size": 8, "train.learning_rate": 3e-3,
+            "train.eval_every": 4, "train.logging_steps": 2, "train.early_stopping_patience": None,
+            "data.max_length": 160, "lm.max_eval_tokens": 256, "lm.block_size": 64, "lm.stride": 64,
+            "sft.validity_samples": 8, "sft.generation_samples": 2, "sft.max_new_tokens": 8, **extra}
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+@pytest.fixture(scope="session")
+def sft_run(tiny_llama, tmp_path_factory):
+    """One finished sft run of the tiny Llama (SmolLM2's tokenizer and template) on self-instruct seed tasks."""
+    import afinar
+    from afinar.core.config import load_config
+
+    folder = tmp_path_factory.mktemp("sft")
+    return afinar.train(load_config(overrides=sft_overrides(tiny_llama, seed_tasks(folder, 80), folder)))

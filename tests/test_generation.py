@@ -37,15 +37,15 @@ def _overrides(**sets) -> list[str]:
 
 @pytest.fixture
 def prompt_ids_seen(monkeypatch) -> list[list[int]]:
-    """The prompt ids of every `Generator.generate` call, from any caller (api, CLI, server)."""
+    """The prompt ids of every request the generator decodes, from any caller (api, CLI, server)."""
     seen: list[list[int]] = []
-    original = Generator.generate
+    original = Generator.sequence
 
     def recording(self, prompt_ids, *args, **kwargs):
         seen.append(list(prompt_ids))
         return original(self, prompt_ids, *args, **kwargs)
 
-    monkeypatch.setattr(Generator, "generate", recording)
+    monkeypatch.setattr(Generator, "sequence", recording)
     return seen
 
 

@@ -2,12 +2,11 @@
 inference renders the prompt with the very tokens training saw, and a run trains, scores and saves its template."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED, tweet_rows
+from conftest import SHARED, seed_tasks, sft_overrides, tweet_rows
 from transformers import AutoTokenizer
 
 import afinar
@@ -19,7 +18,6 @@ from afinar.core.runs import Run
 from afinar.data import chat
 from afinar.tasks.sft import marked_example
 
-SEED_TASKS = SHARED / "self_instruct_seed" / "seed_tasks.jsonl"
 CONVERSATION = [{"role": "system", "content": "Answer briefly."},
                 {"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
                 {"role": "user", "content": "And 3 + 3?"}, {"role": "assistant", "content": "6, of course."}]
@@ -37,23 +35,6 @@ def smol_tokenizer():
 @pytest.fixture(scope="module")
 def gpt2_tokenizer():
     return AutoTokenizer.from_pretrained(model_path("gpt2-tokenizer"))
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    """A 2-layer Llama with SmolLM2's real tokenizer and chat template."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(model_path("smollm2-135m"))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def trained_spans(tokenizer, encoded: chat.Encoded) -> list[str]:
@@ -158,7 +139,7 @@ def test_every_format_becomes_conversations(tmp_path):
         "messages": pd.DataFrame({"messages": [json.dumps(CONVERSATION)]}),
         "prompt_completion": pd.DataFrame({"prompt": ["Hi"], "completion": ["Hello"]}),
         "alpaca": pd.DataFrame({"instruction": ["Translate"], "input": ["gato"], "output": ["cat"]}),
-        "self_instruct": pd.read_json(SEED_TASKS, lines=True).head(3),
+        "self_instruct": pd.read_json(SHARED / "self_instruct_seed" / "seed_tasks.jsonl", lines=True).head(3),
     }
     found = {kind: chat.conversations(frame, kind) for kind, frame in frames.items()}
     assert {kind: chat.detect_format(list(f.columns)) for kind, f in frames.items()} == {k: k for k in frames}
@@ -175,28 +156,6 @@ def test_every_format_becomes_conversations(tmp_path):
 def test_marked_example_shows_what_the_loss_sees(smol_tokenizer):
     shown = marked_example(smol_tokenizer, CONVERSATION[1:3], 128)
     assert shown.endswith("<|im_start|>assistant\n[[4<|im_end|>\n]]") and shown.count("[[") == 1
-
-
-def _seed_tasks(tmp_path: Path, n: int) -> Path:
-    path = tmp_path / "seed.jsonl"
-    path.write_text("".join(SEED_TASKS.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
-    return path
-
-
-def _sft_overrides(model, data, out, **extra) -> list[str]:
-    sets = {"task": "sft", "model": str(model), "data.source": str(data), "train.output_dir": str(out),
-            "train.run_name": "r", "train.max_steps": 12, "train.batch_size": 8, "train.learning_rate": 3e-3,
-            "train.eval_every": 4, "train.logging_steps": 2, "train.early_stopping_patience": None,
-            "data.max_length": 160, "lm.max_eval_tokens": 256, "lm.block_size": 64, "lm.stride": 64,
-            "sft.validity_samples": 8, "sft.generation_samples": 2, "sft.max_new_tokens": 8, **extra}
-    return [f"{k}={v}" for k, v in sets.items()]
-
-
-@pytest.fixture(scope="module")
-def sft_run(tiny_llama, tmp_path_factory):
-    """One finished sft run of the tiny Llama (SmolLM2's tokenizer and template) on self-instruct seed tasks."""
-    folder = tmp_path_factory.mktemp("sft")
-    return afinar.train(load_config(overrides=_sft_overrides(tiny_llama, _seed_tasks(folder, 80), folder)))
 
 
 def test_instruction_tuning_end_to_end_saves_its_template_and_scores(sft_run, tiny_llama):
@@ -218,60 +177,12 @@ def test_instruction_tuning_end_to_end_saves_its_template_and_scores(sft_run, ti
     assert generate(run, shown["prompt"], max_new_tokens=8, temperature=0).strip() == shown["generated"]
 
 
-@pytest.fixture(scope="module")
-def openai_server(sft_run):
-    """`afinar serve` on the sft run: a real uvicorn on an ephemeral loopback port, with a token."""
-    import socket
-    import threading
-    import time
-
-    from afinar.serving.app import create_app
-    from afinar.serving.http import server
-
-    app = create_app(sft_run.run_dir, token="s3cret")
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    running = server(app, "127.0.0.1", port, "s3cret", log_level="warning")
-    thread = threading.Thread(target=running.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not running.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    running.should_exit = True
-    thread.join(10)
-
-
-def test_the_official_openai_client_gets_answers_from_afinar_serve(openai_server, sft_run):
-    import openai
-
-    client = openai.OpenAI(base_url=openai_server, api_key="s3cret", max_retries=0)
-    [model] = client.models.list().data
-    reply = client.chat.completions.create(model=model.id, max_tokens=6, temperature=0,
-                                           messages=[{"role": "user", "content": "Name a colour."}])
-    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens <= 6
-    assert reply.choices[0].finish_reason in ("stop", "length")
-    # the served prompt is the trained one: the same answer as `afinar generate`, greedy
-    assert reply.choices[0].message.content == generate(sft_run.run_dir, "Name a colour.", max_new_tokens=6,
-                                                        temperature=0)
-    completion = client.completions.create(model=model.id, prompt="Name a colour.", max_tokens=6, temperature=0)
-    assert completion.choices[0].text == reply.choices[0].message.content
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=openai_server, api_key="wrong", max_retries=0).models.list()
-    with pytest.raises(openai.UnprocessableEntityError) as refused:
-        client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "x"}], stream=True)
-    assert "stream=true is not supported" in refused.value.response.json()["detail"]
-
-
 def test_classification_data_as_instructions_is_scored_by_label_continuation(tiny_gpt2, tmp_path):
     rows = tweet_rows("train", 160)
     path = tmp_path / "tweets.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     template = "Sentiment of this tweet ({labels}): {text}"
-    result = afinar.train(load_config(overrides=_sft_overrides(tiny_gpt2, path, tmp_path, **{
+    result = afinar.train(load_config(overrides=sft_overrides(tiny_gpt2, path, tmp_path, **{
         "sft.template": template, "data.max_length": 40})))
     validation = result.metrics["validation"]
     # at 40 tokens some prompts are too long: their tweet is shortened, none is cut at its end or skipped
@@ -316,7 +227,7 @@ def test_label_scores_with_a_shared_prompt_cache_equal_full_sequence_scores(tiny
 def test_afinar_check_on_instruction_data_shows_lengths_and_what_the_loss_sees(tiny_llama, tmp_path, capsys):
     from afinar import cli
 
-    data = _seed_tasks(tmp_path, 60)
+    data = seed_tasks(tmp_path, 60)
     assert cli.main(["check", "--set", "task=sft", "--model", str(tiny_llama), "--data", str(data),
                      "--set", "data.max_length=64"]) == 0
     out = capsys.readouterr().out
@@ -339,33 +250,6 @@ def test_a_template_without_a_generation_prompt_is_refused(gpt2_tokenizer):
         chat.encode(tokenizer, CONVERSATION, 512)
 
 
-def test_the_openai_schema_and_server_agree_on_what_is_valid(sft_run):
-    """What schemathesis (`--checks all`) found: 0 taken for stream=false, a negative seed and a tiny temperature
-    failing with 500s, an empty prompt and max_tokens past the model's positions refused though schema-valid."""
-    from fastapi.testclient import TestClient
-
-    from afinar.serving.app import create_app
-
-    ask = {"model": "m", "messages": [{"role": "user", "content": "Name a colour."}]}
-    with TestClient(create_app(sft_run.run_dir)) as client:
-        schema = client.get("/openapi.json").json()["components"]["schemas"]
-        for body, message in (({**ask, "stream": 0}, "stream must be false"), ({**ask, "n": True}, "n must be"),
-                              ({**ask, "seed": -1}, "seed"), ({**ask, "max_tokens": True}, "max_tokens must be"),
-                              ({**ask, "temperature": "0.7"}, "temperature must be a number")):
-            refused = client.post("/v1/chat/completions", json=body)
-            assert refused.status_code == 422 and message in refused.json()["detail"], body
-        tiny = client.post("/v1/chat/completions", json={**ask, "temperature": 1e-271, "max_tokens": 3})
-        greedy = client.post("/v1/chat/completions", json={**ask, "temperature": 0, "max_tokens": 3})
-        assert tiny.status_code == 200 and tiny.json()["choices"] == greedy.json()["choices"]
-        long = client.post("/v1/completions", json={"model": "m", "prompt": "Hi", "max_tokens": 4096})
-        assert long.status_code == 200 and long.json()["choices"][0]["finish_reason"] in ("length", "stop")
-        assert long.json()["usage"]["total_tokens"] <= 256  # the tiny Llama's positions
-        assert client.post("/v1/completions", json={"model": "m", "prompt": ""}).status_code == 422
-    assert schema["CompletionRequest"]["properties"]["prompt"]["minLength"] == 1
-    sampling = schema["ChatCompletionRequest"]["properties"]
-    assert sampling["seed"]["anyOf"][0]["minimum"] == 0 and sampling["stream"]["const"] is False
-
-
 def test_summaries_are_scored_by_rouge_against_every_reference_beside_the_zero_shot_base(tiny_llama, tmp_path):
     """DialogSum's real rows: train has one `summary`, test three (`summary1..3`, no `summary`); the prompt column is
     wrapped in sft.template; the tuned and the base model's greedy generations are scored on the same prompts."""
@@ -373,7 +257,7 @@ def test_summaries_are_scored_by_rouge_against_every_reference_beside_the_zero_s
     for split, n in (("train", 40), ("test", 4)):
         with open(dialogsum / f"{split}.jsonl", encoding="utf-8") as handle:
             (tmp_path / f"{split}.jsonl").write_text("".join(next(handle) for _ in range(n)), encoding="utf-8")
-    result = afinar.train(load_config(overrides=_sft_overrides(tiny_llama, tmp_path / "train.jsonl", tmp_path, **{
+    result = afinar.train(load_config(overrides=sft_overrides(tiny_llama, tmp_path / "train.jsonl", tmp_path, **{
         "data.test": str(tmp_path / "test.jsonl"), "sft.prompt_column": "dialogue", "sft.response_column": "summary",
         "sft.reference_columns": "summary1,summary2,summary3", "sft.template": "Summarize this dialogue:\n{text}",
         "sft.metrics": "rouge", "sft.metric_new_tokens": 6, "train.max_steps": 4, "data.max_length": 96})))

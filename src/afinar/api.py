@@ -18,8 +18,11 @@ from afinar.inference.generation import (
     GenerationFormat,
     Generator,
 )
+from afinar.inference.gguf_export import DTYPES as GGUF_DTYPES
 from afinar.tasks import registry
 from afinar.training.lifecycle import TrainResult
+
+EXPORT_FORMATS = ("onnx", "gguf")
 
 
 def _config(config: Config | str | None, overrides: list[str] | None = None) -> Config:
@@ -95,9 +98,23 @@ def generate(model: str | Path, prompt: str, max_new_tokens: int = MAX_NEW_TOKEN
     return generator.generate(prompt_ids, max_new_tokens, temperature, top_p, seed).text
 
 
-def export(run_dir: str | Path, int8: bool = False, out: str | Path | None = None) -> dict:
+def export(run_dir: str | Path, int8: bool = False, out: str | Path | None = None, format: str = "onnx",
+           dtype: str | None = None) -> dict:
+    """Export a finished run, checked before it is kept: ONNX (`int8` adds a quantized copy) for the tasks that
+    predict, GGUF (`dtype` f16, the default, or q8_0) with an Ollama Modelfile for the tasks that generate."""
+    if format not in EXPORT_FORMATS:
+        raise AfinarError(f"export format must be one of {', '.join(EXPORT_FORMATS)} (got {format!r})")
+    if format == "gguf" and int8:
+        raise AfinarError("--int8 quantizes an ONNX export; a GGUF is quantized with --dtype q8_0")
+    if format == "onnx" and dtype is not None:
+        raise AfinarError("--dtype applies to --format gguf; an ONNX export is fp32, with --int8 for an int8 copy")
+    if dtype is not None and dtype not in GGUF_DTYPES:
+        raise AfinarError(f"GGUF dtype must be one of {', '.join(GGUF_DTYPES)} (got {dtype!r})")
     run = _finished(run_dir)
-    return registry.for_run(run).export(run, int8, out)
+    task = registry.for_run(run)
+    if format == "gguf":
+        return task.export_gguf(run, dtype or GGUF_DTYPES[0], out)
+    return task.export(run, int8, out)
 
 
 def forgetting(run_dir: str | Path) -> dict:

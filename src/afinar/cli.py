@@ -19,6 +19,8 @@ from pathlib import Path
 from afinar.core.errors import AfinarError
 
 BACKENDS = ("torch", "onnx", "onnx-int8", "auto")  # as inference.predictors.BACKENDS, without importing torch
+EXPORT_FORMATS = ("onnx", "gguf")  # as api.EXPORT_FORMATS
+GGUF_DTYPES = ("f16", "q8_0")  # as inference.gguf_export.DTYPES
 
 
 def _config(args: argparse.Namespace):
@@ -107,7 +109,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from afinar.core.runs import Run
     from afinar.tasks import registry
 
-    record = api.export(args.run, int8=args.int8, out=args.out)
+    record = api.export(args.run, int8=args.int8, out=args.out, format=args.format, dtype=args.dtype)
     print("\n".join(registry.for_run(Run.open(args.run)).export_lines(record)))
     return 0
 
@@ -251,7 +253,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token = token_from_file(args.token_file)
     api.serve(args.run, host=args.host, port=args.port, token=token, max_batch=args.max_batch,
           max_texts=args.max_texts, max_text_chars=args.max_text_chars, backend=args.backend,
-          max_queue=args.max_queue, limit_concurrency=args.limit_concurrency)
+          max_queue=args.max_queue, limit_concurrency=args.limit_concurrency, score_timeout_s=args.timeout,
+          max_tokens=args.max_tokens)
     return 0
 
 
@@ -366,18 +369,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--token", help="require `Authorization: Bearer TOKEN` (visible in ps: prefer "
                                        "AFINAR_SERVE_TOKEN or --token-file)")
     serve.add_argument("--token-file", help="read the bearer token from this file (first line)")
-    serve.add_argument("--max-queue", type=int, default=1024, help="requests waiting to be scored (503 above)")
+    serve.add_argument("--max-queue", type=int, help="requests waiting (503 above; a generating run: 429); default "
+                                                     "1,024, a generating run 64")
     serve.add_argument("--limit-concurrency", type=int, default=512, help="open connections (503 above)")
-    serve.add_argument("--max-batch", type=int, default=64, help="texts per micro-batch")
+    serve.add_argument("--max-batch", type=int, help="texts per micro-batch (default 64); a generating run: requests "
+                                                     "decoding together (default 16)")
+    serve.add_argument("--timeout", type=float, help="seconds a request may score (default 30) or generate (default "
+                                                     "120; then 503)")
+    serve.add_argument("--max-tokens", type=int, default=4096, help="a generating run: the most new tokens a request "
+                                                                    "may ask for (400 above)")
     serve.add_argument("--max-texts", type=int, default=256, help="texts per request (413 above)")
     serve.add_argument("--max-text-chars", type=int, default=10_000, help="characters per text (413 above)")
     serve.set_defaults(func=cmd_serve)
 
     export = commands.add_parser("export", help="export a run to ONNX (checked against PyTorch) for fast CPU "
-                                                "inference")
+                                                "inference, or a text generator to GGUF for llama.cpp and Ollama")
     export.add_argument("run", help="run folder")
-    export.add_argument("--int8", action="store_true", help="also write a dynamically quantized int8 model")
-    export.add_argument("--out", help="output folder (default: <run>/onnx)")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
+                        help="onnx (classifiers, taggers) | gguf (causal_lm and sft runs; default: onnx)")
+    export.add_argument("--int8", action="store_true", help="onnx: also write a dynamically quantized int8 model")
+    export.add_argument("--dtype", choices=GGUF_DTYPES, help="gguf: f16 (default) | q8_0 weights")
+    export.add_argument("--out", help="output folder (default: <run>/onnx or <run>/gguf)")
     export.set_defaults(func=cmd_export)
     for sub, default in ((evaluate, "torch"), (predict, "auto"), (serve, "auto")):
         sub.add_argument("--backend", choices=BACKENDS, default=default,

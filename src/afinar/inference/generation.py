@@ -11,6 +11,7 @@ with a seed.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from afinar.core.config import ModelArgs
 from afinar.core.errors import AfinarError
 from afinar.core.models import load_causal_lm, load_tokenizer, max_positions, resolve
 from afinar.core.runs import Run, read_json, write_json
+from afinar.inference.decoding import GREEDY_BELOW, MAX_SEED, DecodingBatch, Sampling, Sequence, decode
 
 FORMAT_FILE = "generation.json"
 
@@ -26,8 +28,7 @@ MAX_NEW_TOKENS = 128
 TEMPERATURE = 0.8  # 0 decodes greedily
 TOP_P = 0.95
 SEED = 0
-GREEDY_BELOW = 1e-4  # a temperature this small decodes greedily: dividing logits by it overflows to inf
-MAX_SEED = 2**32 - 1  # numpy's seed range, which `set_seed` seeds too
+__all__ = ["GREEDY_BELOW", "MAX_SEED", "GenerationFormat", "Generator", "Sampling", "Sequence"]
 
 
 @dataclass
@@ -79,16 +80,9 @@ class GenerationFormat:
         return chat.render_ids(tokenizer, messages, generation_prompt=True)
 
 
-@dataclass
-class Generated:
-    text: str  # the new text only, special tokens dropped
-    prompt_tokens: int
-    completion_tokens: int  # the stop token included
-    finish_reason: str  # stop: the model ended its answer; length: max_new_tokens cut it
-
-
 class Generator:
-    """A causal LM and its tokenizer, loaded once, with the format it was trained to see."""
+    """A causal LM and its tokenizer, loaded once, with the format it was trained to see. Decoding is
+    `inference.decoding`'s, alone or in batches, the server's included: one sampler for every path."""
 
     def __init__(self, args: ModelArgs, prompt_format: GenerationFormat, bf16: bool = False):
         import torch
@@ -108,15 +102,15 @@ class Generator:
         return cls(ModelArgs(name=str(run.model_dir)), GenerationFormat.load(run.model_dir, chat_prompts),
                    run.trained_in_bf16())
 
-    def _stop_ids(self) -> list[int]:
+    def _stop_ids(self) -> set[int]:
         """Where an answer ends: the token training ended answers with; for a model without a format, the one its
         generation config names (else its tokenizer's EOS)."""
         if self.format.eos_token:
-            return [self.tokenizer.convert_tokens_to_ids(self.format.eos_token)]
+            return {self.tokenizer.convert_tokens_to_ids(self.format.eos_token)}
         configured = self.model.generation_config.eos_token_id
         if configured is None:
             configured = self.tokenizer.eos_token_id
-        return configured if isinstance(configured, list) else [configured]
+        return set(configured) if isinstance(configured, list) else {configured}
 
     def room(self, prompt_ids: list[int], max_new_tokens: int) -> int:
         """New tokens the model can add after `prompt_ids`: `max_new_tokens` is "at most" (as in OpenAI's API),
@@ -129,31 +123,24 @@ class Generator:
                               f"shorten it")
         return min(max_new_tokens, self.limit - len(prompt_ids))
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE,
-                 top_p: float = TOP_P, seed: int | None = SEED) -> Generated:
-        """New tokens after `prompt_ids`, up to and including a stop token. Sampling is seeded (same seed, same
-        device, same text; None: unseeded); a temperature below `GREEDY_BELOW` (0 included) decodes greedily."""
-        import torch
-        from transformers import set_seed
+    def batch(self, max_rows: int) -> DecodingBatch:
+        """An empty continuous batch on this model (the server keeps one)."""
+        return DecodingBatch(self.model, self.tokenizer, self.stop_ids, max_rows)
 
-        if max_new_tokens <= 0 or temperature < 0 or not 0 < top_p <= 1:
-            raise AfinarError(f"need max_new_tokens > 0, temperature >= 0 and 0 < top_p <= 1 (got {max_new_tokens}, "
-                              f"{temperature}, {top_p})")
-        if seed is not None and not 0 <= seed <= MAX_SEED:
-            raise AfinarError(f"seed must be between 0 and {MAX_SEED} (got {seed})")
-        max_new_tokens = self.room(prompt_ids, max_new_tokens)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature >= GREEDY_BELOW else \
-            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        if seed is not None:
-            set_seed(seed)
-        ids = torch.tensor([prompt_ids], device=self.device)
-        with torch.inference_mode():
-            output = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                         max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
-                                         pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        new = output[0, len(prompt_ids):].tolist()
-        stop = next((i for i, token in enumerate(new) if token in self.stop_ids), None)
-        if stop is not None:
-            new = new[:stop + 1]
-        return Generated(self.tokenizer.decode(new, skip_special_tokens=True), len(prompt_ids), len(new),
-                         "length" if stop is None else "stop")
+    def sequence(self, prompt_ids: list[int], sampling: Sampling, **hooks) -> Sequence:
+        """A request for `prompt_ids`, its token budget cut to the positions the model has left."""
+        return Sequence(prompt_ids, dataclasses.replace(sampling, max_new_tokens=self.room(
+            prompt_ids, sampling.max_new_tokens)), **hooks)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int = MAX_NEW_TOKENS, temperature: float = TEMPERATURE,
+                 top_p: float = TOP_P, seed: int | None = SEED, stop: tuple[str, ...] = ()) -> Sequence:
+        """New tokens after `prompt_ids`, up to and including a stop token (its `text`: the new text, special
+        tokens dropped, cut before a stop string). Sampling is seeded (same seed, same text; None: unseeded); a
+        temperature below `GREEDY_BELOW` (0 included) decodes greedily."""
+        seq = self.sequence(prompt_ids, Sampling(max_new_tokens, temperature, top_p, seed, stop))
+        return decode(self.batch(1), [seq])[0]
+
+    def greedy_answers(self, prompts: list[list[int]], max_new_tokens: int, max_rows: int = 8) -> list[str]:
+        """Greedy answers to many prompts, decoded `max_rows` at a time."""
+        sequences = [self.sequence(ids, Sampling(max_new_tokens)) for ids in prompts]
+        return [seq.text for seq in decode(self.batch(max_rows), sequences)]

@@ -36,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from afinar.core.errors import AfinarError
@@ -57,8 +58,33 @@ class Scorer(Protocol):
     def scores(self, texts: list[str], batch_size: int = ...) -> np.ndarray: ...
 
 
+class Worker(Protocol):
+    """What `base_app` runs for the app's lifetime: `MicroBatcher`, or the generation server's decoding loop."""
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def state(self) -> str: ...
+
+    def load(self) -> dict[str, int]: ...
+
+
+class ErrorStyle:
+    """How an app words its errors: `{"detail": "..."}`, and 422 for a request the schema refuses (FastAPI's
+    convention, the prediction API's). Every error the app sends, the guard's included, goes through `response`."""
+
+    validation_status = 422
+
+    def response(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
 class HealthResponse(BaseModel):
     status: str = Field(description="ok, or why the server cannot score: stopped, stalled")
+    waiting: int | None = Field(default=None, description="Requests queued, not yet being served")
+    decoding: int | None = Field(default=None, description="A generating server: requests decoding now")
 
 
 class ErrorResponse(BaseModel):
@@ -100,6 +126,9 @@ class MicroBatcher:
         if self._busy_since is not None and asyncio.get_running_loop().time() - self._busy_since > self.stall_seconds:
             return "stalled"
         return "ok"
+
+    def load(self) -> dict[str, int]:
+        return {"waiting": self._queue.qsize() if self._queue is not None else 0}
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -192,8 +221,10 @@ class RequestGuard:
     a body that does not arrive within `read_timeout` seconds gets 408; a JSON body that is not UTF-8 gets 422.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float, token: str | None):
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float, token: str | None,
+                 errors: ErrorStyle = ErrorStyle()):
         self.app = app
+        self.errors = errors
         self.max_bytes = max_bytes
         self.read_timeout = read_timeout
         self.expected = f"Bearer {token}".encode() if token else None
@@ -205,8 +236,8 @@ class RequestGuard:
         headers = dict(scope["headers"])
         if self.expected is not None and scope["path"] in GUARDED_PATHS \
                 and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
-            await JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
-                               headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            await self.errors.response(401, "missing or wrong bearer token", code="invalid_api_key",
+                                       headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
             return
         declared = headers.get(b"content-length", b"")
         too_large = declared.isdigit() and int(declared) > self.max_bytes
@@ -216,8 +247,8 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), self.read_timeout)
             except asyncio.TimeoutError:
-                await JSONResponse({"detail": f"the request body did not arrive within {self.read_timeout:g} s"},
-                                   status_code=408)(scope, receive, send)
+                await self.errors.response(408, f"the request body did not arrive within {self.read_timeout:g} s"
+                                           )(scope, receive, send)
                 return
             if message["type"] != "http.request":  # the client went away
                 return
@@ -225,14 +256,14 @@ class RequestGuard:
             more = message.get("more_body", False)
             too_large = len(body) > self.max_bytes
         if too_large:
-            await JSONResponse({"detail": f"request body is larger than max_body_bytes={self.max_bytes:,}"},
-                               status_code=413)(scope, receive, send)
+            await self.errors.response(413, f"request body is larger than max_body_bytes={self.max_bytes:,}"
+                                       )(scope, receive, send)
             return
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            await JSONResponse({"detail": f"body: not valid UTF-8 (byte {exc.start}); send UTF-8 JSON"},
-                               status_code=422)(scope, receive, send)
+            await self.errors.response(self.errors.validation_status, f"body: not valid UTF-8 (byte {exc.start}); "
+                                       f"send UTF-8 JSON")(scope, receive, send)
             return
         replayed = False
 
@@ -283,49 +314,66 @@ def token_from_file(path: str | Path) -> str:
     return lines[0].strip()
 
 
-def base_app(summary: str, batcher: MicroBatcher, token: str | None, max_body_bytes: int, read_timeout_s: float
+def validation_param(exc: RequestValidationError) -> str | None:
+    """The request field the first validation error is about (OpenAI's `param`)."""
+    errors = exc.errors()
+    where = [str(part) for part in errors[0]["loc"] if part != "body"] if errors else []
+    return ".".join(where) if where and errors[0]["type"] != "json_invalid" else None
+
+
+def base_app(summary: str, worker: Worker, token: str | None, max_body_bytes: int, read_timeout_s: float,
+             errors: ErrorStyle = ErrorStyle(), error_model: type[BaseModel] | None = None
              ) -> tuple[FastAPI, list, dict[int | str, dict[str, Any]]]:
-    """What every afinar server shares: the batcher's lifespan, `RequestGuard`, one-line JSON errors (422 without
-    echoing the input, 500 per request) and `/health`; plus the dependencies and error responses a guarded
-    endpoint declares in the schema."""
+    """What every afinar server shares: the worker's lifespan, `RequestGuard`, one-line JSON errors in the app's
+    `errors` style (validation errors without echoing the input, 500 per request, HTTP errors such as 404) and
+    `/health`; plus the dependencies and error responses a guarded endpoint declares in the schema (bodies of
+    `error_model`)."""
+    error_model = error_model or ErrorResponse
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        batcher.start()
+        worker.start()
         try:
             yield
         finally:
-            await batcher.stop()
+            await worker.stop()
 
     # the schema is public (as /health is): it names no run, model or path
     app = FastAPI(title="afinar", summary=summary, lifespan=lifespan)
-    app.add_middleware(RequestGuard, max_bytes=max_body_bytes, read_timeout=read_timeout_s, token=token)
+    app.add_middleware(RequestGuard, max_bytes=max_body_bytes, read_timeout=read_timeout_s, token=token,
+                       errors=errors)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": validation_detail(exc)}, status_code=422)
+        return errors.response(errors.validation_status, validation_detail(exc), param=validation_param(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return errors.response(exc.status_code, detail, param=getattr(exc, "param", None),
+                               code=getattr(exc, "code", None), headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
         log.error("a request failed: %s: %s", type(exc).__name__, exc)
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"},
-                            status_code=500)
+        return errors.response(500, f"internal error ({type(exc).__name__}); see the server log")
 
     # `RequestGuard` checks the token before the body is read; this only declares the scheme in the schema
     guarded = [Depends(HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>`"))] if token else []
-    errors: dict[int | str, dict[str, Any]] = {
-        422: {"model": ErrorResponse, "description": "Malformed JSON, a missing field, a wrong type, no texts"}}
+    responses: dict[int | str, dict[str, Any]] = {errors.validation_status: {
+        "model": error_model, "description": "Malformed JSON, a missing field, a wrong type, no texts"}}
     if token:
-        errors[401] = {"model": ErrorResponse, "description": "Missing or wrong bearer token"}
+        responses[401] = {"model": error_model, "description": "Missing or wrong bearer token"}
 
-    @app.get("/health", response_model=HealthResponse, responses={
+    @app.get("/health", response_model=HealthResponse, response_model_exclude_none=True, responses={
         503: {"model": HealthResponse, "description": "The worker has stopped or stalled"}})
     async def health() -> HealthResponse | JSONResponse:
         """Whether requests can be served; open even when a token is set, so load balancers need no secret."""
-        state = batcher.state()
-        return HealthResponse(status=state) if state == "ok" else JSONResponse({"status": state}, status_code=503)
+        state = worker.state()
+        health = HealthResponse(status=state, **worker.load())
+        return health if state == "ok" else JSONResponse(health.model_dump(exclude_none=True), status_code=503)
 
-    return app, guarded, errors
+    return app, guarded, responses
 
 
 def _loopback(host: str) -> bool:

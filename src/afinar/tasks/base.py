@@ -133,10 +133,17 @@ class Task:
         raise self.unsupported("afinar evaluate")
 
     def export(self, run: Run, int8: bool, out: str | Path | None) -> dict:
-        raise self.unsupported("afinar export")
+        """`afinar export`: ONNX (and int8 with `int8`), checked against PyTorch."""
+        raise AfinarError(f"{run.path} is a {self.name} run: ONNX export does not apply to it"
+                          + ("; export it for llama.cpp and Ollama with --format gguf" if self.generates else ""))
+
+    def export_gguf(self, run: Run, dtype: str, out: str | Path | None) -> dict:
+        """`afinar export --format gguf`: a GGUF file and an Ollama Modelfile, for a run whose task generates."""
+        raise AfinarError(f"{run.path} is a {self.name} run: GGUF holds a model that generates text, so --format "
+                          f"gguf applies to causal_lm and sft runs; export this one to ONNX: afinar export {run.path}")
 
     def export_lines(self, record: dict) -> list[str]:
-        """What `afinar export` prints of `export`'s record: one line per backend."""
+        """What `afinar export` prints of `export`'s (or `export_gguf`'s) record: one line per backend."""
         return [f"{name}: " + "  ".join(f"{k} {v}" for k, v in row.items()) for name, row in record["backends"].items()]
 
     def remeasure_forgetting(self, run: Run) -> dict:

@@ -14,6 +14,7 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
@@ -182,6 +183,17 @@ class LanguageModelTask(Task):
         labelled = all("accuracy" in metrics[s] for s in ("validation", "test") if metrics.get(s))
         return (pages.metrics_table(metrics, ["loss", "perplexity"] + (["accuracy", "macro_f1"] if labelled else []))
                 + pages.forgetting_html(metrics))
+
+    def export_gguf(self, run: Run, dtype: str, out: str | Path | None) -> dict:
+        """The merged model as GGUF in `dtype` with an Ollama Modelfile, checked by reading the file back."""
+        from afinar.inference.gguf_export import export_gguf
+
+        return export_gguf(run, GenerationFormat.load(run.model_dir, self.chat_prompts), dtype, out)
+
+    def export_lines(self, record: dict) -> list[str]:
+        from afinar.inference.gguf_export import export_lines
+
+        return export_lines(record)
 
 
 def forgetting_lines(result: dict) -> list[str]:

@@ -334,8 +334,8 @@ def _label_report(model, tokenizer, ds: Dataset, labels: list[str], max_length: 
 
 def generate_answers(generator: Generator, prompts: list[chat.Messages], max_new_tokens: int) -> list[str]:
     """Greedy answers from the saved model, each prompt rendered as `afinar generate` and the server render it."""
-    return [generator.generate(generator.format.chat_ids(generator.tokenizer, prompt), max_new_tokens,
-                               temperature=0).text.strip() for prompt in prompts]
+    return [answer.strip() for answer in generator.greedy_answers(
+        [generator.format.chat_ids(generator.tokenizer, prompt) for prompt in prompts], max_new_tokens)]
 
 
 def fitted_prompts(tokenizer, conversations: list[chat.Messages], max_length: int, new_tokens: int
