@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -178,3 +184,39 @@ def sft_run(tiny_llama, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("sft")
     return afinar.train(load_config(overrides=sft_overrides(tiny_llama, seed_tasks(folder, 80), folder)))
+
+
+def postgres_binaries() -> Path | None:
+    """The newest installed PostgreSQL server's bin folder (Debian's layout), if any."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """A PostgreSQL server (Debian's `postgresql`, which `.ci/run` installs) in a fresh data directory on a free
+    loopback port, trusting local connections; stopped and removed afterwards. Yields its URL."""
+    binaries = postgres_binaries()
+    if binaries is None:
+        raise FileNotFoundError("no PostgreSQL server binary under /usr/lib/postgresql: apt-get install postgresql")
+    folder = Path(tempfile.mkdtemp(prefix="afinar-pg-"))
+    as_owner: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: its own system user runs it
+        as_owner = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def run(*command: str) -> None:
+        subprocess.run([*as_owner, *command], check=True, capture_output=True, timeout=120)
+
+    data = folder / "data"
+    run(str(binaries / "initdb"), "-D", str(data), "-U", "afinar", "--auth=trust", "-E", "UTF8")
+    run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        yield f"postgresql://afinar@127.0.0.1:{port}/postgres"
+    finally:
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,11 +1,17 @@
 """Hyperparameter search: pruning prunes, a study resumes, and the test split is read once, at the end."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import time
 
 import optuna
 import pytest
 import yaml
-from conftest import tiny_overrides
+from conftest import afinar_cmd, postgres_binaries, sets, throwaway_postgres, tiny_overrides
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from afinar.core.config import load_config
 from afinar.core.errors import AfinarError
@@ -92,3 +98,55 @@ def test_space_file_errors_name_the_key(tmp_path):
     with pytest.raises(AfinarError, match="train.epochs \\(int\\) needs high"):
         load_space(bad, config)
     assert "lora.r" in load_space(None, load_config(overrides=["lora=true"]))
+
+
+@pytest.fixture(scope="module")
+def postgres() -> str:
+    if not postgres_binaries():
+        pytest.skip("no PostgreSQL server binary (/usr/lib/postgresql/*/bin/initdb): apt-get install postgresql")
+    with throwaway_postgres() as url:
+        yield url
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # retried_trial_number
+def test_workers_share_a_postgresql_study_retry_a_killed_workers_trial_and_score_test_once(
+        postgres, tiny_bert, tweets_jsonl, tmp_path, space_file):
+    train_file, test_file = tweets_jsonl
+    overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
+        "train.max_steps": 8, "train.eval_every": 4, "train.run_name": None, "train.precision": "fp32"})
+    command = afinar_cmd("search", *sets(overrides), "--space", str(space_file), "--trials", "4", "--pruner", "none",
+                         "--storage", postgres, "--study", "shared", "--heartbeat", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed, survivor = (subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                        for _ in range(2))
+    killed_id = f"{socket.gethostname()}:{killed.pid}"
+    deadline = time.monotonic() + 240
+    while True:  # SIGKILL the first worker mid-trial, once it has finished one
+        assert time.monotonic() < deadline and killed.poll() is None, "the first worker never got to a second trial"
+        try:
+            trials = optuna.load_study(study_name="shared", storage=postgres).trials
+        except KeyError:  # not created yet
+            trials = []
+        own = [t for t in trials if t.user_attrs.get("worker") == killed_id]
+        if any(t.state.name == "COMPLETE" for t in own) and any(t.state.name == "RUNNING" for t in own):
+            killed.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    out, _ = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, out[-3000:]
+
+    study = optuna.load_study(study_name="shared", storage=postgres)
+    [failed] = [t for t in study.trials if t.state.name == "FAIL"]
+    assert failed.user_attrs["worker"] == killed_id
+    [retry] = [t for t in study.trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == failed.number]
+    assert retry.state.name == "COMPLETE" and retry.params == failed.params and retry.user_attrs["worker"] != killed_id
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    # the budget, plus the retry when the survivor had reached it before the dead worker's heartbeat went stale
+    assert len(complete) in (4, 5) and len({t.user_attrs["worker"] for t in complete}) == 2  # both workers' trials
+    record = json.loads((tmp_path / "search-default" / "search.json").read_text())
+    assert record["best_params"] == study.best_params and record["test"]["n"] == 60  # scored once, by the survivor
+    assert len(list((tmp_path / "search-default").glob("test-claimed-*"))) == 1
+    # a worker whose search differs is refused, the difference named
+    other = search_config(tiny_bert, train_file, test_file, tmp_path, precision="fp32")
+    with pytest.raises(AfinarError, match=r"differs from study shared's: config.train.max_steps: study 8, this "):
+        search(other, trials=4, space=space_file, storage=postgres, study_name="shared")

@@ -292,6 +292,55 @@ def test_two_process_torchrun_language_models_match_one_process(tiny_gpt2, tmp_p
         one["forgetting"]["general"]["base_perplexity"], rel=1e-4)
 
 
+SLURM = Path(__file__).resolve().parents[1] / "examples" / "slurm"
+
+
+def test_the_slurm_example_is_valid_bash_and_hands_slurms_variables_to_afinar_train():
+    for script in ("train.sbatch", "launch.sh"):
+        assert subprocess.run(["bash", "-n", str(SLURM / script)]).returncode == 0, script
+    launcher = (SLURM / "launch.sh").read_text()
+    assert '--node-rank "$SLURM_NODEID"' in launcher and '--nnodes "$SLURM_JOB_NUM_NODES"' in launcher
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_what_one_node_of_two_processes_trains(tiny_bert, tweets_jsonl, tmp_path):
+    """Two "nodes" on localhost, each started by the Slurm example's launcher with Slurm's variables faked, join
+    through torchrun's c10d rendezvous and share the output directory; their run equals `--nproc 2` on one node
+    (the same two ranks, the same seeds: the same batches and dropout masks)."""
+    import socket
+
+    train_file, test_file = tweets_jsonl
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{Path(afinar_cmd()[0]).parent}:{os.environ['PATH']}"}
+    results = {}
+    for layout in ("nodes", "processes"):
+        overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
+            "train.run_name": layout, "train.max_steps": 12, "train.eval_every": 6, "train.precision": "fp32"})
+        if layout == "processes":
+            done = subprocess.run(afinar_cmd("train", "--nproc", "2", *sets(overrides)), capture_output=True,
+                                  text=True, timeout=300, env=env)
+            assert done.returncode == 0, done.stderr[-3000:]
+        else:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            slurm = {"SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "127.0.0.1,127.0.0.2", "SLURM_JOB_ID": "4242",
+                     "AFINAR_RDZV_PORT": str(port)}
+            nodes = [subprocess.Popen(["bash", str(SLURM / "launch.sh"), *sets(overrides)], text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      env={**env, **slurm, "SLURM_NODEID": str(rank)}) for rank in (0, 1)]
+            outputs = [node.communicate(timeout=300) for node in nodes]
+            for node, (out, err) in zip(nodes, outputs):
+                assert node.returncode == 0, err[-3000:]
+            assert "--nnodes=2" in outputs[1][1] and "--node_rank=1" in outputs[1][1]
+            assert f"--rdzv_endpoint=127.0.0.1:{port}" in outputs[0][1] and "--rdzv_id=4242" in outputs[0][1]
+            assert sum(out.count("run folder:") for out, _ in outputs) == 1  # global rank 0 alone writes
+        results[layout] = json.loads((tmp_path / layout / "metrics.json").read_text())
+    nodes, processes = results["nodes"], results["processes"]
+    assert nodes["train"]["steps"] == processes["train"]["steps"] == 12
+    assert nodes["validation"]["loss"] == pytest.approx(processes["validation"]["loss"], rel=1e-4)
+    assert nodes["test"]["accuracy"] == processes["test"]["accuracy"]
+
+
 def test_gradient_accumulation_gives_the_loss_and_gradient_of_the_whole_batch(tiny_bert, tweets_jsonl, tmp_path):
     """16 rows as 2 x 8 accumulated log the loss and gradient norm of one batch of 16 (a classifier's loss is a
     batch mean, which `Trainer` must divide by the accumulation steps). Dropout off: the same function exactly."""

@@ -38,20 +38,35 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, overrides)
 
 
-def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
-    """`afinar train --nproc N ...` is `torchrun --nproc_per_node N -m afinar train ...` (DDP: gloo on CPUs,
-    NCCL on GPUs); for several nodes or FSDP/DeepSpeed use torchrun or `accelerate launch` directly."""
+# `afinar train` flags that are torchrun's, not the run's: consumed here, passed to torchrun
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-id")
+
+
+def _relaunch_with_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    """`afinar train --nproc N ...` is `torchrun --standalone --nproc_per_node N -m afinar train ...` (DDP: gloo on
+    CPUs, NCCL on GPUs). With `--nnodes M`, every node runs the same command with its own `--node-rank`, and
+    torchrun's c10d rendezvous at `--rdzv-endpoint HOST:PORT` (a port on one of the nodes, usually rank 0's) joins
+    them; the run's output directory must be one every node sees (rank 0 writes the run folder and checkpoints,
+    every rank reads them on resume). FSDP/DeepSpeed: torchrun or `accelerate launch` directly."""
     import subprocess
 
     rest, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--nproc":
+        elif arg in LAUNCH_FLAGS:
             skip = True
-        elif not arg.startswith("--nproc="):
+        elif not arg.startswith(tuple(f"{flag}=" for flag in LAUNCH_FLAGS)):
             rest.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    if args.nnodes > 1:
+        if not args.rdzv_endpoint:
+            raise AfinarError(f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT, an address every node reaches "
+                              f"(the same on every node)")
+        launch = [f"--nnodes={args.nnodes}", f"--node_rank={args.node_rank}", "--rdzv_backend=c10d",
+                  f"--rdzv_endpoint={args.rdzv_endpoint}", f"--rdzv_id={args.rdzv_id}"]
+    else:
+        launch = ["--standalone"]
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc_per_node={args.nproc}",
                "-m", "afinar", *rest]
     print("launching:", " ".join(command), file=sys.stderr)
     return subprocess.call(command)
@@ -64,8 +79,8 @@ def _stopped_by_sigterm(signum, frame) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # before the imports: this process only starts torchrun
-        return _relaunch_with_torchrun(args.nproc, args.argv)
+    if (args.nproc > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:  # this process only starts torchrun
+        return _relaunch_with_torchrun(args, args.argv)
     from afinar import api
     from afinar.core.runs import is_main_process
     from afinar.tasks import registry
@@ -185,7 +200,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     from afinar import api
 
     result = api.search(_config(args), trials=args.trials, space=args.space,
-                    timeout=_seconds(args.timeout) if args.timeout else None, name=args.name, pruner=args.pruner)
+                        timeout=_seconds(args.timeout) if args.timeout else None, name=args.name, pruner=args.pruner,
+                        storage=args.storage, study_name=args.study, heartbeat_s=args.heartbeat, finish=args.finish)
+    if not result.scored:
+        print(f"this worker is done; other workers' trials are still running or another worker scored test. The last "
+              f"worker to stop, or `afinar search ... --finish`, scores the best trial on test and writes "
+              f"{result.path / 'summary.md'} (best so far: validation {result.best_validation:.4f}, "
+              f"{result.best_params})")
+        return 0
     print((result.path / "summary.md").read_text(encoding="utf-8"))
     print(f"search folder: {result.path}\nbest config: {result.path / 'best_config.yaml'}")
     return 0
@@ -284,7 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = _with_config_args(commands.add_parser("train", help="fine-tune a model; writes a run folder"))
     train.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
-    train.add_argument("--nproc", type=int, default=1, help="data-parallel processes, launched with torchrun")
+    train.add_argument("--nproc", type=int, default=1, help="data-parallel processes per node, launched with torchrun")
+    train.add_argument("--nnodes", type=int, default=1, help="machines training together (each runs the same "
+                                                             "command with its --node-rank; see README: Scaling out)")
+    train.add_argument("--node-rank", type=int, default=0, help="this machine's rank among --nnodes (0 to nnodes-1)")
+    train.add_argument("--rdzv-endpoint", help="HOST:PORT of torchrun's c10d rendezvous, the same on every node")
+    train.add_argument("--rdzv-id", default=os.environ.get("SLURM_JOB_ID", "afinar"),
+                       help="the job's rendezvous id, the same on every node (default: $SLURM_JOB_ID, else afinar)")
     train.add_argument("--seeds", type=int, default=1, help="train this many seeds (train.seed, +1, ...) and report "
                                                             "mean ± standard deviation")
     train.set_defaults(func=cmd_train)
@@ -323,6 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--timeout", help="stop starting trials after this long (e.g. 45m, 1h)")
     search.add_argument("--name", help="search folder name: <output_dir>/search-<name> (default: default)")
     search.add_argument("--pruner", default="median", choices=["median", "halving", "none"])
+    search.add_argument("--storage", help="an Optuna database shared by workers on any machine, e.g. "
+                                          "postgresql://user@host/db (default: $OPTUNA_STORAGE, else SQLite in the "
+                                          "search folder, which must then be on a filesystem every worker sees)")
+    search.add_argument("--study", help="the study's name in --storage (default: afinar-<name>)")
+    search.add_argument("--heartbeat", type=float, default=60.0,
+                        help="seconds between a running trial's heartbeats; a trial silent for twice that is "
+                             "failed and retried by another worker")
+    search.add_argument("--finish", action="store_true",
+                        help="start no trial: score the study's best trial on test and write the results")
     search.set_defaults(func=cmd_search)
 
     compare = _with_config_args(commands.add_parser(

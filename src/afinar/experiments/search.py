@@ -1,9 +1,22 @@
 """Hyperparameter search that cannot cheat: Optuna on validation only, test scored once for the best trial.
 
 Each trial is an ordinary afinar training run (`tasks.registry.train`) with the test split never read; a pruning
-callback reports every validation evaluation to Optuna and stops hopeless trials early. The study lives in
-SQLite inside the search folder, so an interrupted search resumes where it stopped and several workers
-(`afinar search` started more than once on the same folder) can share it.
+callback reports every validation evaluation to Optuna and stops hopeless trials early. By default the study
+lives in SQLite inside the search folder, so an interrupted search resumes where it stopped.
+
+Many workers, on many machines, share one study through a database server: `--storage
+postgresql://user@host/db` (or `OPTUNA_STORAGE`, the variable Optuna's own CLI reads) and `--study NAME`. The first
+worker creates the study and records its search space and configuration; a worker whose space or configuration
+differs is refused with the difference named. Every worker's trials write their run folders under the one search
+folder, which must be on a filesystem every worker sees (NFS, a cluster's shared disk): the worker that scores
+test opens the best trial's model there. Each running trial beats a heartbeat; a trial whose worker died
+(killed, its machine lost) is marked failed once its heartbeat is `2 x heartbeat` seconds old and run again, with
+the same parameters, by the next worker to start a trial. Pruning compares a trial with every worker's trials
+(they are all in the study). The budget `--trials` counts completed and pruned trials of the whole study; a
+worker stops starting trials once it is reached (trials already running finish, so a study can end a little over).
+Test stays blind until the study is done: the worker that finds nothing running and nothing waiting scores the
+best trial on test, once (a claim file in the search folder makes it one worker); `afinar search --finish` does it
+from any machine.
 
     <output_dir>/search-<name>/
       study.db          the Optuna study (resume, parallel workers)
@@ -18,7 +31,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import re
 import shutil
+import socket
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +66,8 @@ LORA_SPACE = {
     "lora.alpha": {"type": "categorical", "choices": [8, 16, 32]},
 }
 PRUNERS = ("median", "halving", "none")
+STORAGE_ENV = "OPTUNA_STORAGE"
+LOCAL_STUDY = "afinar"  # the study's name inside a search folder's own study.db
 
 
 @dataclass
@@ -58,6 +77,7 @@ class SearchResult:
     best_validation: float
     test: dict | None
     trials: list[dict] = field(default_factory=list)
+    scored: bool = True  # False: other workers' trials were still running, so test was left for the last of them
 
 
 def load_space(path: str | Path | None, config: Config) -> dict[str, dict]:
@@ -168,13 +188,75 @@ def _plots(study, folder: Path) -> list[str]:
     return written
 
 
-def search(config: Config, trials: int = 20, space: str | Path | None = None, timeout: float | None = None,
-           name: str | None = None, pruner: str | Any = "median") -> SearchResult:
-    """Search `space` for the best validation metric in `trials` trials (in total, counting earlier runs
-    of the same study), then score the best trial once on test."""
-    import optuna
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    from afinar.tasks.base import NoTestSplit
+
+def _storage(url: str, heartbeat_s: float):
+    """An Optuna RDB storage whose trials beat a heartbeat; a trial whose worker stopped beating is failed and
+    retried (same parameters) by the next worker that starts a trial."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    if heartbeat_s <= 0:
+        raise AfinarError(f"heartbeat must be more than 0 seconds (got {heartbeat_s})")
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=max(1, round(heartbeat_s)), grace_period=max(2, round(2 * heartbeat_s)),
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
+    except (ImportError, ModuleNotFoundError) as exc:
+        raise AfinarError(f"the storage {url.split('://')[0]}:// needs its database driver: {exc}; for PostgreSQL "
+                          f"pip install 'afinar[postgres]'") from None
+    except Exception as exc:  # SQLAlchemy's connection errors, a malformed URL
+        raise AfinarError(f"cannot open the study storage {_redacted(url)}: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0]}") from None
+
+
+def _redacted(url: str) -> str:
+    """The storage URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def _differences(expected: Any, found: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two nested mappings differ."""
+    if isinstance(expected, dict) and isinstance(found, dict):
+        return [difference for key in sorted(set(expected) | set(found), key=str)
+                for difference in _differences(expected.get(key), found.get(key), f"{prefix}{key}.")]
+    return [] if expected == found else [f"{prefix[:-1]}: study {expected!r}, this worker {found!r}"]
+
+
+def _join(study, identity: dict, created: bool, wait_s: float = 30.0) -> None:
+    """Record what defines the study (its creator), or check this worker's against it."""
+    if created:
+        for key, value in identity.items():
+            study.set_user_attr(key, value)
+        return
+    deadline = time.monotonic() + wait_s
+    while not set(identity) <= set(study.user_attrs):  # the creator records them just after creating the study
+        if time.monotonic() > deadline:
+            raise AfinarError(f"study {study.study_name} records no search space or configuration: it was not created "
+                              f"by afinar search; use another --study")
+        time.sleep(0.5)  # `user_attrs` reads the storage each time
+    differences = [d for key in identity for d in _differences(study.user_attrs[key], identity[key], f"{key}.")]
+    if differences:
+        shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+        raise AfinarError(f"this worker's search differs from study {study.study_name}'s: {shown}; run every worker "
+                          f"with the same config and space, or use another --study")
+
+
+def search(config: Config, trials: int = 20, space: str | Path | None = None, timeout: float | None = None,
+           name: str | None = None, pruner: str | Any = "median", storage: str | None = None,
+           study_name: str | None = None, heartbeat_s: float = 60.0, finish: bool = False) -> SearchResult:
+    """Search `space` for the best validation metric in `trials` trials (in total, counting earlier runs of the
+    same study and every worker's), then score the best trial once on test. `storage`: an Optuna database URL
+    (default: `OPTUNA_STORAGE`, else SQLite in the search folder); `finish`: start no trial, only score and write
+    the results of the study as it stands (its other workers done)."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
     from afinar.tasks.registry import require, train
 
     task = require(config, "searches", "search")  # before any trial, so a task search cannot tune fails at once
@@ -185,16 +267,20 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
     metric = configured.train.metric_for_best_model
     folder = Path(config.train.output_dir) / f"search-{name or 'default'}"
     (folder / "trials").mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'study.db'}", heartbeat_interval=60,
-                                         grace_period=180)  # trials of a killed worker are marked failed
-    study = optuna.create_study(
-        study_name="afinar", storage=storage, load_if_exists=True,
-        direction="minimize" if metric == "loss" else "maximize",
-        sampler=optuna.samplers.TPESampler(seed=config.train.seed),
-        pruner=_make_pruner(pruner) if isinstance(pruner, str) else pruner)
+    url = storage or os.environ.get(STORAGE_ENV) or f"sqlite:///{folder / 'study.db'}"
+    study_name = study_name or (LOCAL_STUDY if url.startswith("sqlite") else f"afinar-{name or 'default'}")
+    options = {"storage": _storage(url, heartbeat_s), "direction": "minimize" if metric == "loss" else "maximize",
+               "sampler": optuna.samplers.TPESampler(seed=config.train.seed),
+               "pruner": _make_pruner(pruner) if isinstance(pruner, str) else pruner}
+    try:
+        study, created = optuna.create_study(study_name=study_name, **options), True
+    except optuna.exceptions.DuplicatedStudyError:
+        study, created = optuna.load_study(study_name=study_name, storage=options["storage"],
+                                           sampler=options["sampler"], pruner=options["pruner"]), False
+    _join(study, {"space": distributions, "config": yaml.safe_load(to_yaml(config))}, created and not finish)
     write_atomic(folder / "base_config.yaml", to_yaml(config))
     baseline = _configured_values(distributions, config)
-    if not study.trials and baseline is not None:  # trial 0 is the config as given: what the search must beat
+    if created and baseline is not None:  # trial 0 is the config as given: what the search must beat
         study.enqueue_trial(baseline, user_attrs={"baseline": True})
 
     def objective(trial) -> float:
@@ -206,25 +292,65 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
         set_value(trial_config, "train.run_name", f"trial-{trial.number}")
         set_value(trial_config, "checks.suspects", False)  # a trial's model is a means to a score, not for fixing data
         trial.set_user_attr("seed", trial_config.train.seed)
+        trial.set_user_attr("worker", worker_id())
         trial.set_user_attr("run_dir", str(folder / "trials" / f"trial-{trial.number}"))
         with tracked_run(f"trial-{trial.number}", config.train.report_to):
             result = train(trial_config, callbacks=[_pruning_callback(trial, metric)], with_test=False)
         trial.set_user_attr("seconds", result.metrics["train"]["seconds"])
         return result.metrics["validation"][metric]
 
-    remaining = trials - len([t for t in study.trials if t.state.is_finished()])
-    if remaining > 0:
+    counted, busy_states = (TrialState.COMPLETE, TrialState.PRUNED), (TrialState.RUNNING, TrialState.WAITING)
+    if not finish:
         with tracked_run(folder.name, config.train.report_to):
-            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(AfinarError,))
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            if len(study.get_trials(deepcopy=False, states=counted)) < trials:
+                study.optimize(objective, n_trials=trials, timeout=timeout, catch=(AfinarError,),
+                               callbacks=[MaxTrialsCallback(trials, states=counted)])
+            if study.get_trials(deepcopy=False, states=busy_states):
+                # a trial still running may be a dead worker's: once its heartbeat is stale it is failed and a
+                # retry waits, which this worker runs (the budget counted the trial it replaces)
+                time.sleep(2 * heartbeat_s + 1)
+                optuna.storages.fail_stale_trials(study)
+                waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                if waiting:
+                    study.optimize(objective, n_trials=len(waiting), catch=(AfinarError,))
+    busy = study.get_trials(deepcopy=False, states=busy_states)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not complete:
         raise AfinarError(f"no trial of {folder} finished (all pruned or failed); widen the space or add trials")
     best = study.best_trial
+    if busy and not finish:  # the last worker to stop (or `--finish`) reads test, once
+        return SearchResult(folder, best.params, best.value, None, _rows(study), scored=False)
+    claim = folder / f"test-claimed-trial-{best.number}-of-{len(complete)}"
+    try:
+        claim.open("x").write(worker_id())
+    except FileExistsError:  # another worker scored this very study state: read its results
+        return SearchResult(folder, best.params, best.value, read_json(folder / "search.json")["test"]
+                            if (folder / "search.json").is_file() else None, _rows(study), scored=False)
+    return _finish(config, task, study, best, folder, metric)
+
+
+def _rows(study) -> list[dict]:
+    return [{"trial": t.number, "baseline": bool(t.user_attrs.get("baseline")), "state": t.state.name.lower(),
+             "value": t.value, **t.params, "seed": t.user_attrs.get("seed"), "seconds": t.user_attrs.get("seconds"),
+             "worker": t.user_attrs.get("worker"), "last_step": max(t.intermediate_values, default=None)}
+            for t in study.trials]
+
+
+def _finish(config: Config, task, study, best, folder: Path, metric: str) -> SearchResult:
+    """Score the best trial on test (the one look at it) and write the search's results."""
+    import optuna
+
+    from afinar.tasks.base import NoTestSplit
+
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best_run = Path(best.user_attrs["run_dir"])
+    if not (best_run / "model").is_dir():
+        raise AfinarError(f"the best trial's model ({best_run / 'model'}) is not on this machine: put the search "
+                          f"folder on a filesystem every worker sees, or finish on the machine that ran trial "
+                          f"{best.number} ({best.user_attrs.get('worker')})")
     for t in complete:  # keep disk use flat: only the best trial's model is needed
         if t.number != best.number:
             shutil.rmtree(Path(t.user_attrs["run_dir"]) / "model", ignore_errors=True)
-
     try:
         test = task.evaluate(Run.open(best_run), None, "torch", 64)  # the one and only look at the test split
     except NoTestSplit:
@@ -236,10 +362,7 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
     write_atomic(folder / "best_config.yaml", f"# afinar train {folder / 'best_config.yaml'}\n"
                  f"# best of {len(complete)} completed trials (validation {metric} {best.value:.4f})\n"
                  + to_yaml(best_config))
-    rows = [{"trial": t.number, "baseline": bool(t.user_attrs.get("baseline")), "state": t.state.name.lower(),
-             "value": t.value, **t.params,
-             "seed": t.user_attrs.get("seed"), "seconds": t.user_attrs.get("seconds"),
-             "last_step": max(t.intermediate_values, default=None)} for t in study.trials]
+    rows = _rows(study)
     _write_table(folder / "trials.csv", rows)
     plots = _plots(study, folder)
     diagnosis = diagnose(Run.open(best_run).read_log(),
@@ -247,6 +370,8 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
     result = SearchResult(folder, best.params, best.value, test, rows)
     write_json(folder / "search.json", {"metric": metric, "best_trial": best.number, "best_params": best.params,
                                         "best_validation": best.value, "best_run": str(best_run),
+                                        "study": study.study_name, "workers": sorted({
+                                            r["worker"] for r in rows if r["worker"]}),
                                         "test_scored_once_for": f"trial-{best.number}", "test": test,
                                         "diagnosis": dataclasses.asdict(diagnosis), "trials": rows, "plots": plots})
     write_atomic(folder / "summary.md", _summary(result, metric, best.number, diagnosis,
