@@ -164,8 +164,16 @@ def test_requests_that_arrive_together_decode_together_and_a_client_that_leaves_
             if pieces == 2:
                 break
         assert httpx.get(f"{openai_server}/health").json()["decoding"] == 1
+    _freed_within_a_second(openai_server)
+    with pytest.raises(httpx.ReadTimeout):  # without streaming: the client gives up waiting and closes
+        httpx.post(f"{openai_server}/v1/chat/completions", json={**body, "stream": False}, headers=headers,
+                   timeout=0.5)
+    _freed_within_a_second(openai_server)
+
+
+def _freed_within_a_second(server: str) -> None:
     left = time.monotonic()
-    while httpx.get(f"{openai_server}/health").json()["decoding"]:
+    while httpx.get(f"{server}/health").json()["decoding"]:
         assert time.monotonic() - left < 1.0, "the row of a client that left was not freed within a second"
         time.sleep(0.02)
 

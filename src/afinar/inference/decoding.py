@@ -17,8 +17,8 @@ Each request is a `Sequence`: text is detokenized incrementally (a delta is rele
 characters) and held back while it could still be the start of a stop string, so the streamed deltas, the final
 text and the text a client gets without streaming are one and the same string. Sampling is per row: temperature,
 top-p and a `torch.Generator` seeded from the request's seed. A row's logits can differ in the last bits with the
-batch it shares (padding changes the kernels' blocking), so a seeded sample is reproducible for the same batch
-company; alone (as `afinar generate` runs it) it always is.
+batch it shares (another batch size changes the kernels' blocking); the exponential race (`Sequence.choose`) makes
+a seeded sample depend on them only at exact near-ties, so a request samples the text it samples alone.
 """
 
 from __future__ import annotations
@@ -113,17 +113,21 @@ class Sequence:
                 self._generator.manual_seed(self.sampling.seed)
 
     def choose(self, logits: torch.Tensor) -> int:
-        """The next token from this row's logits (float32, one row)."""
+        """The next token from this row's logits (float32, one row). Sampling is the exponential race (Gumbel-max):
+        the token whose probability over an Exp(1) draw of its own is largest, an exact sample of the softmax.
+        Unlike inverting the cumulative sum over the vocabulary (`torch.multinomial`), where a draw lands within
+        rounding of a boundary among tens of thousands, a draw here changes only if two tokens' races tie to the
+        last bits, so the few-ulp differences a row's logits get from its batch company leave the sample alone."""
         if self.sampling.greedy:
             return int(logits.argmax())
-        probs = torch.softmax(logits / self.sampling.temperature, dim=-1)
+        scores = torch.log_softmax(logits / self.sampling.temperature, dim=-1)
         if self.sampling.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
+            sorted_probs, order = scores.exp().sort(descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs >= self.sampling.top_p
             outside[0] = False  # the likeliest token always stays (a top_p below float32's range rounds to 0)
-            sorted_probs[outside] = 0
-            return int(order[torch.multinomial(sorted_probs, 1, generator=self._generator)])
-        return int(torch.multinomial(probs, 1, generator=self._generator))
+            scores[order[outside]] = -torch.inf
+        race = torch.empty_like(scores).exponential_(generator=self._generator)
+        return int((scores - race.log()).argmax())
 
     def expired(self) -> str | None:
         if self.cancelled:

@@ -67,6 +67,7 @@ from afinar.serving.http import ErrorStyle, base_app
 from afinar.tasks import registry
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+DISCONNECT_CHECK_S = 0.25  # how often a request waiting for its whole answer looks whether its client left
 DEFAULT_MAX_TOKENS_CAP = 4096
 
 
@@ -419,12 +420,16 @@ def create_generation_app(run_dir: str | Path, token: str | None, max_text_chars
 
     async def finished(seq: Sequence, events: Events, http: Request) -> Sequence:
         """Wait for the whole answer; a client that goes away cancels it (its row is freed at the next token)."""
+        check_at = time.monotonic() + DISCONNECT_CHECK_S
         try:
             while True:
                 try:
-                    if await asyncio.wait_for(events.queue.get(), 0.25) is None:
+                    if await asyncio.wait_for(events.queue.get(), DISCONNECT_CHECK_S) is None:
                         break
                 except asyncio.TimeoutError:
+                    pass
+                if time.monotonic() >= check_at:  # pieces may arrive faster than the check: look on a clock
+                    check_at = time.monotonic() + DISCONNECT_CHECK_S
                     if await http.is_disconnected():
                         seq.cancel()
         finally:
