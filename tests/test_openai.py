@@ -156,7 +156,7 @@ def test_requests_that_arrive_together_decode_together_and_a_client_that_leaves_
 
     step_seconds[0] = 0.1  # 64 tokens: 6 s to the end, unless the row is freed
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    body = {"model": "r", "messages": ASK, "max_tokens": 64, "stream": True, "temperature": 1.5}
+    body = {"model": "r", "messages": ASK, "max_tokens": 64, "stream": True, "temperature": 1.5, "seed": 0}
     with httpx.stream("POST", f"{openai_server}/v1/chat/completions", json=body, headers=headers) as response:
         pieces = 0
         for line in response.iter_lines():  # until two pieces of text: the request is decoding

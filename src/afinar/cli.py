@@ -45,9 +45,11 @@ LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv
 def _relaunch_with_torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     """`afinar train --nproc N ...` is `torchrun --standalone --nproc_per_node N -m afinar train ...` (DDP: gloo on
     CPUs, NCCL on GPUs). With `--nnodes M`, every node runs the same command with its own `--node-rank`, and
-    torchrun's c10d rendezvous at `--rdzv-endpoint HOST:PORT` (a port on one of the nodes, usually rank 0's) joins
-    them; the run's output directory must be one every node sees (rank 0 writes the run folder and checkpoints,
-    every rank reads them on resume). FSDP/DeepSpeed: torchrun or `accelerate launch` directly."""
+    torchrun's c10d rendezvous at `--rdzv-endpoint HOST:PORT` (a port on one of the nodes) joins them; c10d hands
+    out global ranks as nodes join, so global rank 0, which writes the run folder and checkpoints, may be any node:
+    the output directory must be one every node sees (every rank reads it on resume). `--rdzv-id` must be the same
+    on every node of a job and differ between jobs sharing an endpoint. FSDP/DeepSpeed: torchrun or `accelerate
+    launch` directly."""
     import subprocess
 
     rest, skip = [], False

@@ -204,7 +204,7 @@ def _storage(url: str, heartbeat_s: float):
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.8
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
-                url, heartbeat_interval=max(1, round(heartbeat_s)), grace_period=max(2, round(2 * heartbeat_s)),
+                url, heartbeat_interval=_heartbeat(heartbeat_s)[0], grace_period=_heartbeat(heartbeat_s)[1],
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
     except (ImportError, ModuleNotFoundError) as exc:
         raise AfinarError(f"the storage {url.split('://')[0]}:// needs its database driver: {exc}; for PostgreSQL "
@@ -212,6 +212,12 @@ def _storage(url: str, heartbeat_s: float):
     except Exception as exc:  # SQLAlchemy's connection errors, a malformed URL
         raise AfinarError(f"cannot open the study storage {_redacted(url)}: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0]}") from None
+
+
+def _heartbeat(seconds: float) -> tuple[int, int]:
+    """Optuna's whole-second heartbeat interval, and the silence after which a trial's worker counts as dead."""
+    interval = max(1, round(seconds))
+    return interval, 2 * interval
 
 
 def _redacted(url: str) -> str:
@@ -228,8 +234,9 @@ def _differences(expected: Any, found: Any, prefix: str = "") -> list[str]:
 
 
 def _join(study, identity: dict, created: bool, wait_s: float = 30.0) -> None:
-    """Record what defines the study (its creator), or check this worker's against it."""
-    if created:
+    """Record what defines the study (its creator, or an afinar search folder's own study from before studies
+    recorded it), or check this worker's against it."""
+    if created or (study.study_name == LOCAL_STUDY and not set(identity) & set(study.user_attrs)):
         for key, value in identity.items():
             study.set_user_attr(key, value)
         return
@@ -272,12 +279,17 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
     options = {"storage": _storage(url, heartbeat_s), "direction": "minimize" if metric == "loss" else "maximize",
                "sampler": optuna.samplers.TPESampler(seed=config.train.seed),
                "pruner": _make_pruner(pruner) if isinstance(pruner, str) else pruner}
+    loading = {key: options[key] for key in ("storage", "sampler", "pruner")}
     try:
-        study, created = optuna.create_study(study_name=study_name, **options), True
+        if finish:  # scores a study that exists; never creates one
+            study, created = optuna.load_study(study_name=study_name, **loading), False
+        else:
+            study, created = optuna.create_study(study_name=study_name, **options), True
+    except KeyError:
+        raise AfinarError(f"there is no study {study_name} in {_redacted(url)}; check --study and --storage") from None
     except optuna.exceptions.DuplicatedStudyError:
-        study, created = optuna.load_study(study_name=study_name, storage=options["storage"],
-                                           sampler=options["sampler"], pruner=options["pruner"]), False
-    _join(study, {"space": distributions, "config": yaml.safe_load(to_yaml(config))}, created and not finish)
+        study, created = optuna.load_study(study_name=study_name, **loading), False
+    _join(study, {"space": distributions, "config": yaml.safe_load(to_yaml(config))}, created)
     write_atomic(folder / "base_config.yaml", to_yaml(config))
     baseline = _configured_values(distributions, config)
     if created and baseline is not None:  # trial 0 is the config as given: what the search must beat
@@ -308,7 +320,7 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
             if study.get_trials(deepcopy=False, states=busy_states):
                 # a trial still running may be a dead worker's: once its heartbeat is stale it is failed and a
                 # retry waits, which this worker runs (the budget counted the trial it replaces)
-                time.sleep(2 * heartbeat_s + 1)
+                time.sleep(sum(_heartbeat(heartbeat_s)) + 1)
                 optuna.storages.fail_stale_trials(study)
                 waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
                 if waiting:
@@ -318,15 +330,32 @@ def search(config: Config, trials: int = 20, space: str | Path | None = None, ti
     if not complete:
         raise AfinarError(f"no trial of {folder} finished (all pruned or failed); widen the space or add trials")
     best = study.best_trial
-    if busy and not finish:  # the last worker to stop (or `--finish`) reads test, once
+    if finish:
+        optuna.storages.fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if running:  # scoring now and again when they end would look at test twice
+            raise AfinarError(f"{len(running)} trial(s) of study {study_name} are still running (workers "
+                              f"{', '.join(sorted({str(t.user_attrs.get('worker')) for t in running}))}); let them "
+                              f"finish, or stop them and retry after {sum(_heartbeat(heartbeat_s))} s")
+    elif busy:  # the last worker to stop (or `--finish`) reads test, once
         return SearchResult(folder, best.params, best.value, None, _rows(study), scored=False)
+    best_model = Path(best.user_attrs["run_dir"]) / "model"
+    if not best_model.is_dir():
+        raise AfinarError(f"the best trial's model ({best_model}) is not on this machine: put the search folder on a "
+                          f"filesystem every worker sees, or finish on the machine that ran trial {best.number} "
+                          f"({best.user_attrs.get('worker')})")
     claim = folder / f"test-claimed-trial-{best.number}-of-{len(complete)}"
     try:
         claim.open("x").write(worker_id())
     except FileExistsError:  # another worker scored this very study state: read its results
-        return SearchResult(folder, best.params, best.value, read_json(folder / "search.json")["test"]
-                            if (folder / "search.json").is_file() else None, _rows(study), scored=False)
-    return _finish(config, task, study, best, folder, metric)
+        scored = read_json(folder / "search.json") if (folder / "search.json").is_file() else {}
+        return SearchResult(folder, best.params, best.value, scored.get("test") if scored.get(
+            "best_trial") == best.number else None, _rows(study), scored=False)
+    try:
+        return _finish(config, task, study, best, folder, metric)
+    except BaseException:  # scoring failed: another worker, or --finish, may try again
+        claim.unlink(missing_ok=True)
+        raise
 
 
 def _rows(study) -> list[dict]:
@@ -344,10 +373,6 @@ def _finish(config: Config, task, study, best, folder: Path, metric: str) -> Sea
 
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     best_run = Path(best.user_attrs["run_dir"])
-    if not (best_run / "model").is_dir():
-        raise AfinarError(f"the best trial's model ({best_run / 'model'}) is not on this machine: put the search "
-                          f"folder on a filesystem every worker sees, or finish on the machine that ran trial "
-                          f"{best.number} ({best.user_attrs.get('worker')})")
     for t in complete:  # keep disk use flat: only the best trial's model is needed
         if t.number != best.number:
             shutil.rmtree(Path(t.user_attrs["run_dir"]) / "model", ignore_errors=True)

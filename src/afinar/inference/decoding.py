@@ -18,7 +18,8 @@ characters) and held back while it could still be the start of a stop string, so
 text and the text a client gets without streaming are one and the same string. Sampling is per row: temperature,
 top-p and a `torch.Generator` seeded from the request's seed. A row's logits can differ in the last bits with the
 batch it shares (another batch size changes the kernels' blocking); the exponential race (`Sequence.choose`) makes
-a seeded sample depend on them only at exact near-ties, so a request samples the text it samples alone.
+a seeded sample depend on them only at exact near-ties (two tokens' races, or a token at the top_p cut), so a
+request samples the text it samples alone.
 """
 
 from __future__ import annotations
@@ -61,10 +62,6 @@ class Sampling:
         return self.temperature < GREEDY_BELOW
 
 
-# why a sequence ended: stop (a stop token or string), length (max_new_tokens), or the request's end
-FINISH_REASONS = ("stop", "length", "cancelled", "timeout")
-
-
 @dataclass(eq=False)
 class Sequence:
     """One request's decoding state and outcome. `on_text(delta)` is called (from the decoding thread) for each
@@ -77,7 +74,7 @@ class Sequence:
     on_finish: Callable[[], None] | None = None
     ids: list[int] = field(default_factory=list)  # new tokens, the stop token included
     text: str = ""  # released text: the concatenation of every delta
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # stop (a stop token or string), length, cancelled, timeout
     error: BaseException | None = None
     cancelled: bool = False  # set from any thread; the sequence ends before its next token
     deadline: float | None = None
@@ -117,7 +114,8 @@ class Sequence:
         the token whose probability over an Exp(1) draw of its own is largest, an exact sample of the softmax.
         Unlike inverting the cumulative sum over the vocabulary (`torch.multinomial`), where a draw lands within
         rounding of a boundary among tens of thousands, a draw here changes only if two tokens' races tie to the
-        last bits, so the few-ulp differences a row's logits get from its batch company leave the sample alone."""
+        last bits, or a token sits exactly at the top_p cut, so the few-ulp differences a row's logits get from
+        its batch company leave the sample alone."""
         if self.sampling.greedy:
             return int(logits.argmax())
         scores = torch.log_softmax(logits / self.sampling.temperature, dim=-1)
@@ -206,10 +204,14 @@ class GrowingLayer(DynamicLayer):
     whole cache, as `DynamicLayer`'s concatenation does. `keys`/`values` are views of the filled part."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        """Buffers holding `keys` and `values` with as much room again (a batch that changes rebuilds its layers;
+        they must not reallocate at the next token)."""
         super().__init__()
-        self.buffers = (keys, values)
         self.length = keys.shape[-2]
-        self.keys, self.values = keys, values
+        capacity = max(64, 2 * self.length)
+        self.buffers = tuple(torch.cat([t, t.new_zeros(*t.shape[:-2], capacity - self.length, t.shape[-1])], dim=-2)
+                             for t in (keys, values))
+        self.keys, self.values = (buffer[..., :self.length, :] for buffer in self.buffers)
         self.dtype, self.device = keys.dtype, keys.device
         self.is_initialized = True
 
@@ -276,6 +278,10 @@ class DecodingBatch:
             output = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                 use_cache=True, logits_to_keep=1)
         logits = output.logits[:, -1].float()
+        if not cache.layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in cache.layers):
+            raise AfinarError(f"{type(self.model).__name__} keeps other than plain key/value caches per layer "
+                              f"(linear attention, state spaces, shared keys): afinar's batched decoding does not "
+                              f"support it")
         self._join(sequences, mask, [(layer.keys, layer.values) for layer in cache.layers])
         for i, seq in enumerate(sequences):
             seq.start(self.device)
@@ -352,8 +358,7 @@ class DecodingBatch:
         # columns that are padding in every remaining row (the longest rows left) are dropped
         first = int(mask.any(0).int().argmax())
         self.mask = mask[:, first:]
-        self.cache = GrowingCache([GrowingLayer(layer.keys[index, :, first:].contiguous(),
-                                                layer.values[index, :, first:].contiguous())
+        self.cache = GrowingCache([GrowingLayer(layer.keys[index, :, first:], layer.values[index, :, first:])
                                    for layer in self.cache.layers])
 
 

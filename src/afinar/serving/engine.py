@@ -31,6 +31,10 @@ class QueueTimeout(Exception):
     """A request waited longer than the queue allows for a free row."""
 
 
+class Stopped(Exception):
+    """The decoding thread is not running (it died, or the server is stopping)."""
+
+
 @dataclass
 class DecodingLoop:
     """Decodes submitted sequences, up to `max_rows` at once, in a thread of its own (the app's `Worker`)."""
@@ -72,6 +76,8 @@ class DecodingLoop:
         if self._thread is None:
             raise RuntimeError("the decoding loop is not running: serve the app with its lifespan (uvicorn does; "
                                "in tests use `with TestClient(app)`)")
+        if not self._thread.is_alive():
+            raise Stopped("the decoding thread has stopped (see the server log); restart the server")
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
                 raise Busy(f"the server is busy: {self.max_waiting:,} requests are waiting; retry later")
@@ -101,7 +107,11 @@ class DecodingLoop:
     def _run(self) -> None:
         batch = self.generator.batch(self.max_rows)
         while not self._stopping.is_set():
-            joining = self._take(batch.room)
+            try:
+                joining = self._take(batch.room)
+            except Exception as exc:  # a request's own callback failed: it is that request's problem alone
+                log.error("ending a waiting request failed: %s: %s", type(exc).__name__, exc)
+                continue
             if not joining and not batch.rows:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -121,7 +131,10 @@ class DecodingLoop:
                     batch.step()
             except Exception as exc:
                 log.error("decoding failed: %s: %s", type(exc).__name__, exc)
-                batch.fail_all(exc)
+                try:
+                    batch.fail_all(exc)
+                except Exception as callback_error:  # noqa: BLE001 - the loop must survive any request's callback
+                    log.error("failing the batch failed: %s", callback_error)
             finally:
                 self._busy_since = None
                 self._decoding = len(batch.rows)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
+from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import (
     BaseModel,
@@ -62,7 +63,7 @@ from afinar.inference.generation import (
     Sampling,
     Sequence,
 )
-from afinar.serving.engine import Busy, DecodingLoop, Events, QueueTimeout
+from afinar.serving.engine import Busy, DecodingLoop, Events, QueueTimeout, Stopped
 from afinar.serving.http import ErrorStyle, base_app
 from afinar.tasks import registry
 
@@ -173,8 +174,8 @@ class _Sampling(BaseModel):
                                                                               "sent: the smaller).")
     temperature: float | None = Field(default=TEMPERATURE, ge=0, le=2, description="0 decodes greedily.")
     top_p: float | None = Field(default=TOP_P, gt=0, le=1)
-    seed: int | None = Field(default=SEED, ge=0, le=MAX_SEED, description="Same seed, same answer (as afinar "
-                                                                          "generate); null: unseeded.")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Same seed, same answer (as afinar "
+                             f"generate, whose default is {SEED}); left out or null: unseeded, as OpenAI's API.")
     stream: StrictBool | None = Field(default=False, description="Server-sent events, ending with data: [DONE].")
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=1, ge=1, le=1, description="One choice per request.")
@@ -403,6 +404,8 @@ def create_generation_app(run_dir: str | Path, token: str | None, max_text_chars
             loop.submit(seq)
         except Busy as exc:
             raise APIError(429, str(exc), code="server_busy", headers={"Retry-After": "1"}) from None
+        except Stopped as exc:
+            raise APIError(503, str(exc), code="server_stopped", headers={"Retry-After": "5"}) from None
         return seq, events
 
     def failure(seq: Sequence) -> APIError | None:
@@ -419,8 +422,10 @@ def create_generation_app(run_dir: str | Path, token: str | None, max_text_chars
         return None
 
     async def finished(seq: Sequence, events: Events, http: Request) -> Sequence:
-        """Wait for the whole answer; a client that goes away cancels it (its row is freed at the next token)."""
+        """Wait for the whole answer; a client that goes away cancels it (its row is freed at the next token). A
+        request never waits longer than its queue time and deadline allow, even if the decoding thread died."""
         check_at = time.monotonic() + DISCONNECT_CHECK_S
+        give_up = time.monotonic() + queue_timeout_s + timeout_s + 30
         try:
             while True:
                 try:
@@ -431,7 +436,10 @@ def create_generation_app(run_dir: str | Path, token: str | None, max_text_chars
                 if time.monotonic() >= check_at:  # pieces may arrive faster than the check: look on a clock
                     check_at = time.monotonic() + DISCONNECT_CHECK_S
                     if await http.is_disconnected():
-                        seq.cancel()
+                        raise APIError(400, "the client went away")  # nobody reads it; the row is freed below
+                if time.monotonic() > give_up:
+                    raise APIError(503, "the answer did not come (see the server log); retry later",
+                                   code="server_stopped", headers={"Retry-After": "5"})
         finally:
             seq.cancel()  # nothing if it finished; a request cancelled any other way must not keep decoding
         error = failure(seq)
@@ -476,7 +484,11 @@ def create_generation_app(run_dir: str | Path, token: str | None, max_text_chars
         messages = [m.as_chat() for m in request.messages]
         for i, message in enumerate(messages):
             text_limit(message["content"], f"messages {i}")
-        seq, events = submit(generator.format.chat_ids(generator.tokenizer, messages), request)
+        try:
+            prompt_ids = generator.format.chat_ids(generator.tokenizer, messages)
+        except (AfinarError, TemplateError) as exc:  # e.g. a template that wants roles to alternate
+            raise APIError(400, f"messages: the model's chat template refused them: {exc}", param="messages") from None
+        seq, events = submit(prompt_ids, request)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
             def chunk(delta: str | None, finish_reason: str | None) -> dict:
