@@ -94,7 +94,8 @@ class TrainArgs:
 
 @dataclass
 class LoraArgs:
-    enabled: bool | None = None  # None: on for sft (instruction tuning), off for the other tasks
+    enabled: bool | None = None  # None: on for sft and preference (instruction and preference tuning), off for the
+    #                              other tasks
     r: int = 8
     alpha: int = 16
     dropout: float = 0.1
@@ -137,6 +138,20 @@ class SFTArgs:
     metrics: list[str] = field(default_factory=list)  # rouge | squad: greedy generations of the test split (else
     #                                                   validation), by the tuned and the base (zero-shot) model
     metric_new_tokens: int = 128  # longest generation scored by sft.metrics
+
+
+PREFERENCE_LOSSES = ("dpo",)  # TRL's DPO (its `loss_type` sigmoid)
+
+
+@dataclass
+class PreferenceArgs:
+    """Preference tuning (`task: preference`): a prompt and two answers, the chosen one preferred (TRL's DPO)."""
+
+    loss: str = "dpo"  # dpo: -log sigmoid(beta x (chosen log-ratio - rejected log-ratio)), against the reference
+    beta: float = 0.1  # how far the policy may move from the reference: higher stays closer
+    test_fraction: float = 0.1  # carved from train (seeded, whole conversations) when the data has no test split
+    generations: int = 4  # test prompts whose greedy answers before and after tuning the report shows
+    generation_tokens: int = 64  # new tokens at most in each of those answers
 
 
 @dataclass
@@ -234,6 +249,7 @@ class Config:
     checks: CheckArgs = field(default_factory=CheckArgs)
     lm: LMArgs = field(default_factory=LMArgs)
     sft: SFTArgs = field(default_factory=SFTArgs)
+    preference: PreferenceArgs = field(default_factory=PreferenceArgs)
     tagging: TaggingArgs = field(default_factory=TaggingArgs)
     qa: QAArgs = field(default_factory=QAArgs)
     prompt: PromptArgs = field(default_factory=PromptArgs)
@@ -288,13 +304,20 @@ class Config:
         if bool(self.sft.prompt_column) != bool(self.sft.response_column or self.sft.reference_columns):
             raise AfinarError("sft.prompt_column needs sft.response_column (or sft.reference_columns), and they need "
                               "it: set both")
+        _one_of("preference.loss", self.preference.loss, PREFERENCE_LOSSES)
+        _positive("preference.beta", self.preference.beta)
+        _positive("preference.generation_tokens", self.preference.generation_tokens)
+        if self.preference.generations < 0:
+            raise AfinarError(f"preference.generations must be 0 or more (got {self.preference.generations})")
+        if not 0 < self.preference.test_fraction < 1:
+            raise AfinarError(f"preference.test_fraction must be between 0 and 1 (got {self.preference.test_fraction})")
         self.prompt.validate()
         return self
 
 
 SECTIONS = {"model": ModelArgs, "data": DataArgs, "train": TrainArgs, "lora": LoraArgs, "checks": CheckArgs,
-            "lm": LMArgs, "sft": SFTArgs, "tagging": TaggingArgs, "qa": QAArgs, "prompt": PromptArgs,
-            "compare": CompareArgs}
+            "lm": LMArgs, "sft": SFTArgs, "preference": PreferenceArgs, "tagging": TaggingArgs, "qa": QAArgs,
+            "prompt": PromptArgs, "compare": CompareArgs}
 MAIN_FIELD = {"model": "name", "data": "source", "lora": "enabled"}
 
 

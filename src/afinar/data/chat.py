@@ -239,6 +239,46 @@ def fit_prompt(tokenizer, prompt: Messages, budget: int) -> Messages | None:
     return fitted if len(render_ids(tokenizer, fitted, generation_prompt=True)) <= budget else None
 
 
+def fit_prompt_left(tokenizer, prompt: Messages, budget: int) -> Messages | None:
+    """`prompt` cut from the left until its rendering with the generation prompt takes at most `budget` tokens:
+    the oldest turn's text goes first (a turn cut to nothing is removed with its template tokens), a system
+    message stays, and the last turn keeps at least its final tokens; None when even they do not fit. The latest
+    turns, which the answer replies to, stay whole as long as anything older can go."""
+    fitted = [dict(m) for m in prompt]
+    for _ in range(64):  # each round removes a turn or cuts tokens; re-tokenizing cut text settles in a few
+        excess = len(render_ids(tokenizer, fitted, generation_prompt=True)) - budget
+        if excess <= 0:
+            return fitted
+        turns = [i for i, m in enumerate(fitted) if m["role"] != "system"]
+        if not turns:
+            return None
+        oldest = turns[0]
+        ids = tokenizer(fitted[oldest]["content"], add_special_tokens=False)["input_ids"]
+        if len(ids) <= excess:
+            if len(turns) == 1:
+                return None
+            del fitted[oldest]
+        else:
+            fitted[oldest]["content"] = tokenizer.decode(ids[excess:])
+    return None
+
+
+def answer_ids(tokenizer, prompt: Messages, answer: str, before: list[int] | None = None) -> list[int]:
+    """`answer`'s tokens as the assistant's turn after `prompt`: what the template adds to `prompt` rendered with
+    its generation prompt (`before`, when already rendered), i.e. the answer and its end of turn, with EOS
+    appended when the template does not end the turn with one, as `encode` trains a last answer."""
+    check_generation_prompt(tokenizer)
+    if before is None:
+        before = render_ids(tokenizer, prompt, generation_prompt=True)
+    upto = render_ids(tokenizer, [*prompt, {"role": "assistant", "content": answer}], generation_prompt=False)
+    if upto[:len(before)] != before:
+        raise AfinarError("the chat template renders the prompt differently once an answer follows, so training and "
+                          "inference would see different prompt tokens; use another template")
+    turn = upto[len(before):]
+    eos = tokenizer.eos_token_id
+    return turn + [eos] if eos is not None and eos not in turn else turn
+
+
 @dataclass
 class Encoded:
     input_ids: list[int]

@@ -64,6 +64,12 @@ class Task:
     def collator(self, tokenizer):
         raise NotImplementedError
 
+    def trainer_class(self):
+        return None  # the lifecycle's own `Trainer`
+
+    def trainer_arguments(self, config: Config) -> dict:
+        return {}
+
     def score(self, trainer, data: TaskData) -> dict[str, dict]:
         raise NotImplementedError
 
@@ -140,7 +146,8 @@ class Task:
     def export_gguf(self, run: Run, dtype: str, out: str | Path | None) -> dict:
         """`afinar export --format gguf`: a GGUF file and an Ollama Modelfile, for a run whose task generates."""
         raise AfinarError(f"{run.path} is a {self.name} run: GGUF holds a model that generates text, so --format "
-                          f"gguf applies to causal_lm and sft runs; export this one to ONNX: afinar export {run.path}")
+                          f"gguf applies to causal_lm, sft and preference runs; export this one to ONNX: afinar "
+                          f"export {run.path}")
 
     def export_lines(self, record: dict) -> list[str]:
         """What `afinar export` prints of `export`'s (or `export_gguf`'s) record: one line per backend."""

@@ -27,6 +27,7 @@ BUILT_IN = {"classification": "afinar.tasks.classification:Classification",
             "multilabel": "afinar.tasks.multilabel:MultiLabel",
             "causal_lm": "afinar.tasks.causal_lm:CausalLM",
             "sft": "afinar.tasks.sft:SFT",
+            "preference": "afinar.tasks.preference:Preference",
             "token_classification": "afinar.tasks.token_classification:TokenClassification",
             "question_answering": "afinar.tasks.question_answering:QuestionAnswering"}
 _registered: dict[str, Task] = {}

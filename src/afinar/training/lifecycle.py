@@ -74,6 +74,13 @@ class TrainingTask(Protocol):
 
     def collator(self, tokenizer): ...
 
+    def trainer_class(self):
+        """The `Trainer` to train with: None for the lifecycle's own (`training.trainer.LengthBucketTrainer`), or a
+        subclass of it that also derives from another library's trainer (TRL's DPO)."""
+
+    def trainer_arguments(self, config: Config) -> dict:
+        """Extra fields for that trainer's `arguments_class` (a `TrainingArguments` subclass)."""
+
     def score(self, trainer, data: TaskData) -> dict[str, dict]:
         """Metrics per held-out split ("validation", and "test" when there is one) of the model `trainer` holds."""
 
@@ -127,7 +134,7 @@ def run_task(config: Config, task: TrainingTask, callbacks: list | None = None, 
         trainer = build_trainer(run, config.train, model, tokenizer, data.train, data.validation,
                                 task.collator(tokenizer), data.compute_metrics or task.compute_metrics,
                                 task.preprocess_logits_for_metrics,
-                                callbacks, data.compute_loss)
+                                callbacks, data.compute_loss, task.trainer_class(), task.trainer_arguments(config))
         checkpoint = last_checkpoint(run) if config.train.resume else None
         if config.train.resume:
             log.info("resuming from %s", checkpoint or "the start: no complete checkpoint yet")

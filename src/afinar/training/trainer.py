@@ -27,16 +27,18 @@ from afinar.training import precision as precision_lib
 log = logging.getLogger(__name__)
 
 def training_arguments(args: TrainArgs, output_dir: Path, precision: str, has_eval: bool = True,
-                       report_to: list[str] | None = None, run_name: str | None = None) -> TrainingArguments:
+                       report_to: list[str] | None = None, run_name: str | None = None,
+                       arguments_class: type[TrainingArguments] = TrainingArguments, **extra) -> TrainingArguments:
     """Our small `TrainArgs` expanded into `transformers.TrainingArguments` (never re-exposed flag by flag), in the
-    decided `precision` (fp32 | bf16 | fp16; `decide_precision` resolves `auto`)."""
+    decided `precision` (fp32 | bf16 | fp16; `decide_precision` resolves `auto`); a task's trainer may need a
+    subclass of them (`arguments_class`, e.g. TRL's `DPOConfig`) with `extra` fields of its own."""
     strategy = "steps" if args.eval_every else "epoch"
     metric = args.metric_for_best_model
     world = world_size()
     if args.batch_size % world:
         raise AfinarError(f"train.batch_size={args.batch_size} is the global batch and must divide evenly over "
                           f"{world} processes")
-    return TrainingArguments(
+    return arguments_class(
         output_dir=str(output_dir),
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
@@ -69,6 +71,7 @@ def training_arguments(args: TrainArgs, output_dir: Path, precision: str, has_ev
         fsdp_config=args.fsdp_config,
         deepspeed=args.deepspeed,
         **precision_lib.trainer_flags(precision),
+        **extra,
     )
 
 
@@ -176,6 +179,7 @@ class LengthBucketTrainer(Trainer):
     every step's rows and the order of the whole epoch."""
 
     head_learning_rate: float | None = None  # `train.head_learning_rate`, set by `build_trainer`
+    arguments_class: type[TrainingArguments] = TrainingArguments  # what a subclass's arguments must be
 
     def create_optimizer(self, model=None):
         """`Trainer`'s optimizer, with `head_learning_rate` (when set) for the parameters of the classification
@@ -254,9 +258,13 @@ def decide_precision(run: Run, args: TrainArgs, model, train_ds) -> precision_li
 
 def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds, data_collator,
                   compute_metrics=None, preprocess_logits_for_metrics=None, extra_callbacks=None,
-                  compute_loss=None) -> Trainer:
+                  compute_loss=None, trainer_class: type[LengthBucketTrainer] | None = None,
+                  extra_arguments: dict | None = None) -> Trainer:
     """The one `Trainer` every task trains with; `compute_loss` replaces the model's own loss (`Trainer`'s
-    `compute_loss_func`, e.g. class weights)."""
+    `compute_loss_func`, e.g. class weights). A task whose training step is another library's (TRL's DPO) gives
+    a `LengthBucketTrainer` subclass that also derives from that trainer, and the extra fields of its
+    `arguments_class`; everything else (precision, callbacks, checkpoints, length grouping) stays as here."""
+    trainer_class = trainer_class or LengthBucketTrainer
     trackers.check_trackers(args.report_to)
     report_to, tracker_callbacks = trackers.trainer_setup(run.path, args.report_to)
     callbacks = [RunLogCallback(run), NonFiniteLossCallback(), *tracker_callbacks, *(extra_callbacks or [])]
@@ -265,11 +273,12 @@ def build_trainer(run: Run, args: TrainArgs, model, tokenizer, train_ds, eval_ds
     speed_up(model, args)
     precision = decide_precision(run, args, model, train_ds)
     arguments = training_arguments(args, run.checkpoint_dir, precision.precision, has_eval=eval_ds is not None,
-                                   report_to=report_to, run_name=run.path.name)
+                                   report_to=report_to, run_name=run.path.name,
+                                   arguments_class=trainer_class.arguments_class, **(extra_arguments or {}))
     if args.head_learning_rate is not None and not any(is_head(n) for n, _ in model.named_parameters()):
         raise AfinarError(f"train.head_learning_rate is set, but {type(model).__name__} has no classification head "
                           f"({' or '.join(HEAD_NAMES)} parameters) to give it to; unset it")
-    trainer = LengthBucketTrainer(
+    trainer = trainer_class(
         model=model,
         args=arguments,
         train_dataset=train_ds,
