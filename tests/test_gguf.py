@@ -96,6 +96,7 @@ def test_f16_reads_back_with_the_runs_logits_tokens_and_template(sft_run, f16):
     assert GenerationFormat.load(sft_run / "model", chat=True).system == SYSTEM
 
 
+@pytest.mark.slow  # 16 s: the f16 round trip above is the suite's; q8_0 on real SmolLM2 weights is slow's too
 def test_q8_0_reads_back_within_its_tolerance_beside_the_f16_file(sft_run, f16):
     record = afinar.export(sft_run, format="gguf", dtype="q8_0")
     entry = record["exports"]["q8_0"]

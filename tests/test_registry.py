@@ -147,7 +147,8 @@ def test_a_command_the_task_does_not_support_is_a_one_line_error(toy_run, capsys
 def test_an_unknown_task_names_the_known_ones(tmp_path, capsys):
     assert cli.main(["check", "--set", "task=summarise", "--set", f"train.output_dir={tmp_path}"]) == 2
     error = capsys.readouterr().err
-    assert ("task 'summarise' is not known; use one of causal_lm, classification, multilabel, question_answering, sft, "
+    assert ("task 'summarise' is not known; use one of causal_lm, classification, multilabel, preference, "
+            "question_answering, sft, "
             "token_classification") in error
 
 

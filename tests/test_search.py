@@ -113,7 +113,7 @@ def test_workers_share_a_postgresql_study_retry_a_killed_workers_trial_and_score
         postgres, tiny_bert, tweets_jsonl, tmp_path, space_file):
     train_file, test_file = tweets_jsonl
     overrides = tiny_overrides(tiny_bert, train_file, test_file, tmp_path, **{
-        "train.max_steps": 8, "train.eval_every": 4, "train.run_name": None, "train.precision": "fp32"})
+        "train.max_steps": 4, "train.eval_every": 4, "train.run_name": None, "train.precision": "fp32"})
     command = afinar_cmd("search", *sets(overrides), "--space", str(space_file), "--trials", "4", "--pruner", "none",
                          "--storage", postgres, "--study", "shared", "--heartbeat", "1")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -148,5 +148,5 @@ def test_workers_share_a_postgresql_study_retry_a_killed_workers_trial_and_score
     assert len(list((tmp_path / "search-default").glob("test-claimed-*"))) == 1
     # a worker whose search differs is refused, the difference named
     other = search_config(tiny_bert, train_file, test_file, tmp_path, precision="fp32")
-    with pytest.raises(AfinarError, match=r"differs from study shared's: config.train.max_steps: study 8, this "):
+    with pytest.raises(AfinarError, match=r"differs from study shared's: config.train.max_steps: study 4, this "):
         search(other, trials=4, space=space_file, storage=postgres, study_name="shared")

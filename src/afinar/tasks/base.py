@@ -140,14 +140,13 @@ class Task:
 
     def export(self, run: Run, int8: bool, out: str | Path | None) -> dict:
         """`afinar export`: ONNX (and int8 with `int8`), checked against PyTorch."""
-        raise AfinarError(f"{run.path} is a {self.name} run: ONNX export does not apply to it"
+        raise AfinarError(f"{self.unsupported('afinar export')} (ONNX)"
                           + ("; export it for llama.cpp and Ollama with --format gguf" if self.generates else ""))
 
     def export_gguf(self, run: Run, dtype: str, out: str | Path | None) -> dict:
         """`afinar export --format gguf`: a GGUF file and an Ollama Modelfile, for a run whose task generates."""
-        raise AfinarError(f"{run.path} is a {self.name} run: GGUF holds a model that generates text, so --format "
-                          f"gguf applies to causal_lm, sft and preference runs; export this one to ONNX: afinar "
-                          f"export {run.path}")
+        raise AfinarError(f"{run.path} is a {self.name} run: GGUF holds a model that generates text, which this "
+                          f"task's does not; export it to ONNX: afinar export {run.path}")
 
     def export_lines(self, record: dict) -> list[str]:
         """What `afinar export` prints of `export`'s (or `export_gguf`'s) record: one line per backend."""
