@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "inference, or a text generator to GGUF for llama.cpp and Ollama")
     export.add_argument("run", help="run folder")
     export.add_argument("--format", choices=EXPORT_FORMATS, default="onnx",
-                        help="onnx (classifiers, taggers) | gguf (causal_lm and sft runs; default: onnx)")
+                        help="onnx (classifiers, taggers) | gguf (runs that generate text; default: onnx)")
     export.add_argument("--int8", action="store_true", help="onnx: also write a dynamically quantized int8 model")
     export.add_argument("--dtype", choices=GGUF_DTYPES, help="gguf: f16 (default) | q8_0 weights")
     export.add_argument("--out", help="output folder (default: <run>/onnx or <run>/gguf)")
@@ -435,14 +435,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"{' | '.join(BACKENDS)} (default: {default})")
 
     generate = commands.add_parser("generate", help="sample a continuation from a causal LM (base or tuned)")
-    generate.add_argument("model", help="causal_lm or sft run folder, embedded name, model folder or hub id")
+    generate.add_argument("model", help="a generating run (causal_lm, sft, preference), embedded name, model folder "
+                                        "or hub id")
     generate.add_argument("prompt")
     generate.add_argument("--max-new-tokens", type=int, default=sampling.MAX_NEW_TOKENS)
     generate.add_argument("--temperature", type=float, default=sampling.TEMPERATURE, help="0 = greedy")
     generate.add_argument("--top-p", type=float, default=sampling.TOP_P)
     generate.add_argument("--seed", type=int, default=sampling.SEED)
     generate.add_argument("--chat", action="store_true",
-                          help="answer the prompt as a user message through the chat template (sft runs always do)")
+                          help="answer the prompt as a user message through the chat template (runs trained on "
+                               "chat always do)")
     generate.set_defaults(func=cmd_generate)
 
     forgetting = commands.add_parser("forgetting", help="perplexity before vs after on domain and general text")
