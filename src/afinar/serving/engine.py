@@ -93,13 +93,17 @@ class DecodingLoop:
         with self._lock:
             kept: deque[tuple[Sequence, float]] = deque()
             for seq, since in self._waiting:
-                if seq.cancelled:
-                    seq.finish("cancelled")
-                elif now - since > self.queue_timeout_s:
-                    seq.fail(QueueTimeout(f"no decoding row came free within {self.queue_timeout_s:g} s; "
-                                          f"retry later"))
-                else:
+                if not seq.cancelled and now - since <= self.queue_timeout_s:
                     kept.append((seq, since))
+                    continue
+                try:  # it leaves the queue whatever its callbacks do
+                    if seq.cancelled:
+                        seq.finish("cancelled")
+                    else:
+                        seq.fail(QueueTimeout(f"no decoding row came free within {self.queue_timeout_s:g} s; "
+                                              f"retry later"))
+                except Exception as exc:  # noqa: BLE001 - e.g. its event loop closed
+                    log.error("ending a waiting request failed: %s: %s", type(exc).__name__, exc)
             taken = [kept.popleft()[0] for _ in range(min(room, len(kept)))]
             self._waiting = kept
         return taken
@@ -107,11 +111,7 @@ class DecodingLoop:
     def _run(self) -> None:
         batch = self.generator.batch(self.max_rows)
         while not self._stopping.is_set():
-            try:
-                joining = self._take(batch.room)
-            except Exception as exc:  # a request's own callback failed: it is that request's problem alone
-                log.error("ending a waiting request failed: %s: %s", type(exc).__name__, exc)
-                continue
+            joining = self._take(batch.room)
             if not joining and not batch.rows:
                 self._wake.wait(0.05)
                 self._wake.clear()
