@@ -35,12 +35,8 @@ from afinar.data.sources import (
     Splits,
     carve_rows,
     cell_list,
-    existing,
-    hub_splits_and_files,
     normalise,
-    read_table,
-    sha256_file,
-    split_files,
+    split_frames,
     subset_rows,
 )
 
@@ -275,13 +271,7 @@ def _duplicate_pairs(pairs: list[Pair], examples: int) -> Finding:
 
 def _read(config: Config, with_test: bool) -> tuple[dict[str, list[Pair]], dict[str, list[dict]], str, dict, dict]:
     args = config.data
-    files = split_files(args, with_test)
-    if files is None:
-        frames, _, sources, fingerprints = hub_splits_and_files(args, with_test)
-    else:
-        frames = {split: read_table(path, args.encoding) for split, path in existing(files).items()}
-        sources = {split: str(path) for split, path in files.items()}
-        fingerprints = {split: sha256_file(path) for split, path in files.items()}
+    frames, sources, fingerprints = split_frames(args, with_test)
     pairs, refused, kinds = {}, {}, set()
     for name, frame in frames.items():
         found, refused[name], kind = read_pairs(frame, sources[name])

@@ -312,6 +312,18 @@ def hub_splits_and_files(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.
 # ---------------------------------------------------------------- columns and labels
 
 
+def split_frames(args: DataArgs, with_test: bool) -> tuple[dict[str, pd.DataFrame], dict[str, str], dict[str, str]]:
+    """Each split's table as the source has it (local files, or the hub plus any local validation/test file), with
+    source descriptions and fingerprints: what a task that reads its own columns starts from."""
+    files = split_files(args, with_test)
+    if files is None:
+        frames, _, sources, fingerprints = hub_splits_and_files(args, with_test)
+        return frames, sources, fingerprints
+    return ({split: read_table(path, args.encoding) for split, path in existing(files).items()},
+            {split: str(path) for split, path in files.items()},
+            {split: sha256_file(path) for split, path in files.items()})
+
+
 def pick_column(frame: pd.DataFrame, wanted: str | None, candidates: tuple[str, ...], what: str,
                  where: str, key: str) -> str:
     columns = [str(c) for c in frame.columns]

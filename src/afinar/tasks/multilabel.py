@@ -92,13 +92,7 @@ def _label_sets(frame: pd.DataFrame, args: DataArgs, where: str) -> list[list[st
 def read_multilabel_splits(config: Config, with_test: bool = True) -> data_lib.Splits:
     """Splits with `text`, `labels` (label ids) and `label` (0: the checks judge texts, not label sets)."""
     args = config.data
-    files = data_lib.split_files(args, with_test)
-    if files is None:
-        frames, _, sources, fingerprints = data_lib.hub_splits_and_files(args, with_test)
-    else:
-        frames = {split: data_lib.read_table(path, args.encoding) for split, path in files.items()}
-        sources = {split: str(path) for split, path in files.items()}
-        fingerprints = {split: data_lib.sha256_file(path) for split, path in files.items()}
+    frames, sources, fingerprints = data_lib.split_frames(args, with_test)
     sets = {split: _label_sets(frame, args, sources[split]) for split, frame in frames.items()}
     names = list(args.label_columns) if args.label_columns else _names_file(args, sources["train"])
     seen = sorted({label for split in sets.values() for row in split for label in row})

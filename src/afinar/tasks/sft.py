@@ -39,20 +39,16 @@ from afinar.data import chat
 from afinar.data.checks import DataReport, apply_policies, format_report, run_checks_cached
 from afinar.data.sources import (
     Splits,
-    existing,
-    hub_splits_and_files,
     prepare_splits,
     read_splits,
-    read_table,
-    sha256_file,
-    split_files,
+    split_frames,
 )
 from afinar.evaluation import forgetting
 from afinar.evaluation.generated import METRIC_KEYS, generation_report, paired_gain
 from afinar.evaluation.metrics import classification_report, with_interval
 from afinar.inference.generation import GenerationFormat, Generator
 from afinar.reporting import pages
-from afinar.tasks.causal_lm import LanguageModelTask, held_out_losses
+from afinar.tasks.causal_lm import LanguageModelTask, adapters_by_default, held_out_losses, loss_picks_the_best
 from afinar.training.lifecycle import TaskData
 
 log = logging.getLogger(__name__)
@@ -104,13 +100,7 @@ def read_conversation_splits(config: Config, with_test: bool = True) -> tuple[Sp
                                    columns["text"], columns["label"])
         return Splits(datasets["train"], datasets.get("validation"), datasets.get("test"), splits.label_names,
                       splits.sources, splits.fingerprints, []), "classification via sft.template"
-    files = split_files(args, with_test)
-    if files is None:
-        frames, _, sources, fingerprints = hub_splits_and_files(args, with_test)
-    else:
-        frames = {split: read_table(path, args.encoding) for split, path in existing(files).items()}
-        sources = {split: str(path) for split, path in files.items()}
-        fingerprints = {split: sha256_file(path) for split, path in files.items()}
+    frames, sources, fingerprints = split_frames(args, with_test)
     if config.sft.prompt_column:
         kind = f"columns {config.sft.prompt_column} -> {config.sft.response_column or config.sft.reference_columns}"
         sft = config.sft
@@ -410,15 +400,8 @@ class SFT(LanguageModelTask):
     chat_prompts = True
 
     def configure(self, config: Config) -> list[str]:
-        notes = []
-        if config.lora.enabled is None:
-            config.lora.enabled = True
-            notes.append("lora.enabled = true (unset; instruction tuning trains adapters by default, merged on save)")
-        if config.train.metric_for_best_model != "loss":
-            notes.append(f"train.metric_for_best_model={config.train.metric_for_best_model} replaced by loss "
-                         f"(the validation loss on responses picks the best checkpoint)")
-            config.train.metric_for_best_model = "loss"
-        return notes
+        return (adapters_by_default(config, "instruction tuning trains adapters by default, merged on save")
+                + loss_picks_the_best(config, "the validation loss on responses picks the best checkpoint"))
 
     def prepare(self, config: Config, model_path: str, tokenizer, with_test: bool) -> TaskData:
         checked = checked_conversations(config, tokenizer, with_test)
