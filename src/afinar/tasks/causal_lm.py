@@ -196,6 +196,24 @@ class LanguageModelTask(Task):
         return export_lines(record)
 
 
+def loss_picks_the_best(config: Config, why: str) -> list[str]:
+    """The validation loss chooses the best checkpoint (a language model's tasks have no label metric); the note
+    when another metric was configured."""
+    if config.train.metric_for_best_model == "loss":
+        return []
+    note = f"train.metric_for_best_model={config.train.metric_for_best_model} replaced by loss ({why})"
+    config.train.metric_for_best_model = "loss"
+    return [note]
+
+
+def adapters_by_default(config: Config, why: str) -> list[str]:
+    """LoRA when the config leaves it unset; the note saying so."""
+    if config.lora.enabled is not None:
+        return []
+    config.lora.enabled = True
+    return [f"lora.enabled = true (unset; {why})"]
+
+
 def forgetting_lines(result: dict) -> list[str]:
     """Perplexity before -> after on domain and general text, and the verdict, as printed lines."""
     lines = [f"{name} perplexity: {result[name]['base_perplexity']:.2f} -> {result[name]['tuned_perplexity']:.2f} "
@@ -212,11 +230,7 @@ class CausalLM(LanguageModelTask):
 
     def configure(self, config: Config) -> list[str]:
         """The two training settings a language model needs; each change is noted in the manifest."""
-        notes = []
-        if config.train.metric_for_best_model != "loss":
-            notes.append(f"train.metric_for_best_model={config.train.metric_for_best_model} replaced by loss "
-                         f"(the best language model has the lowest validation loss)")
-            config.train.metric_for_best_model = "loss"
+        notes = loss_picks_the_best(config, "the best language model has the lowest validation loss")
         if config.train.group_by_length:
             notes.append("train.group_by_length turned off: packed blocks all have the same length")
             config.train.group_by_length = False

@@ -36,7 +36,7 @@ from afinar.evaluation import forgetting
 from afinar.evaluation.preference import preference_report, report_lines
 from afinar.inference.generation import GenerationFormat, Generator
 from afinar.reporting import pages
-from afinar.tasks.causal_lm import LanguageModelTask, forgetting_lines
+from afinar.tasks.causal_lm import LanguageModelTask, adapters_by_default, forgetting_lines, loss_picks_the_best
 from afinar.training.lifecycle import TaskData
 
 log = logging.getLogger(__name__)
@@ -184,16 +184,9 @@ class Preference(LanguageModelTask):
     preprocess_logits_for_metrics = None
 
     def configure(self, config: Config) -> list[str]:
-        notes = []
-        if config.lora.enabled is None:
-            config.lora.enabled = True
-            notes.append("lora.enabled = true (unset; preference tuning trains adapters by default, the reference is "
-                         "the model with them disabled, merged on save)")
-        if config.train.metric_for_best_model != "loss":
-            notes.append(f"train.metric_for_best_model={config.train.metric_for_best_model} replaced by loss "
-                         f"(the held-out DPO loss picks the best checkpoint)")
-            config.train.metric_for_best_model = "loss"
-        return notes
+        return (adapters_by_default(config, "preference tuning trains adapters by default, the reference is the "
+                                            "model with them disabled, merged on save")
+                + loss_picks_the_best(config, "the held-out DPO loss picks the best checkpoint"))
 
     def prepare(self, config: Config, model_path: str, tokenizer, with_test: bool) -> TaskData:
         chat.template_of(tokenizer)
