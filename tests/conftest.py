@@ -112,6 +112,21 @@ def afinar_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "afinar", *args]
 
 
+def sigkill_at_checkpoint(command: list[str], checkpoint: Path, env: dict[str, str]) -> None:
+    """Start `command` (an `afinar train`) and SIGKILL it once `checkpoint` is complete (its trainer state
+    written): a run killed mid-training, as a crash or an out-of-memory kill leaves it."""
+    import signal
+    import time
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (checkpoint / "trainer_state.json").exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+
 def sets(overrides: list[str]) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 

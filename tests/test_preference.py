@@ -10,13 +10,10 @@ import io
 import json
 import math
 import os
-import signal
-import subprocess
-import time
 
 import pandas as pd
 import pytest
-from conftest import SHARED, afinar_cmd, sets
+from conftest import SHARED, afinar_cmd, sets, sigkill_at_checkpoint
 from fastapi.testclient import TestClient
 
 import afinar
@@ -183,14 +180,8 @@ def test_dpo_lowers_the_loss_on_the_pairs_it_was_trained_to_prefer(preference_ru
 def test_resume_after_sigkill_gives_the_uninterrupted_result(preference_run, tiny_llama, pairs_file, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # one thread, as the fixture's run
     killed = tmp_path / "killed"
-    process = subprocess.Popen(afinar_cmd("train", *sets(run_overrides(tiny_llama, pairs_file, tmp_path, "killed"))),
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    sigkill_at_checkpoint(afinar_cmd("train", *sets(run_overrides(tiny_llama, pairs_file, tmp_path, "killed"))),
+                          killed / "checkpoints" / "checkpoint-2", env)
     assert Run.open(killed).status() == "running"
 
     assert cli.main(["train", str(killed / "config.yaml"), "--resume"]) == 0

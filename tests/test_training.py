@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, afinar_cmd, sets, tiny_overrides, tweet_rows
+from conftest import SHARED, afinar_cmd, sets, sigkill_at_checkpoint, tiny_overrides, tweet_rows
 from transformers import AutoTokenizer, BertForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -110,15 +110,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_bert, tweets_json
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(afinar_cmd("train", *sets(resumable(tiny_bert, train_file, test_file, tmp_path,
-                                                                   "killed"))),
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "checkpoints" / "checkpoint-20" / "trainer_state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    sigkill_at_checkpoint(afinar_cmd("train", *sets(resumable(tiny_bert, train_file, test_file, tmp_path, "killed"))),
+                          killed / "checkpoints" / "checkpoint-20", env)
     run = Run.open(killed)
     assert run.status() == "running" and not (killed / "metrics.json").exists()  # marked unfinished
     with pytest.raises(AfinarError, match="not finished"):
